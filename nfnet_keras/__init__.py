@@ -1,0 +1,28 @@
+"""nfnet-keras: Normalizer-Free ResNets (NFNets) for Keras 3."""
+
+from nfnet_keras.activations import GAMMAS, ScaledActivation
+from nfnet_keras.agc import clip_gradient, unitwise_norm, with_agc
+from nfnet_keras.blocks import NFBlock, SqueezeExcite, StochasticDepth
+from nfnet_keras.flops import count_macs
+from nfnet_keras.model import build_model
+from nfnet_keras.presets import PRESETS
+from nfnet_keras.signal import signal_propagation
+from nfnet_keras.wsconv import WSConv2D
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GAMMAS",
+    "PRESETS",
+    "NFBlock",
+    "ScaledActivation",
+    "SqueezeExcite",
+    "StochasticDepth",
+    "WSConv2D",
+    "build_model",
+    "clip_gradient",
+    "count_macs",
+    "signal_propagation",
+    "unitwise_norm",
+    "with_agc",
+]

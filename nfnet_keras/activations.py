@@ -1,0 +1,108 @@
+"""Variance-preserving ("scaled") activations for Normalizer-Free networks.
+
+For an activation `g` and `z ~ N(0, 1)`, `gamma = 1 / sqrt(Var(g(z)))`, so that
+`g(z) * gamma` has unit variance again (Brock et al. 2021, arXiv 2101.08692,
+Section 4 and Appendix D). The table is recomputed by quadrature in
+`tests/test_activations.py`.
+"""
+
+import keras
+from keras import ops
+
+# Published constants (DeepMind's NFNet code). `tests/test_activations.py`
+# recomputes each one by numerical integration and checks it to 1e-3 relative.
+GAMMAS = {
+    "relu": 1.7139588594436646,
+    "gelu": 1.7015043497085571,
+    "silu": 1.7881293296813965,
+    "elu": 1.2716004848480225,
+    "selu": 1.0008515119552612,
+    "tanh": 1.5939117670059204,
+    "sigmoid": 4.803835391998291,
+    "softplus": 1.9203323125839233,
+    "leaky_relu": 1.70590341091156,
+    "relu6": 1.7131484746932983,
+    "celu": 1.270926833152771,
+    "glu": 1.8484294414520264,
+    "log_sigmoid": 1.9193484783172607,
+    "soft_sign": 2.338853120803833,
+    "log_softmax": 1.0002083778381348,
+    "identity": 1.0,
+}
+GAMMAS["swish"] = GAMMAS["silu"]
+GAMMAS["linear"] = GAMMAS["identity"]
+
+
+def _glu(x):
+    a, b = ops.split(x, 2, axis=-1)
+    return a * ops.sigmoid(b)
+
+
+# Every activation in `GAMMAS`, written with `keras.ops` so that it runs on
+# every backend. Parameters match the ones the published gammas were measured
+# with: leaky_relu slope 0.01, elu/celu alpha 1, tanh-approximated GELU.
+ACTIVATIONS = {
+    "relu": ops.relu,
+    "gelu": lambda x: ops.gelu(x, approximate=True),
+    "silu": ops.silu,
+    "swish": ops.silu,
+    "elu": lambda x: ops.elu(x, alpha=1.0),
+    "selu": ops.selu,
+    "tanh": ops.tanh,
+    "sigmoid": ops.sigmoid,
+    "softplus": ops.softplus,
+    "leaky_relu": lambda x: ops.leaky_relu(x, negative_slope=0.01),
+    "relu6": ops.relu6,
+    "celu": lambda x: ops.celu(x, alpha=1.0),
+    "glu": _glu,
+    "log_sigmoid": ops.log_sigmoid,
+    "soft_sign": ops.softsign,
+    "log_softmax": lambda x: ops.log_softmax(x, axis=-1),
+    "identity": lambda x: x,
+    "linear": lambda x: x,
+}
+
+
+def check_activation(name):
+    """Returns `name` if it is a known activation, else raises a ValueError."""
+    if name not in GAMMAS:
+        raise ValueError(
+            f"Unknown activation {name!r}. Use one of: {', '.join(sorted(GAMMAS))}."
+        )
+    return name
+
+
+@keras.saving.register_keras_serializable(package="nfnet_keras")
+class ScaledActivation(keras.layers.Layer):
+    """An activation multiplied by its gamma, so unit-Gaussian inputs keep unit variance.
+
+    Args:
+        activation: str. A key of `nfnet_keras.GAMMAS`. Defaults to `"relu"`.
+        **kwargs: Standard `keras.layers.Layer` arguments (`name`, `dtype`).
+
+    Example:
+
+    >>> layer = ScaledActivation("relu")
+    >>> layer(keras.ops.ones((1, 2))).shape
+    (1, 2)
+    """
+
+    def __init__(self, activation="relu", **kwargs):
+        super().__init__(**kwargs)
+        self.activation = check_activation(activation)
+        self.gamma = GAMMAS[activation]
+        self._fn = ACTIVATIONS[activation]
+        self.supports_masking = True
+
+    def call(self, inputs):
+        return self._fn(inputs) * ops.cast(self.gamma, inputs.dtype)
+
+    def compute_output_shape(self, input_shape):
+        if self.activation == "glu":
+            return tuple(input_shape[:-1]) + (input_shape[-1] // 2,)
+        return tuple(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config["activation"] = self.activation
+        return config

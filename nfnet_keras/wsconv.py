@@ -1,0 +1,135 @@
+"""Scaled Weight Standardization convolution (Brock et al. 2021, arXiv 2101.08692)."""
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="nfnet_keras")
+class WSConv2D(keras.layers.Conv2D):
+    """A 2D convolution whose kernel is standardized over its fan-in on every call.
+
+    The kernel actually convolved is
+    `W_hat = gain * (W - mean(W)) / sqrt(max(N * var(W), eps))`, with the mean and
+    the (biased) variance taken per output channel over its fan-in
+    `N = kernel_h * kernel_w * in_channels / groups`, and `gain` a learnable
+    per-output-channel weight initialised to 1. Standardizing in the forward pass
+    (not as a constraint after the update) keeps the gradient flowing through the
+    standardization, as in the paper. The statistics are computed in float32 even
+    under a mixed-precision policy.
+
+    Grouped convolutions run as one convolution per group and a concatenation,
+    built from standard ops: Keras' TensorFlow backend otherwise XLA-compiles a
+    grouped conv on every device, which a TF Serving model server (XLA off by
+    default) refuses to load.
+
+    Args:
+        filters: int. Number of output channels.
+        kernel_size: int or tuple of 2 ints. Size of the kernel.
+        eps: float. Lower bound of `N * var(W)`, which keeps a constant filter
+            finite. Defaults to `1e-4`.
+        gain_initializer: initializer of the per-channel gain. Defaults to `"ones"`.
+        kernel_initializer: initializer of the raw kernel. Defaults to He (fan-in)
+            normal, `"he_normal"`.
+        **kwargs: every other `keras.layers.Conv2D` argument (`strides`, `padding`,
+            `groups`, `use_bias`, ...). `data_format` must be `"channels_last"`.
+
+    Example:
+
+    >>> conv = WSConv2D(8, 3, padding="same")
+    >>> conv(keras.ops.ones((2, 16, 16, 3))).shape
+    (2, 16, 16, 8)
+    """
+
+    def __init__(
+        self,
+        filters,
+        kernel_size,
+        eps=1e-4,
+        gain_initializer="ones",
+        kernel_initializer="he_normal",
+        **kwargs,
+    ):
+        if kwargs.get("data_format", "channels_last") not in (None, "channels_last"):
+            raise ValueError(
+                "WSConv2D supports data_format='channels_last' only; "
+                f"got {kwargs['data_format']!r}."
+            )
+        super().__init__(
+            filters, kernel_size, kernel_initializer=kernel_initializer, **kwargs
+        )
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps!r}.")
+        self.eps = float(eps)
+        self.gain_initializer = keras.initializers.get(gain_initializer)
+
+    def build(self, input_shape):
+        input_shape = tuple(input_shape)
+        super().build(input_shape)
+        self.gain = self.add_weight(
+            name="gain",
+            shape=(self.filters,),
+            initializer=self.gain_initializer,
+            trainable=True,
+        )
+
+    def standardized_kernel(self, kernel=None):
+        """Returns the standardized, gained kernel (float32)."""
+        kernel = ops.cast(self._kernel if kernel is None else kernel, "float32")
+        fan_in = kernel.shape[0] * kernel.shape[1] * kernel.shape[2]
+        mean = ops.mean(kernel, axis=(0, 1, 2), keepdims=True)
+        var = ops.var(kernel, axis=(0, 1, 2), keepdims=True)
+        scale = ops.rsqrt(ops.maximum(var * fan_in, self.eps))
+        scale = scale * ops.cast(self.gain, "float32")
+        return (kernel - mean) * scale
+
+    def convolution_op(self, inputs, kernel):
+        kernel = ops.cast(self.standardized_kernel(kernel), inputs.dtype)
+        conv = lambda x, k: ops.conv(
+            x,
+            k,
+            strides=list(self.strides),
+            padding=self.padding,
+            dilation_rate=self.dilation_rate,
+            data_format="channels_last",
+        )
+        if self.groups == 1:
+            return conv(inputs, kernel)
+        xs = ops.split(inputs, self.groups, axis=-1)
+        ks = ops.split(kernel, self.groups, axis=-1)
+        return ops.concatenate([conv(x, k) for x, k in zip(xs, ks)], axis=-1)
+
+    # Keras 3.15's BaseConv saves and loads only [kernel, bias]: the gain would
+    # be lost on save and the load would fail ("expected 3 variables"). Store
+    # every variable of this layer under its own index.
+    def _own_variables(self):
+        variables = [self._kernel]
+        if self.use_bias:
+            variables.append(self.bias)
+        variables.append(self.gain)
+        return variables
+
+    def save_own_variables(self, store):
+        if not self.built:
+            return
+        for i, variable in enumerate(self._own_variables()):
+            store[str(i)] = variable
+
+    def load_own_variables(self, store):
+        if not self.built:
+            return
+        variables = self._own_variables()
+        if len(store.keys()) != len(variables):
+            raise ValueError(
+                f"Layer {self.name!r} expected {len(variables)} variables "
+                f"(kernel{', bias' if self.use_bias else ''}, gain) but the saved "
+                f"file holds {len(store.keys())}; was it saved by a different "
+                "version of WSConv2D?"
+            )
+        for i, variable in enumerate(variables):
+            variable.assign(store[str(i)])
+
+    def get_config(self):
+        config = super().get_config()
+        config["eps"] = self.eps
+        config["gain_initializer"] = keras.initializers.serialize(self.gain_initializer)
+        return config
