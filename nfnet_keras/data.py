@@ -1,0 +1,270 @@
+"""CIFAR-10: sources, normalisation (`preprocess`), augmentation and tf.data pipelines.
+
+The data path reads one way: a source gives uint8 arrays -> `split` ->
+`make_dataset` (batch -> `preprocess` -> augmentation -> prefetch) -> the model.
+"""
+
+import os
+import pickle
+import tarfile
+
+import numpy as np
+import tensorflow as tf
+import keras
+
+CLASS_NAMES = (
+    "airplane", "automobile", "bird", "cat", "deer",
+    "dog", "frog", "horse", "ship", "truck",
+)
+# Channel statistics of the 50,000 CIFAR-10 training images on the [0, 1] scale.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+IMAGE_SHAPE = (32, 32, 3)
+BATCHES_DIR = "cifar-10-batches-py"
+TARBALL = "cifar-10-python.tar.gz"
+TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_FILE = "test_batch"
+AUGMENTATIONS = ("seed", "standard", "none")
+# The fixed permutation behind the train/validation split: independent of
+# --seed, so runs with different seeds validate on the same images.
+SPLIT_SEED = 20210211
+
+
+class DataError(RuntimeError):
+    """The data could not be found or read; the message says where and what to do."""
+
+
+def preprocess(images):
+    """Normalises uint8 RGB images with the CIFAR-10 training-set statistics.
+
+    The one normalisation of the project: the training pipeline, `predict` and
+    the exported SavedModel all call it.
+
+    Args:
+        images: uint8 array or tensor `(..., height, width, 3)`.
+
+    Returns:
+        float32 tensor of the same shape, `(images / 255 - mean) / std` per channel.
+    """
+    images = tf.convert_to_tensor(images)
+    if images.dtype != tf.uint8:
+        raise ValueError(f"preprocess expects uint8 images (0-255), got {images.dtype.name}.")
+    if images.shape.rank is not None and images.shape[-1] not in (None, 3):
+        raise ValueError(f"preprocess expects RGB images (last axis 3), got shape {images.shape}.")
+    x = tf.cast(images, tf.float32) / 255.0
+    return (x - tf.constant(CIFAR10_MEAN)) / tf.constant(CIFAR10_STD)
+
+
+# === Sources ===
+
+
+def _unpickle(path):
+    try:
+        with open(path, "rb") as f:
+            return _check_batch(pickle.load(f, encoding="bytes"), path)
+    except DataError:
+        raise
+    except Exception as e:  # truncated or not a pickle
+        raise DataError(f"CIFAR-10 batch file {path} is corrupt or truncated ({e}); replace it.") from e
+
+
+def _check_batch(batch, where):
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise DataError(f"CIFAR-10 batch file {where} has no b'data'/b'labels'; is it a CIFAR-10 batch?")
+    data = np.asarray(batch[b"data"])
+    labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+        raise DataError(
+            f"CIFAR-10 batch file {where} holds data of shape {data.shape} {data.dtype} "
+            f"and {len(labels)} labels; expected N x 3072 uint8 and N labels."
+        )
+    if labels.min(initial=0) < 0 or labels.max(initial=0) > 9:
+        raise DataError(f"CIFAR-10 batch file {where} has labels outside 0-9.")
+    # Rows are channels-first (1024 red, 1024 green, 1024 blue): to NHWC.
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
+def _concat(parts):
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _from_batches_dir(folder):
+    missing = [f for f in TRAIN_FILES + (TEST_FILE,) if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise DataError(f"{folder} lacks CIFAR-10 batch file(s) {', '.join(missing)}.")
+    train = _concat([_unpickle(os.path.join(folder, f)) for f in TRAIN_FILES])
+    return train, _unpickle(os.path.join(folder, TEST_FILE))
+
+
+def _from_tarball(path):
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
+
+            def read(name):
+                if name not in members:
+                    raise DataError(f"{path} has no member {name}; is it the official {TARBALL}?")
+                raw = tar.extractfile(members[name]).read()
+                try:
+                    return _check_batch(pickle.loads(raw, encoding="bytes"), f"{path}:{name}")
+                except DataError:
+                    raise
+                except Exception as e:
+                    raise DataError(f"{path}:{name} is corrupt or truncated ({e}).") from e
+
+            return _concat([read(f) for f in TRAIN_FILES]), read(TEST_FILE)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise DataError(f"{path} is corrupt or truncated ({e}); download it again.") from e
+
+
+def _local_source(data_dir):
+    """The batches folder or tarball under `data_dir`, or None."""
+    candidates = [
+        (data_dir, "dir"),
+        (os.path.join(data_dir, BATCHES_DIR), "dir"),
+        (os.path.join(data_dir, TARBALL), "tar"),
+    ]
+    if os.path.isfile(data_dir):
+        return data_dir, "tar"
+    for path, kind in candidates:
+        if kind == "dir" and os.path.isfile(os.path.join(path, TEST_FILE)):
+            return path, kind
+        if kind == "tar" and os.path.isfile(path):
+            return path, kind
+    return None
+
+
+def _from_tfds(tfds_dir):
+    import tensorflow_datasets as tfds
+
+    splits = tfds.load("cifar10", split=["train", "test"], data_dir=tfds_dir, batch_size=-1, as_supervised=True)
+    return tuple((np.asarray(x, np.uint8), np.asarray(y, np.int64)) for x, y in tfds.as_numpy(splits))
+
+
+def load_cifar10(data_dir=None, tfds_dir=None):
+    """Loads CIFAR-10 as uint8 NHWC arrays and int64 labels.
+
+    Looks, in order, in `data_dir` (else `$NFNET_DATA_DIR`) for the
+    `cifar-10-batches-py` folder (or the folder itself, or the official
+    `cifar-10-python.tar.gz`), then asks TFDS (`tfds_dir`), which downloads on a
+    connected machine.
+
+    Returns:
+        `((x_train, y_train), (x_test, y_test))`: 50,000 and 10,000 images.
+
+    Raises:
+        DataError: nothing found (the message lists where it looked), or a file
+            is corrupt (the message names it).
+    """
+    data_dir = data_dir or os.environ.get("NFNET_DATA_DIR")
+    looked = []
+    if data_dir:
+        data_dir = os.path.expanduser(data_dir)
+        found = _local_source(data_dir)
+        if found:
+            path, kind = found
+            return _from_batches_dir(path) if kind == "dir" else _from_tarball(path)
+        looked.append(f"{data_dir} (no {BATCHES_DIR}/ or {TARBALL})")
+    try:
+        return _from_tfds(tfds_dir)
+    except Exception as e:  # offline, no TFDS copy
+        looked.append(f"tensorflow_datasets 'cifar10' in {tfds_dir or '~/tensorflow_datasets'} ({type(e).__name__})")
+    raise DataError(
+        "CIFAR-10 not found. Looked in: " + "; ".join(looked) + ". Pass --data-dir DIR (or set "
+        f"NFNET_DATA_DIR) to a folder holding {BATCHES_DIR}/ or {TARBALL}."
+    )
+
+
+def split(x, y, val_size=5000, train_limit=None):
+    """Deterministic train/validation split of the training images.
+
+    The same fixed permutation every time; the validation set is its first
+    `val_size` images, training the rest (its first `train_limit` if given).
+    """
+    n = len(x)
+    if not 0 <= val_size < n:
+        raise ValueError(f"--val-size must be in [0, {n - 1}], got {val_size}.")
+    perm = np.random.default_rng(SPLIT_SEED).permutation(n)
+    val_idx, train_idx = perm[:val_size], perm[val_size:]
+    if train_limit is not None:
+        if train_limit < 1:
+            raise ValueError(f"--train-limit must be >= 1, got {train_limit}.")
+        train_idx = train_idx[:train_limit]
+    return (x[train_idx], y[train_idx]), (x[val_idx], y[val_idx])
+
+
+# === Augmentation (on normalised float batches) ===
+
+
+class SeedAugment(keras.layers.Layer):
+    """The report's per-image policy, vectorised over a batch.
+
+    Each image independently: 40% untouched, 20% additive Gaussian noise
+    (`noise_stddev`, in normalised units), 20% rotation by a uniform angle in
+    +-`max_degrees`, 20% horizontal flip.
+    """
+
+    def __init__(self, noise_stddev=0.2, max_degrees=15.0, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.noise_stddev = noise_stddev
+        self.max_degrees = max_degrees
+        self.seed = seed
+        self.generator = keras.random.SeedGenerator(seed)
+        self.rotate = keras.layers.RandomRotation(
+            max_degrees / 360.0, fill_mode="reflect", seed=None if seed is None else seed + 1
+        )
+
+    def call(self, images):
+        batch = tf.shape(images)[0]
+        choice = keras.random.uniform((batch,), seed=self.generator)
+        noise = keras.random.normal(tf.shape(images), stddev=self.noise_stddev, seed=self.generator)
+        candidates = [
+            images,  # [0.0, 0.4): untouched
+            images + noise,  # [0.4, 0.6)
+            self.rotate(images, training=True),  # [0.6, 0.8)
+            tf.reverse(images, axis=[2]),  # [0.8, 1.0): horizontal flip
+        ]
+        branch = tf.searchsorted(tf.constant([0.4, 0.6, 0.8]), choice, side="right")
+        stacked = tf.stack(candidates)  # (4, batch, h, w, c)
+        return tf.gather(tf.transpose(stacked, [1, 0, 2, 3, 4]), branch, batch_dims=1)
+
+
+def make_augmenter(policy, seed=None):
+    """Returns a callable on normalised float batches for policy `seed`, `standard` or `none`."""
+    if policy == "seed":
+        return SeedAugment(seed=seed)
+    if policy == "standard":
+        # Pad-4 random crop (zero = mean padding in normalised space) + flip.
+        shift = keras.layers.RandomTranslation(
+            4 / 32, 4 / 32, fill_mode="constant", interpolation="nearest", seed=seed
+        )
+        flip = keras.layers.RandomFlip("horizontal", seed=None if seed is None else seed + 1)
+        return lambda x: flip(shift(x, training=True), training=True)
+    if policy == "none":
+        return None
+    raise ValueError(f"Unknown augmentation {policy!r}. Use one of: {', '.join(AUGMENTATIONS)}.")
+
+
+def make_dataset(x, y, batch_size, training=False, augment="none", seed=None, repeat=False):
+    """A `tf.data` pipeline: (shuffle) -> batch -> preprocess -> (augment) -> prefetch.
+
+    Augmentation runs on whole batches, in parallel with training.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}.")
+    augmenter = make_augmenter(augment, seed) if training else None
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    if training:
+        ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    ds = ds.batch(batch_size, drop_remainder=False)
+
+    def transform(images, labels):
+        images = preprocess(images)
+        if augmenter is not None:
+            images = augmenter(images)
+        return images, labels
+
+    ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
