@@ -1,5 +1,13 @@
 """nfnet-keras: Normalizer-Free ResNets (NFNets) for Keras 3."""
 
+import os
+
+# TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) buries the output of
+# the command-line tools; keep warnings and errors. Set it yourself to override.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# isort: split
+
 from nfnet_keras.activations import GAMMAS, ScaledActivation
 from nfnet_keras.agc import clip_gradient, unitwise_norm, with_agc
 from nfnet_keras.blocks import NFBlock, SqueezeExcite, StochasticDepth
