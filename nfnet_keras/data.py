@@ -134,11 +134,35 @@ def _local_source(data_dir):
     return None
 
 
+# Where TFDS downloads CIFAR-10 from; probed first, because offline TFDS retries
+# with back-off for minutes before it fails.
+TFDS_SOURCE_HOST = ("www.cs.toronto.edu", 443)
+
+
+def _reachable(host, timeout=5.0):
+    import socket
+
+    try:
+        socket.create_connection(host, timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _from_tfds(tfds_dir):
     import tensorflow_datasets as tfds
 
-    splits = tfds.load("cifar10", split=["train", "test"], data_dir=tfds_dir, batch_size=-1, as_supervised=True)
-    return tuple((np.asarray(x, np.uint8), np.asarray(y, np.int64)) for x, y in tfds.as_numpy(splits))
+    def load(download):
+        splits = tfds.load("cifar10", split=["train", "test"], data_dir=tfds_dir, batch_size=-1,
+                           as_supervised=True, download=download)
+        return tuple((np.asarray(x, np.uint8), np.asarray(y, np.int64)) for x, y in tfds.as_numpy(splits))
+
+    try:
+        return load(download=False)  # an already prepared copy
+    except Exception:
+        if not _reachable(TFDS_SOURCE_HOST):
+            raise ConnectionError(f"no prepared copy, and {TFDS_SOURCE_HOST[0]} is unreachable (offline?)")
+        return load(download=True)
 
 
 def load_cifar10(data_dir=None, tfds_dir=None):
@@ -168,7 +192,7 @@ def load_cifar10(data_dir=None, tfds_dir=None):
     try:
         return _from_tfds(tfds_dir)
     except Exception as e:  # offline, no TFDS copy
-        looked.append(f"tensorflow_datasets 'cifar10' in {tfds_dir or '~/tensorflow_datasets'} ({type(e).__name__})")
+        looked.append(f"tensorflow_datasets 'cifar10' in {tfds_dir or '~/tensorflow_datasets'} ({e})")
     raise DataError(
         "CIFAR-10 not found. Looked in: " + "; ".join(looked) + ". Pass --data-dir DIR (or set "
         f"NFNET_DATA_DIR) to a folder holding {BATCHES_DIR}/ or {TARBALL}."

@@ -423,7 +423,6 @@ def train(config, run_dir, export_name=None, export_dir="saved_models", verbose=
         ValueError, data.DataError: bad configuration or data.
     """
     config.validate()
-    os.makedirs(run_dir, exist_ok=True)
     config_path = os.path.join(run_dir, "config.json")
     if os.path.exists(config_path):
         with open(config_path) as f:
@@ -437,10 +436,10 @@ def train(config, run_dir, export_name=None, export_dir="saved_models", verbose=
             )
         if os.path.exists(os.path.join(run_dir, "metrics.json")):
             raise ValueError(f"{run_dir} holds a finished run; use another --run-dir.")
-    _atomic_json(config_path, config.to_dict())
-
     strategy = setup_runtime(config)
-    train_arr, val_arr, test_arr = load_splits(config)
+    train_arr, val_arr, test_arr = load_splits(config)  # before writing anything
+    os.makedirs(run_dir, exist_ok=True)
+    _atomic_json(config_path, config.to_dict())
     steps_per_epoch = math.ceil(len(train_arr[0]) / config.batch_size)
     train_ds, val_ds = make_datasets(config, train_arr, val_arr)
     with strategy.scope():

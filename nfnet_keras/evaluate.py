@@ -1,0 +1,64 @@
+"""Evaluate a trained model on the CIFAR-10 test split: `python -m nfnet_keras.evaluate --model PATH`.
+
+Prints the test accuracy, the confusion matrix and per-class accuracy.
+"""
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from nfnet_keras import data as data_lib
+from nfnet_keras.inference import InputError, load_predictor
+
+
+def confusion_matrix(labels, predictions, num_classes=10):
+    """`m[i, j]`: the number of images of class i predicted as j."""
+    m = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(m, (labels, predictions), 1)
+    return m
+
+
+def format_report(matrix, names=data_lib.CLASS_NAMES):
+    """The confusion matrix and per-class accuracy as text."""
+    short = [n[:5] for n in names]
+    lines = ["confusion matrix (rows: true class, columns: predicted)", " " * 11 + "".join(f"{s:>6}" for s in short)]
+    for name, row in zip(names, matrix):
+        lines.append(f"{name:>10} " + "".join(f"{v:>6}" for v in row))
+    lines.append("per-class accuracy")
+    for name, row, i in zip(names, matrix, range(len(names))):
+        lines.append(f"{name:>10}  {row[i] / max(row.sum(), 1):.4f}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m nfnet_keras.evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="a .keras file or a SavedModel directory")
+    p.add_argument("--data-dir", help="folder with cifar-10-batches-py/ (default: $NFNET_DATA_DIR, then TFDS)")
+    p.add_argument("--tfds-dir")
+    p.add_argument("--limit", type=int, help="evaluate on the first N test images")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+    try:
+        predict = load_predictor(args.model)
+        _, (x, y) = data_lib.load_cifar10(args.data_dir, args.tfds_dir)
+    except (InputError, data_lib.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.limit:
+        x, y = x[: args.limit], y[: args.limit]
+    predictions = predict(x).argmax(axis=1)
+    matrix = confusion_matrix(y, predictions)
+    accuracy = float(np.trace(matrix) / matrix.sum())
+    print(f"test accuracy: {accuracy:.4f} ({np.trace(matrix)}/{matrix.sum()})")
+    print(format_report(matrix))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(test_accuracy=accuracy, confusion_matrix=matrix.tolist(),
+                           per_class_accuracy=(np.diag(matrix) / matrix.sum(1)).tolist()), f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Loading a trained model for inference, and reading images to classify.
+
+Shared by `python -m nfnet_keras.evaluate` and `python -m nfnet_keras.predict`.
+"""
+
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from nfnet_keras.data import IMAGE_SHAPE, preprocess
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+class InputError(ValueError):
+    """A bad model path or image input; the message says what to do."""
+
+
+def load_predictor(path, batch_size=256):
+    """Returns `predict(uint8 images N x 32 x 32 x 3) -> float32 probabilities N x 10`.
+
+    `path` is a `.keras` file (normalisation applied here with `preprocess`) or
+    an exported SavedModel directory (normalisation inside its graph).
+    """
+    if path.endswith(".keras"):
+        if not os.path.isfile(path):
+            raise InputError(f"--model {path}: no such file.")
+        import keras
+
+        import nfnet_keras  # noqa: F401  (registers the custom layers)
+
+        try:
+            model = keras.saving.load_model(path, compile=False)
+        except Exception as e:
+            raise InputError(f"--model {path} is not a loadable .keras model ({e}).") from e
+
+        def predict(images):
+            logits = model.predict(tf.data.Dataset.from_tensor_slices(images).batch(batch_size).map(preprocess), verbose=0)
+            return tf.nn.softmax(logits).numpy()
+
+        return predict
+    if os.path.isfile(os.path.join(path, "saved_model.pb")):
+        loaded = tf.saved_model.load(path)
+        if "serving_default" not in loaded.signatures:
+            raise InputError(f"--model {path} has no serving_default signature.")
+        signature = loaded.signatures["serving_default"]
+
+        def predict(images):
+            out = [signature(image=tf.constant(images[i:i + batch_size]))["probabilities"].numpy()
+                   for i in range(0, len(images), batch_size)]
+            return np.concatenate(out) if out else np.zeros((0, 10), np.float32)
+
+        return predict
+    raise InputError(
+        f"--model {path} is neither a .keras file nor a SavedModel directory "
+        "(a folder with saved_model.pb, e.g. saved_models/nfnet/1)."
+    )
+
+
+def check_images(images, where="images"):
+    """Raises InputError unless `images` is a uint8 array N x 32 x 32 x 3."""
+    if images.dtype != np.uint8:
+        raise InputError(f"{where}: expected uint8 pixels (0-255), got dtype {images.dtype}.")
+    if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
+        raise InputError(f"{where}: expected shape N x 32 x 32 x 3, got {images.shape}.")
+    return images
+
+
+def read_images(path):
+    """Reads images to classify: a `.npy` uint8 array N x 32 x 32 x 3, an image file, or a folder.
+
+    Returns:
+        `(names, images)`: one name per image (the file name, or the row index
+        of a `.npy`) and a uint8 array N x 32 x 32 x 3. Image files of another
+        size are resized to 32 x 32.
+    """
+    if not os.path.exists(path):
+        raise InputError(f"--images {path}: no such file or folder.")
+    if path.endswith(".npy"):
+        try:
+            images = np.load(path, allow_pickle=False)
+        except Exception as e:
+            raise InputError(f"--images {path} is not a readable .npy array ({e}).") from e
+        return [str(i) for i in range(len(images))], check_images(images, path)
+    if os.path.isdir(path):
+        files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise InputError(f"--images {path}: no .png/.jpg/.jpeg files in the folder.")
+        files = [os.path.join(path, f) for f in files]
+    elif path.lower().endswith(IMAGE_EXTENSIONS):
+        files = [path]
+    else:
+        raise InputError(f"--images {path}: expected a .npy array, a .png/.jpg file or a folder of them.")
+    images = []
+    for f in files:
+        try:
+            image = tf.io.decode_image(tf.io.read_file(f), channels=3, expand_animations=False)
+        except tf.errors.OpError as e:
+            raise InputError(f"{f} is not a readable PNG/JPEG image.") from e
+        if tuple(image.shape[:2]) != IMAGE_SHAPE[:2]:
+            image = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(image, IMAGE_SHAPE[:2], antialias=True)), 0, 255), tf.uint8)
+        images.append(image.numpy())
+    return [os.path.basename(f) for f in files], np.stack(images)
