@@ -1,0 +1,249 @@
+"""NFBlock, SqueezeExcite and StochasticDepth (nfnet_keras/blocks.py)."""
+
+import math
+
+import numpy as np
+import pytest
+
+import keras
+from keras import ops
+from nfnet_keras import GAMMAS, NFBlock, SqueezeExcite, StochasticDepth
+
+from conftest import assert_same_weights, keras_roundtrip
+
+
+def to_np(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+def gaussian(shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype("float32")
+
+
+def np_ws_1x1(conv, x):
+    """A 1x1 WSConv2D computed by hand: standardized kernel, plus bias."""
+    k = to_np(conv.kernel).astype("float64")[0, 0]  # (in, out)
+    k = (k - k.mean(0)) / np.sqrt(np.maximum(k.shape[0] * k.var(0), conv.eps))
+    return x @ (k * to_np(conv.gain)) + to_np(conv.bias)
+
+
+# === Variance tracking ===
+
+
+@pytest.mark.parametrize(
+    "transition, expected_var, alpha, out_var",
+    [
+        (True, 1.0, 0.2, 1.04),
+        (True, 1.36, 0.2, 1.04),  # a transition resets the count: 1 + alpha^2
+        (False, 1.04, 0.2, 1.08),  # otherwise expected_var + alpha^2
+        (False, 1.36, 0.5, 1.61),
+    ],
+)
+def test_expected_output_var_rule(transition, expected_var, alpha, out_var):
+    filters = 8
+    block = NFBlock(filters, expected_var=expected_var, alpha=alpha, transition=transition)
+    assert block.expected_output_var == pytest.approx(out_var)
+    assert block.beta == pytest.approx(math.sqrt(expected_var))  # the std, not the variance
+
+
+def test_chained_blocks_track_one_plus_k_alpha_squared():
+    var, seen = 1.0, []
+    for j in range(5):
+        block = NFBlock(16, expected_var=var, transition=j == 0)
+        seen.append(block.beta**2)
+        var = block.expected_output_var
+    assert seen == pytest.approx([1.0, 1.04, 1.08, 1.12, 1.16])
+    assert var == pytest.approx(1.2)
+
+
+# === SkipInit ===
+
+
+def test_skip_gain_is_a_scalar_initialised_to_zero():
+    block = NFBlock(8)
+    block.build((None, 4, 4, 8))
+    skip = [v for v in block.weights if v.path.endswith("skip_gain")]
+    assert len(skip) == 1 and skip[0] is block.skip_gain
+    assert skip[0].name == "skip_gain" and skip[0].shape == () and skip[0].trainable
+    assert float(to_np(skip[0])) == 0.0
+
+
+def test_non_transition_block_is_identity_at_init():
+    x = gaussian((3, 5, 5, 8)) * 3.0
+    block = NFBlock(8, expected_var=1.2)
+    np.testing.assert_array_equal(to_np(block(x)), x)
+    np.testing.assert_array_equal(to_np(block(x, training=True)), x)
+    # ... though its residual branch is not zero.
+    assert np.abs(to_np(block.residual_branch(x))).max() > 0.1
+
+
+@pytest.mark.parametrize("strides", [1, 2])
+def test_transition_block_is_its_shortcut_at_init(strides):
+    # The shortcut comes from the scaled activation h = relu(x) * gamma / beta
+    # (2x2 average pool when strided), through a 1x1 WS conv.
+    expected_var = 1.44
+    x = gaussian((2, 6, 6, 4), seed=strides)
+    block = NFBlock(8, expected_var=expected_var, strides=strides, transition=True)
+    out = to_np(block(x))
+    h = np.maximum(x, 0).astype("float64") * GAMMAS["relu"] / math.sqrt(expected_var)
+    if strides == 2:
+        h = h.reshape(2, 3, 2, 3, 2, 4).mean(axis=(2, 4))
+    np.testing.assert_allclose(out, np_ws_1x1(block.shortcut_conv, h), rtol=1e-4, atol=1e-5)
+
+
+def test_output_is_shortcut_plus_alpha_skip_gain_branch():
+    x = gaussian((2, 4, 4, 8))
+    block = NFBlock(8, alpha=0.3, skip_gain_init=0.7)
+    out = to_np(block(x))
+    np.testing.assert_allclose(out, x + 0.3 * 0.7 * to_np(block.residual_branch(x)), rtol=1e-5, atol=1e-6)
+    assert float(to_np(block.skip_gain)) == pytest.approx(0.7)
+
+
+# === Shapes and validation ===
+
+
+@pytest.mark.parametrize("hw, out_hw", [(8, 4), (7, 4)])
+def test_strided_transition_shape(hw, out_hw):
+    block = NFBlock(16, strides=2, transition=True, skip_gain_init=1.0)
+    out = block(gaussian((2, hw, hw, 8)))
+    assert tuple(out.shape) == (2, out_hw, out_hw, 16)
+    assert block.compute_output_shape((None, hw, hw, 8)) == (None, out_hw, out_hw, 16)
+    assert block.width == 4 and block.conv1.strides == (2, 2)
+
+
+def test_non_transition_with_channel_change_raises():
+    with pytest.raises(ValueError, match="transition=True"):
+        NFBlock(16)(gaussian((1, 4, 4, 8)))
+
+
+def test_strided_non_transition_raises():
+    with pytest.raises(ValueError, match="transition"):
+        NFBlock(8, strides=2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(expected_var=0.0), "expected_var"),
+        (dict(alpha=0.0), "alpha"),
+        (dict(strides=3, transition=True), "strides"),
+        (dict(activation="rleu"), "Unknown activation"),
+        (dict(se_ratio=1.5), "se_ratio"),
+        (dict(group_width=3), "group_width"),  # width 4 is not a multiple of 3
+    ],
+)
+def test_bad_arguments_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        NFBlock(16, **kwargs)
+
+
+def test_grouped_block_uses_groups_in_the_3x3_convs():
+    block = NFBlock(32, bottleneck_ratio=0.5, group_width=4, transition=True)
+    block.build((None, 4, 4, 8))
+    assert block.groups == 4 and block.conv1.groups == 4 and block.conv1b.groups == 4
+    assert block.conv0.groups == 1 and block.conv2.groups == 1
+    assert block.conv1.kernel.shape == (3, 3, 4, 16)
+
+
+# === Stochastic depth ===
+
+
+def test_stochastic_depth_drops_whole_examples_in_training_only():
+    rate, alpha = 0.5, 0.2
+    keras.utils.set_random_seed(0)
+    block = NFBlock(8, alpha=alpha, stochastic_depth_rate=rate, skip_gain_init=1.0)
+    x = gaussian((64, 4, 4, 8))
+    block.build(x.shape)
+    branch = to_np(block.residual_branch(x)).astype("float64")
+    # Inference: the identity (no drop, no rescale).
+    np.testing.assert_allclose(to_np(block(x)), x + alpha * branch, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(to_np(block(x, training=False)), x + alpha * branch, rtol=1e-5, atol=1e-6)
+    # Training: each example keeps its whole branch (scaled by 1 / (1 - rate)) or loses it.
+    residual = to_np(block(x, training=True)).astype("float64") - x
+    dropped = np.all(residual == 0.0, axis=(1, 2, 3))
+    assert 12 <= dropped.sum() <= 52  # Binomial(64, 0.5): mean 32, sd 4
+    np.testing.assert_allclose(
+        residual[~dropped], alpha * branch[~dropped] / (1 - rate), rtol=1e-4, atol=1e-5
+    )
+    # A second call draws a new mask.
+    residual2 = to_np(block(x, training=True)) - x
+    assert not np.array_equal(dropped, np.all(residual2 == 0.0, axis=(1, 2, 3)))
+
+
+def test_stochastic_depth_layer():
+    x = gaussian((32, 2, 2, 3)) + 5.0  # no exact zeros in x
+    np.testing.assert_array_equal(to_np(StochasticDepth(0.0)(x, training=True)), x)
+    np.testing.assert_array_equal(to_np(StochasticDepth(0.9)(x, training=False)), x)
+    out = to_np(StochasticDepth(0.25, seed=1)(x, training=True))
+    kept = np.all(out != 0.0, axis=(1, 2, 3))
+    np.testing.assert_allclose(out[kept], x[kept] / 0.75, rtol=1e-6)
+    np.testing.assert_array_equal(out[~kept], 0.0)
+    with pytest.raises(ValueError, match="rate"):
+        StochasticDepth(1.0)
+
+
+# === Squeeze-Excite ===
+
+
+def test_squeeze_excite_matches_manual_computation():
+    x = gaussian((2, 3, 3, 8))
+    se = SqueezeExcite(0.5, "relu")
+    out = to_np(se(x))
+    assert se.squeeze.units == 4 and se.excite.units == 8
+    s = x.mean(axis=(1, 2)).astype("float64")
+    s = np.maximum(s @ to_np(se.squeeze.kernel) + to_np(se.squeeze.bias), 0) * GAMMAS["relu"]
+    s = s @ to_np(se.excite.kernel) + to_np(se.excite.bias)
+    gate = 1 / (1 + np.exp(-s))
+    np.testing.assert_allclose(out, 2 * gate[:, None, None, :] * x, rtol=1e-5, atol=1e-6)
+
+
+def test_se_path_is_in_the_residual_branch():
+    x = gaussian((2, 4, 4, 16))
+    block = NFBlock(16, se_ratio=0.5, skip_gain_init=1.0)
+    block.build(x.shape)
+    assert isinstance(block.se, SqueezeExcite)
+    assert any("/se/squeeze/kernel" in v.path for v in block.weights)
+    h = block._scaled_input(x)
+    pre_se = block.conv2(block.act3(block.conv1b(block.act2(block.conv1(block.act1(block.conv0(h)))))))
+    np.testing.assert_allclose(
+        to_np(block.residual_branch(x)), to_np(block.se(pre_se)), rtol=1e-5, atol=1e-6
+    )
+    plain = NFBlock(16)
+    plain.build(x.shape)
+    assert plain.se is None and not any("/se/" in v.path for v in plain.weights)
+
+
+# === Serialization ===
+
+
+def test_nfblock_config_and_keras_roundtrip(tmp_path):
+    keras.utils.set_random_seed(1)
+    block = NFBlock(
+        16, expected_var=1.12, alpha=0.3, strides=2, transition=True, bottleneck_ratio=0.5,
+        group_width=4, activation="gelu", se_ratio=0.5, stochastic_depth_rate=0.1,
+        skip_gain_init=0.0, name="blk",
+    )
+    config = block.get_config()
+    assert NFBlock.from_config(config).get_config() == config
+    block.build((None, 8, 8, 8))
+    rng = np.random.default_rng(2)
+    for v in block.weights:  # "trained": nothing at its initial value
+        v.assign(to_np(v) + rng.normal(0, 0.1, v.shape).astype("float32"))
+    assert float(to_np(block.skip_gain)) != 0.0
+    reloaded = keras_roundtrip(block, tmp_path, input_shape=(8, 8, 8))
+    assert_same_weights(block, reloaded)
+    assert reloaded.expected_var == 1.12 and reloaded.se is not None and reloaded.groups == 2
+    x = gaussian((2, 8, 8, 8))
+    np.testing.assert_array_equal(to_np(reloaded(x)), to_np(block(x)))
+
+
+@pytest.mark.parametrize(
+    "layer, shape",
+    [(SqueezeExcite(0.25, "silu", name="se"), (3, 3, 8)), (StochasticDepth(0.2, seed=3, name="sd"), (3, 3, 2))],
+)
+def test_helper_layers_keras_roundtrip(layer, shape, tmp_path):
+    reloaded = keras_roundtrip(layer, tmp_path, input_shape=shape)
+    assert reloaded.get_config() == layer.get_config()
+    assert_same_weights(layer, reloaded)
+    x = gaussian((2,) + shape)
+    np.testing.assert_array_equal(to_np(reloaded(x)), to_np(layer(x)))

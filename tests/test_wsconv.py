@@ -1,0 +1,225 @@
+"""WSConv2D: scaled weight standardization (nfnet_keras/wsconv.py)."""
+
+import numpy as np
+import pytest
+
+import keras
+import tensorflow as tf
+from nfnet_keras import WSConv2D
+
+from conftest import assert_same_weights, keras_roundtrip
+
+
+def np_standardize(kernel, gain, eps=1e-4):
+    """gain * (W - mean) / sqrt(max(N var, eps)) per output channel, over the fan-in."""
+    kernel = kernel.astype("float64")
+    fan_in = np.prod(kernel.shape[:3])
+    mean = kernel.mean(axis=(0, 1, 2), keepdims=True)
+    var = kernel.var(axis=(0, 1, 2), keepdims=True)  # biased, as in the paper
+    return gain * (kernel - mean) / np.sqrt(np.maximum(fan_in * var, eps))
+
+
+def np_conv2d(x, kernel, strides=1, padding="valid"):
+    """NHWC x HWIO cross-correlation with TensorFlow's 'same' padding rule."""
+    n, h, w, _ = x.shape
+    kh, kw, _, _ = kernel.shape
+    if padding == "same":
+        oh, ow = -(-h // strides), -(-w // strides)
+        ph = max((oh - 1) * strides + kh - h, 0)
+        pw = max((ow - 1) * strides + kw - w, 0)
+        x = np.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+    else:
+        oh, ow = (h - kh) // strides + 1, (w - kw) // strides + 1
+    out = np.zeros((n, oh, ow, kernel.shape[3]))
+    for i in range(kh):
+        for j in range(kw):
+            patch = x[:, i : i + strides * oh : strides, j : j + strides * ow : strides, :]
+            out += np.einsum("nhwc,co->nhwo", patch, kernel[i, j])
+    return out
+
+
+def randomize(layer, seed):
+    """Gives every weight (kernel, bias, gain) non-trivial random values."""
+    rng = np.random.default_rng(seed)
+    for v in layer.weights:
+        if v.path.endswith("gain"):
+            v.assign(rng.uniform(0.5, 2.0, v.shape).astype("float32"))
+        else:
+            v.assign(rng.standard_normal(v.shape).astype("float32"))
+
+
+def test_gain_is_a_per_channel_weight_initialised_to_one():
+    conv = WSConv2D(6, 3)
+    conv.build((None, 8, 8, 4))
+    assert conv.gain.shape == (6,) and conv.gain.trainable
+    np.testing.assert_array_equal(np.asarray(conv.gain), np.ones(6))
+    assert [v.path.split("/")[-1] for v in conv.weights] == ["kernel", "bias", "gain"]
+
+
+def test_standardized_kernel_zero_mean_and_gain_norm():
+    conv = WSConv2D(6, 3)
+    conv.build((None, 8, 8, 4))
+    gain = np.linspace(0.5, 3.0, 6).astype("float32")
+    conv.gain.assign(gain)
+    w = np.asarray(conv.standardized_kernel(), dtype="float64")
+    # Zero mean over the fan-in (3 * 3 * 4) of every output channel ...
+    np.testing.assert_allclose(w.mean(axis=(0, 1, 2)), 0.0, atol=1e-7)
+    # ... and sum of squares gain^2: unit norm times the gain.
+    np.testing.assert_allclose((w**2).sum(axis=(0, 1, 2)), gain.astype("float64") ** 2, rtol=1e-5)
+    np.testing.assert_allclose(w, np_standardize(np.asarray(conv.kernel), gain), rtol=1e-5, atol=1e-6)
+
+
+def test_eps_floors_a_tiny_variance_kernel():
+    conv = WSConv2D(2, 1, use_bias=False)
+    conv.build((None, 4, 4, 4))
+    # Channel 0: N var = 4 * 1e-8 << eps, so it is divided by sqrt(eps), not
+    # normalised; channel 1 is constant: its standardized kernel is exactly 0.
+    kernel = np.zeros((1, 1, 4, 2), "float32")
+    kernel[0, 0, :, 0] = [1e-4, -1e-4, 1e-4, -1e-4]
+    kernel[0, 0, :, 1] = 0.7
+    conv.kernel.assign(kernel)
+    w = np.asarray(conv.standardized_kernel())
+    np.testing.assert_allclose(w[0, 0, :, 0], kernel[0, 0, :, 0] / np.sqrt(1e-4), rtol=1e-5)
+    np.testing.assert_array_equal(w[..., 1], 0.0)
+    assert np.isfinite(np.asarray(conv(np.ones((1, 4, 4, 4), "float32")))).all()
+
+
+@pytest.mark.parametrize(
+    "kernel_size, strides, padding, shape",
+    [(3, 1, "same", (2, 7, 7, 5)), (3, 2, "same", (2, 8, 9, 5)), (1, 1, "valid", (2, 4, 4, 5)), (3, 2, "valid", (1, 9, 9, 5))],
+)
+def test_output_matches_manual_conv(kernel_size, strides, padding, shape):
+    conv = WSConv2D(7, kernel_size, strides=strides, padding=padding)
+    conv.build(shape)
+    randomize(conv, seed=kernel_size + strides)
+    x = np.random.default_rng(0).standard_normal(shape).astype("float32")
+    w = np_standardize(np.asarray(conv.kernel), np.asarray(conv.gain))
+    expected = np_conv2d(x.astype("float64"), w, strides, padding) + np.asarray(conv.bias)
+    np.testing.assert_allclose(np.asarray(conv(x)), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_conv_matches_per_group_manual_conv():
+    conv = WSConv2D(6, 3, padding="same", groups=2)
+    conv.build((2, 6, 6, 4))
+    assert conv.kernel.shape == (3, 3, 2, 6)  # fan-in is in_channels / groups
+    randomize(conv, seed=5)
+    x = np.random.default_rng(1).standard_normal((2, 6, 6, 4)).astype("float64")
+    w = np_standardize(np.asarray(conv.kernel), np.asarray(conv.gain))
+    # Group g: input channels [2g, 2g+2) -> output channels [3g, 3g+3).
+    expected = np.concatenate(
+        [np_conv2d(x[..., 2 * g : 2 * g + 2], w[..., 3 * g : 3 * g + 3], 1, "same") for g in range(2)],
+        axis=-1,
+    ) + np.asarray(conv.bias)
+    out = np.asarray(conv(x.astype("float32")))
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+    # Not the same as one ungrouped conv over all inputs with this kernel's statistics.
+    assert not np.allclose(out[..., :3], out[..., 3:])
+
+
+def test_gradient_flows_through_the_standardization():
+    # Standardization happens in the forward pass: the loss is invariant to a
+    # rescaling of a channel's raw kernel, so the raw-kernel gradient is
+    # orthogonal to the kernel, channel by channel.
+    conv = WSConv2D(3, 3, use_bias=False)
+    x = tf.constant(np.random.default_rng(2).standard_normal((2, 5, 5, 2)), "float32")
+    conv.build(x.shape)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.sin(conv(x)))
+    grad = np.asarray(tape.gradient(loss, conv.kernel))
+    kernel = np.asarray(conv.kernel)
+    assert np.abs(grad).max() > 1e-3
+    np.testing.assert_allclose((grad * kernel).sum(axis=(0, 1, 2)), 0.0, atol=1e-4)
+
+
+def test_keras_roundtrip_keeps_a_changed_gain(tmp_path):
+    conv = WSConv2D(6, 3, padding="same", groups=2, name="ws")
+    conv.build((None, 8, 8, 4))
+    randomize(conv, seed=7)
+    gain = np.asarray(conv.gain).copy()
+    assert not np.allclose(gain, 1.0)
+    reloaded = keras_roundtrip(conv, tmp_path, input_shape=(8, 8, 4))
+    np.testing.assert_array_equal(np.asarray(reloaded.gain), gain)
+    assert_same_weights(conv, reloaded)
+    x = np.random.default_rng(3).standard_normal((2, 8, 8, 4)).astype("float32")
+    np.testing.assert_array_equal(np.asarray(reloaded(x)), np.asarray(conv(x)))
+    assert reloaded.groups == 2 and reloaded.eps == conv.eps
+
+
+def test_keras_roundtrip_of_a_trained_model(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            WSConv2D(4, 3, padding="same", name="ws1"),
+            WSConv2D(4, 3, strides=2, use_bias=False, name="ws2"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(2),
+        ]
+    )
+    model.compile(keras.optimizers.SGD(0.5), "sparse_categorical_crossentropy")
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((16, 8, 8, 3)).astype("float32")
+    model.fit(x, rng.integers(0, 2, 16), epochs=3, batch_size=8, verbose=0)
+    for name in ("ws1", "ws2"):
+        assert not np.allclose(np.asarray(model.get_layer(name).gain), 1.0), f"{name} gain did not train"
+    loaded = keras_roundtrip(model, tmp_path)
+    assert_same_weights(model, loaded)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+
+
+def test_load_rejects_a_file_without_gain():
+    conv = WSConv2D(2, 1)
+    conv.build((None, 4, 4, 3))
+    store = {"0": np.zeros((1, 1, 3, 2)), "1": np.zeros(2)}  # kernel, bias: no gain
+    with pytest.raises(ValueError, match="expected 3 variables"):
+        conv.load_own_variables(store)
+
+
+def test_config_roundtrip():
+    conv = WSConv2D(
+        8, (3, 1), strides=2, padding="same", groups=2, use_bias=False, eps=1e-3,
+        gain_initializer=keras.initializers.Constant(0.5), name="ws",
+    )
+    config = conv.get_config()
+    assert config["eps"] == 1e-3 and config["groups"] == 2 and config["use_bias"] is False
+    clone = WSConv2D.from_config(config)
+    assert clone.get_config() == config
+    clone.build((None, 8, 8, 4))
+    np.testing.assert_array_equal(np.asarray(clone.gain), np.full(8, 0.5))
+    assert clone.kernel.shape == (3, 1, 2, 8)
+
+
+def test_default_kernel_initializer_is_he_normal():
+    assert WSConv2D(4, 3).get_config()["kernel_initializer"]["class_name"] == "HeNormal"
+
+
+@pytest.mark.parametrize("bad", ["channels_first", "NCHW"])
+def test_bad_data_format_raises(bad):
+    with pytest.raises(ValueError, match="channels_last"):
+        WSConv2D(4, 3, data_format=bad)
+
+
+def test_bad_eps_raises():
+    with pytest.raises(ValueError, match="eps"):
+        WSConv2D(4, 3, eps=0.0)
+
+
+def test_fit_with_xla():
+    # A two-conv model compiles in ~1.5 s on CPU.
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            WSConv2D(4, 3, padding="same"),
+            WSConv2D(4, 3, padding="same", groups=2),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(2),
+        ]
+    )
+    model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy", jit_compile=True)
+    assert model.jit_compile is True
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((8, 8, 8, 3)).astype("float32")
+    history = model.fit(x, rng.integers(0, 2, 8), epochs=2, batch_size=4, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert not np.allclose(np.asarray(model.layers[0].gain), 1.0)
