@@ -99,8 +99,10 @@ class NFBlock(keras.layers.Layer):
     0 (SkipInit), so every block starts as the identity on its shortcut.
 
     A transition block (the first of a stage) takes its shortcut from `h`
-    (2x2 average pool if strided, then a 1x1 WS conv); its output's expected
-    variance restarts at `1 + alpha**2`. Any other block's shortcut is `x` and
+    through a 1x1 WS conv, strided itself or (`shortcut_pool=True`, NFNet's
+    way) after a 2x2 average pool; its output's expected variance restarts at
+    `1 + alpha**2`. (The pool divides the variance of a spatially white signal
+    by ~4, so the restart holds for natural images there, not for white noise.) Any other block's shortcut is `x` and
     its output's expected variance is `expected_var + alpha**2`: read it from
     `expected_output_var` and pass it on to the next block.
 
@@ -121,6 +123,9 @@ class NFBlock(keras.layers.Layer):
         se_ratio: float. Squeeze-Excite hidden ratio; `0` disables it. Defaults to `0`.
         stochastic_depth_rate: float in [0, 1). Defaults to `0`.
         skip_gain_init: float. Initial value of `skip_gain`. Defaults to `0`.
+        shortcut_pool: bool. In a strided transition, average-pool before the
+            1x1 shortcut conv (NFNet) instead of striding the conv (ResNet).
+            Defaults to `True`.
 
     Example:
 
@@ -144,6 +149,7 @@ class NFBlock(keras.layers.Layer):
         se_ratio=0.0,
         stochastic_depth_rate=0.0,
         skip_gain_init=0.0,
+        shortcut_pool=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -168,6 +174,7 @@ class NFBlock(keras.layers.Layer):
         self.se_ratio = float(se_ratio)
         self.stochastic_depth_rate = float(stochastic_depth_rate)
         self.skip_gain_init = float(skip_gain_init)
+        self.shortcut_pool = bool(shortcut_pool)
         self.width = max(1, int(round(self.filters * self.bottleneck_ratio)))
         if self.group_width is not None and self.width % self.group_width:
             raise ValueError(
@@ -221,12 +228,19 @@ class NFBlock(keras.layers.Layer):
         self.pool = None
         self.shortcut_conv = None
         if self.transition:
-            if self.strides > 1:
+            conv_strides = 1
+            if self.strides > 1 and self.shortcut_pool:
                 self.pool = keras.layers.AveragePooling2D(
                     self.strides, self.strides, padding="same", name="shortcut_pool"
                 )
-            self.shortcut_conv = WSConv2D(self.filters, 1, name="shortcut_conv")
-            self.shortcut_conv.build(inner_shape[:3] + (in_channels,))
+            else:
+                conv_strides = self.strides
+            self.shortcut_conv = WSConv2D(
+                self.filters, 1, strides=conv_strides, name="shortcut_conv"
+            )
+            self.shortcut_conv.build(
+                (inner_shape if self.pool is not None else input_shape)[:3] + (in_channels,)
+            )
         self.skip_gain = self.add_weight(
             name="skip_gain",
             shape=(),
@@ -284,5 +298,6 @@ class NFBlock(keras.layers.Layer):
             se_ratio=self.se_ratio,
             stochastic_depth_rate=self.stochastic_depth_rate,
             skip_gain_init=self.skip_gain_init,
+            shortcut_pool=self.shortcut_pool,
         )
         return config

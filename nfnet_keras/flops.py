@@ -28,7 +28,9 @@ def _block_macs(block, in_shape):
         c, hidden = block.filters, block.se.squeeze.units
         macs += 2 * c * hidden
     if block.shortcut_conv is not None:
-        m, _ = _conv_macs(block.shortcut_conv, shape[:2] + (in_shape[2],))
+        # After a pool the conv sees the output resolution; else it strides itself.
+        conv_in = shape[:2] + (in_shape[2],) if block.pool is not None else in_shape
+        m, _ = _conv_macs(block.shortcut_conv, conv_in)
         macs += m
     return macs, shape
 

@@ -110,6 +110,7 @@ def build_model(preset="seed", num_classes=10, input_shape=(32, 32, 3), **overri
                 activation=act,
                 se_ratio=config["se_ratio"],
                 stochastic_depth_rate=config["stochastic_depth_rate"] * index / total_blocks,
+                shortcut_pool=config["shortcut_pool"],
                 name=f"stage{stage + 1}_block{j + 1}",
             )
             x = block(x)

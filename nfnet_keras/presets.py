@@ -15,6 +15,8 @@ Keys:
     final_conv_multiplier: a 1x1 WS conv to `multiplier * widths[-1]` channels
         before the head (0: none).
     head_activation: whether the scaled activation is applied before pooling.
+    shortcut_pool: strided transitions average-pool before their 1x1 shortcut
+        conv (NFNet) rather than striding the conv (the report's ResNet).
     dropout: dropout rate before the classifier.
 """
 
@@ -38,6 +40,7 @@ _CIFAR_BASE = dict(
     stochastic_depth_rate=0.0,
     final_conv_multiplier=0,
     head_activation=True,
+    shortcut_pool=False,
     dropout=0.0,
 )
 
@@ -74,6 +77,7 @@ PRESETS = {
         se_ratio=0.5,
         stochastic_depth_rate=0.1,
         final_conv_multiplier=2,
+        shortcut_pool=True,
         dropout=0.2,
     ),
 }
@@ -94,6 +98,7 @@ for _k, _dropout in enumerate(_NFNET_F_DROPOUT):
         stochastic_depth_rate=0.1,
         final_conv_multiplier=2,
         head_activation=True,
+        shortcut_pool=True,
         dropout=_dropout,
     )
 
