@@ -11,6 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from nfnet_keras.activations import GAMMAS, ScaledActivation
 from nfnet_keras.agc import clip_gradient, unitwise_norm, with_agc
 from nfnet_keras.blocks import NFBlock, SqueezeExcite, StochasticDepth
+from nfnet_keras.data import CLASS_NAMES, preprocess
 from nfnet_keras.flops import count_macs
 from nfnet_keras.model import build_model
 from nfnet_keras.presets import PRESETS
@@ -20,6 +21,7 @@ from nfnet_keras.wsconv import WSConv2D
 __version__ = "0.1.0"
 
 __all__ = [
+    "CLASS_NAMES",
     "GAMMAS",
     "PRESETS",
     "NFBlock",
@@ -30,6 +32,7 @@ __all__ = [
     "build_model",
     "clip_gradient",
     "count_macs",
+    "preprocess",
     "signal_propagation",
     "unitwise_norm",
     "with_agc",

@@ -1,0 +1,285 @@
+"""Export a model as a TF Serving SavedModel: `saved_models/<name>/<version>/`.
+
+The exported signature `serving_default` takes raw pixels and does the
+normalisation itself:
+
+    inputs:  image          uint8   [batch, 32, 32, 3]
+    outputs: probabilities  float32 [batch, 10]
+             class_id       int64   [batch]
+
+The class names ship as the asset `assets/class_names.txt` (one per line, in
+class-id order). The graph holds only standard TensorFlow ops and nothing
+XLA-compiled: TF Serving disables XLA by default and refuses such a model.
+
+A version is written to a hidden temporary directory beside the versions and
+renamed into place only when complete and verified, so a serving process never
+sees a half-written version; an existing version is never overwritten.
+
+Usage:
+    python -m nfnet_keras.export --model runs/x/model.keras --name nfnet [--version N]
+"""
+
+import argparse
+import os
+import re
+import shutil
+import sys
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+import keras
+
+from nfnet_keras.data import CLASS_NAMES, IMAGE_SHAPE, preprocess
+
+SIGNATURE = "serving_default"
+INPUT = "image"
+OUTPUTS = ("probabilities", "class_id")
+CLASS_NAMES_ASSET = "class_names.txt"
+_TMP_PREFIX = ".export-tmp-"  # not a number: TF Serving ignores it
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_VERSION_RE = re.compile(r"[0-9]+")
+
+
+class ExportError(RuntimeError):
+    """The written SavedModel would not serve; nothing was published."""
+
+
+def existing_versions(model_dir):
+    """Returns the sorted version numbers under `model_dir` (numeric subdirectories)."""
+    if not os.path.isdir(model_dir):
+        return []
+    return sorted(int(d) for d in os.listdir(model_dir) if _VERSION_RE.fullmatch(d))
+
+
+def next_version(model_dir):
+    """The version `export_saved_model` picks by default: one past the highest, or 1."""
+    versions = existing_versions(model_dir)
+    return versions[-1] + 1 if versions else 1
+
+
+def export_saved_model(
+    model,
+    name,
+    version=None,
+    base_dir="saved_models",
+    class_names=CLASS_NAMES,
+    verify=True,
+):
+    """Exports `model` for TF Serving as `<base_dir>/<name>/<version>/`.
+
+    Args:
+        model: keras.Model. Takes normalised float images `(batch, 32, 32, 3)`
+            (see `nfnet_keras.preprocess`) and returns logits, as
+            `nfnet_keras.build_model` does.
+        name: str. The model name TF Serving serves it under (letters, digits,
+            `.`, `_`, `-`).
+        version: int or None. A positive version number; `None` takes the next
+            one. Defaults to `None`.
+        base_dir: str. The folder TF Serving watches (one subfolder per model).
+            Defaults to `"saved_models"`.
+        class_names: sequence of str. The class names, in class-id order, shipped
+            as the asset `class_names.txt`. Defaults to the CIFAR-10 names.
+        verify: bool. Before publishing, check the graph for XLA-compiled and
+            non-standard ops, reload it and compare its probabilities with the
+            Keras model's on a few images. Defaults to `True`.
+
+    Returns:
+        The path of the new version directory.
+
+    Raises:
+        ValueError: a bad name, version or model.
+        FileExistsError: the version exists already (it is never overwritten).
+        ExportError: the written SavedModel failed verification.
+
+    Example:
+
+    >>> model = nfnet_keras.build_model("tiny")
+    >>> export_saved_model(model, "nfnet", base_dir=str(tmp_path))  # doctest: +SKIP
+    '.../nfnet/1'
+    """
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ValueError(
+            f"Model name {name!r} is not valid: use letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit (e.g. 'nfnet')."
+        )
+    _check_model(model, class_names)
+    model_dir = os.path.join(base_dir, name)
+    if version is None:
+        version = next_version(model_dir)
+    elif isinstance(version, bool) or not isinstance(version, (int, np.integer)) or version < 1:
+        raise ValueError(f"The version must be a positive integer, got {version!r}.")
+    version = int(version)
+    if version in existing_versions(model_dir):
+        raise FileExistsError(
+            f"Version {version} of model {name!r} exists already in {model_dir}; versions are "
+            f"never overwritten. Pass a new --version or omit it to take the next "
+            f"({next_version(model_dir)})."
+        )
+    final_dir = os.path.join(model_dir, str(version))
+
+    os.makedirs(model_dir, exist_ok=True)
+    # In the same folder, so that the final rename is atomic (same file system).
+    tmp_dir = tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=model_dir)
+    try:
+        os.chmod(tmp_dir, 0o755)  # mkdtemp's 0700 would hide it from a server run as another user
+        _write_saved_model(model, tmp_dir, class_names)
+        if verify:
+            problems = servability_problems(tmp_dir)
+            if problems:
+                raise ExportError(
+                    "The exported graph would not load in TF Serving (XLA off by default): "
+                    + "; ".join(problems[:5])
+                    + ". Use layers that avoid XLA-compiled ops (e.g. WSConv2D for grouped convs)."
+                )
+            _check_outputs(model, tmp_dir)
+        if os.path.exists(final_dir):  # another exporter was faster
+            raise FileExistsError(
+                f"Version {version} of model {name!r} appeared in {model_dir} during the export; "
+                "versions are never overwritten. Export again to take the next version."
+            )
+        os.rename(tmp_dir, final_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return final_dir
+
+
+def _check_model(model, class_names):
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"Expected a keras.Model, got {type(model).__name__}.")
+    try:
+        in_shape = tuple(model.input_shape)
+        out_shape = tuple(model.output_shape)
+    except (AttributeError, ValueError) as e:
+        raise ValueError(f"The model has no single input/output shape ({e}); build it first.") from e
+    if len(in_shape) != 4 or any(d not in (None, s) for d, s in zip(in_shape[1:], IMAGE_SHAPE)):
+        raise ValueError(
+            f"The model must take images of shape (batch, {', '.join(map(str, IMAGE_SHAPE))}), "
+            f"got input shape {in_shape}."
+        )
+    if len(out_shape) != 2 or out_shape[-1] != len(class_names):
+        raise ValueError(
+            f"The model must return (batch, {len(class_names)}) logits, one per class name, "
+            f"got output shape {out_shape}."
+        )
+
+
+def _write_saved_model(model, path, class_names):
+    @tf.function(
+        input_signature=[tf.TensorSpec((None,) + IMAGE_SHAPE, tf.uint8, name=INPUT)],
+        jit_compile=False,  # TF Serving runs without XLA
+        autograph=False,
+    )
+    def serve(image):
+        # The placeholder's static shape is not checked by TF Serving's C++ session:
+        # check it in the graph for a clear INVALID_ARGUMENT error.
+        image = tf.ensure_shape(image, (None,) + IMAGE_SHAPE)
+        logits = model(preprocess(image), training=False)
+        probabilities = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
+        class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
+        return {"probabilities": probabilities, "class_id": class_id}
+
+    signature = serve.get_concrete_function()
+    root = tf.Module()
+    root.serve = serve
+    # Track the tf.Variables the graph captures, not the Keras wrappers of
+    # `model.variables`: with those, tf.saved_model.load works but the C++
+    # loader (TF Serving) restores variables the graph does not read.
+    root.model_variables = list(signature.variables)
+    with tempfile.TemporaryDirectory() as names_dir:
+        names_path = os.path.join(names_dir, CLASS_NAMES_ASSET)
+        with open(names_path, "w", encoding="utf-8") as f:
+            f.write("".join(f"{n}\n" for n in class_names))
+        root.class_names = tf.saved_model.Asset(names_path)  # copied into assets/
+        tf.saved_model.save(root, path, signatures={SIGNATURE: signature})
+
+
+def servability_problems(path):
+    """Lists what would stop TF Serving (XLA off, stock ops) from loading a SavedModel.
+
+    Scans the graph and its function library for XLA ops (`XlaCallModule`,
+    `_XlaCompile`, ...), functions marked `_XlaMustCompile` and ops that are
+    not standard TensorFlow ops.
+
+    Returns:
+        A list of one-line descriptions; empty if none.
+    """
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved_model = saved_model_pb2.SavedModel()
+    with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+        saved_model.ParseFromString(f.read())
+    problems = []
+
+    def xla_attrs(where, attrs):
+        for key, value in attrs.items():
+            if key.startswith("_Xla") and value.b:
+                problems.append(f"{where} has {key}=true")
+
+    for meta_graph in saved_model.meta_graphs:
+        library = meta_graph.graph_def.library
+        functions = {f.signature.name for f in library.function}
+        nodes = [("graph", node) for node in meta_graph.graph_def.node]
+        for function in library.function:
+            xla_attrs(f"function {function.signature.name}", function.attr)
+            nodes += [(f"function {function.signature.name}", node) for node in function.node_def]
+        for where, node in nodes:
+            if "xla" in node.op.lower():
+                problems.append(f"{where} runs the XLA op {node.op}")
+            elif node.op not in functions and not hasattr(tf.raw_ops, node.op):
+                problems.append(f"{where} runs the non-standard op {node.op}")
+            xla_attrs(f"node {node.name} ({node.op}) in {where}", node.attr)
+    return sorted(set(problems))
+
+
+def _check_outputs(model, path, atol=1e-4):
+    images = np.random.default_rng(0).integers(0, 256, (4,) + IMAGE_SHAPE, dtype=np.uint8)
+    expected = tf.nn.softmax(tf.cast(model(preprocess(images), training=False), tf.float32))
+    outputs = tf.saved_model.load(path).signatures[SIGNATURE](**{INPUT: tf.constant(images)})
+    error = float(np.max(np.abs(outputs["probabilities"].numpy() - expected.numpy())))
+    if not error <= atol:
+        raise ExportError(
+            f"The exported model's probabilities differ from the Keras model's by {error:.2e} "
+            f"(> {atol}); not published."
+        )
+
+
+# === Command line ===
+
+
+def _parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m nfnet_keras.export",
+        description="Export a .keras model as a TF Serving SavedModel <base-dir>/<name>/<version>/.",
+    )
+    parser.add_argument("--model", required=True, help="the trained model, a .keras file")
+    parser.add_argument("--name", required=True, help="the model name TF Serving serves it under")
+    parser.add_argument("--version", type=int, help="a new version number (default: the next one)")
+    parser.add_argument(
+        "--base-dir", default="saved_models", help="the folder TF Serving watches (default: %(default)s)"
+    )
+    return parser, parser.parse_args(argv)
+
+
+def main(argv=None):
+    parser, args = _parse_args(argv)
+    if not os.path.isfile(args.model):
+        parser.error(f"--model {args.model}: no such file; pass the .keras file written by fit.")
+    if args.version is not None and args.version < 1:
+        parser.error(f"--version must be a positive integer, got {args.version}.")
+    try:
+        model = keras.saving.load_model(args.model, compile=False)
+    except Exception as e:  # not a .keras zip, unknown layer, ...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        parser.error(f"--model {args.model} could not be loaded as a Keras model ({reason}).")
+    try:
+        path = export_saved_model(model, args.name, args.version, args.base_dir)
+    except (ValueError, FileExistsError, ExportError, OSError) as e:
+        parser.error(str(e))
+    print(f"Exported {args.model} to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""Clients for a model served by TF Serving, over REST (JSON) and gRPC.
+
+The model is the one `nfnet_keras.export` writes: signature `serving_default`,
+input `image` (uint8 `[batch, 32, 32, 3]`, raw pixels), outputs
+`probabilities` (float32 `[batch, 10]`) and `class_id` (int64 `[batch]`).
+
+REST, row format (`POST http://HOST:8501/v1/models/NAME:predict`):
+
+    request:  {"signature_name": "serving_default",
+               "instances": [{"image": [[[r, g, b], ... 32], ... 32]}, ...]}
+    response: {"predictions": [{"probabilities": [p0, ..., p9], "class_id": 3}, ...]}
+
+gRPC (`HOST:8500`, `tensorflow.serving.PredictionService/Predict`): a
+`PredictRequest` with `inputs["image"]` a uint8 TensorProto.
+
+Usage:
+    python -m nfnet_keras.serving --model-name nfnet [--protocol rest] cat.png ship.png
+    python -m nfnet_keras.serving --model-name nfnet --cifar-test 8
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from nfnet_keras.data import CLASS_NAMES, IMAGE_SHAPE
+
+SIGNATURE = "serving_default"
+INPUT = "image"
+REST_PORT = 8501
+GRPC_PORT = 8500
+# A batch of 256 CIFAR images is 786 KB; allow large batches both ways.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class ServingError(RuntimeError):
+    """The server answered with an error (the message is the server's)."""
+
+
+@dataclasses.dataclass
+class Prediction:
+    """One image's prediction.
+
+    Attributes:
+        class_id: int. The predicted class.
+        class_name: str. Its name.
+        probability: float. Its probability.
+        probabilities: float32 array `(num_classes,)`, in class-id order.
+    """
+
+    class_id: int
+    class_name: str
+    probability: float
+    probabilities: np.ndarray
+
+
+def as_image_batch(images):
+    """Returns `images` as a uint8 `(batch, 32, 32, 3)` array; one image gets a batch axis.
+
+    Raises:
+        ValueError: not uint8 (the server normalises raw 0-255 pixels itself), or a
+            wrong shape.
+    """
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        raise ValueError(
+            f"images must be uint8 raw pixels (0-255), got {images.dtype}; the model "
+            "normalises them itself, so do not scale them."
+        )
+    if images.shape == IMAGE_SHAPE:
+        images = images[None]
+    if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
+        raise ValueError(
+            f"images must have shape (batch, {', '.join(map(str, IMAGE_SHAPE))}) or "
+            f"{IMAGE_SHAPE}, got {images.shape}."
+        )
+    return images
+
+
+def _predictions(probabilities, class_ids, class_names):
+    probabilities = np.asarray(probabilities, np.float32)
+    class_ids = np.asarray(class_ids, np.int64).reshape(-1)
+    if probabilities.ndim != 2 or probabilities.shape[1] != len(class_names):
+        raise ServingError(
+            f"expected probabilities of shape (batch, {len(class_names)}), got {probabilities.shape}; "
+            "is the model a 10-class nfnet_keras export?"
+        )
+    if len(class_ids) != len(probabilities):
+        raise ServingError(f"got {len(class_ids)} class ids for {len(probabilities)} images.")
+    return [
+        Prediction(int(c), class_names[int(c)], float(p[int(c)]), p)
+        for c, p in zip(class_ids, probabilities)
+    ]
+
+
+def read_class_names(saved_model_dir):
+    """Reads the class names shipped with an export (`assets/class_names.txt`)."""
+    with open(os.path.join(saved_model_dir, "assets", "class_names.txt"), encoding="utf-8") as f:
+        return tuple(line.rstrip("\n") for line in f if line.strip())
+
+
+# === REST ===
+
+
+def rest_url(model_name, host="localhost", port=REST_PORT, version=None):
+    """The REST predict URL: `http://HOST:PORT/v1/models/NAME[/versions/N]:predict`."""
+    version_part = "" if version is None else f"/versions/{int(version)}"
+    return f"http://{host}:{port}/v1/models/{model_name}{version_part}:predict"
+
+
+def rest_request(images, signature_name=SIGNATURE):
+    """Returns the REST predict body (a dict; `json.dumps` it) in row format."""
+    images = as_image_batch(images)
+    return {
+        "signature_name": signature_name,
+        "instances": [{INPUT: image.tolist()} for image in images],
+    }
+
+
+def parse_rest_response(body, class_names=CLASS_NAMES):
+    """Parses a REST predict response (str, bytes or dict) into `Prediction`s.
+
+    Accepts the row format (`predictions`, the answer to `instances`) and the
+    columnar one (`outputs`, the answer to `inputs`).
+
+    Raises:
+        ServingError: the body is an error (`{"error": ...}`) or not a prediction.
+    """
+    if isinstance(body, (str, bytes)):
+        try:
+            body = json.loads(body)
+        except json.JSONDecodeError as e:
+            raise ServingError(f"the server's answer is not JSON ({e}).") from e
+    if not isinstance(body, dict):
+        raise ServingError(f"expected a JSON object, got {type(body).__name__}.")
+    if "error" in body:
+        raise ServingError(str(body["error"]))
+    if "predictions" in body:
+        rows = body["predictions"]
+        try:
+            probabilities = [row["probabilities"] for row in rows]
+            class_ids = [row["class_id"] for row in rows]
+        except (TypeError, KeyError) as e:
+            raise ServingError(
+                f"a prediction lacks {e}; expected 'probabilities' and 'class_id' in each."
+            ) from e
+    elif "outputs" in body and isinstance(body["outputs"], dict):
+        probabilities = body["outputs"].get("probabilities")
+        class_ids = body["outputs"].get("class_id")
+        if probabilities is None or class_ids is None:
+            raise ServingError("expected outputs 'probabilities' and 'class_id'.")
+    else:
+        raise ServingError(f"expected 'predictions' or 'outputs', got keys {sorted(body)}.")
+    return _predictions(probabilities, class_ids, class_names)
+
+
+def predict_rest(url, images, signature_name=SIGNATURE, class_names=CLASS_NAMES, timeout=30.0):
+    """POSTs `images` to a REST predict `url` (see `rest_url`); returns `Prediction`s."""
+    data = json.dumps(rest_request(images, signature_name)).encode()
+    request = urllib.request.Request(
+        url, data=data, headers={"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = response.read()
+    except urllib.error.HTTPError as e:  # TF Serving puts the reason in {"error": ...}
+        text = e.read().decode(errors="replace")
+        try:
+            reason = json.loads(text).get("error", text)
+        except (json.JSONDecodeError, AttributeError):
+            reason = text
+        raise ServingError(f"HTTP {e.code} from {url}: {reason}") from e
+    except (urllib.error.URLError, OSError) as e:
+        raise ServingError(f"cannot reach {url} ({getattr(e, 'reason', e)}); is the server up?") from e
+    return parse_rest_response(body, class_names)
+
+
+# === gRPC ===
+
+
+def grpc_request(images, model_name, signature_name=SIGNATURE, version=None):
+    """Returns a `tensorflow.serving.PredictRequest` for `images`."""
+    images = as_image_batch(images)
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model_name
+    request.model_spec.signature_name = signature_name
+    if version is not None:
+        request.model_spec.version.value = int(version)
+    request.inputs[INPUT].CopyFrom(tf.make_tensor_proto(images, dtype=tf.uint8))
+    return request
+
+
+def parse_grpc_response(response, class_names=CLASS_NAMES):
+    """Parses a `PredictResponse` into `Prediction`s."""
+    missing = {"probabilities", "class_id"} - set(response.outputs)
+    if missing:
+        raise ServingError(
+            f"the response lacks output(s) {sorted(missing)}; got {sorted(response.outputs)}."
+        )
+    return _predictions(
+        tf.make_ndarray(response.outputs["probabilities"]),
+        tf.make_ndarray(response.outputs["class_id"]),
+        class_names,
+    )
+
+
+def predict_grpc(
+    target,
+    images,
+    model_name,
+    signature_name=SIGNATURE,
+    version=None,
+    class_names=CLASS_NAMES,
+    timeout=30.0,
+):
+    """Calls `PredictionService/Predict` at `target` (`"host:8500"`); returns `Prediction`s.
+
+    Raises:
+        ServingError: the call failed; the message holds the gRPC status and details.
+    """
+    request = grpc_request(images, model_name, signature_name, version)
+    options = [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ]
+    with grpc.insecure_channel(target, options=options) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        try:
+            response = stub.Predict(request, timeout=timeout)
+        except grpc.RpcError as e:
+            raise ServingError(f"{e.code().name} from {target}: {e.details()}") from e
+    return parse_grpc_response(response, class_names)
+
+
+# === Command line ===
+
+
+def _load_images(paths):
+    from PIL import Image
+
+    images = []
+    for path in paths:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            if image.size != IMAGE_SHAPE[:2][::-1]:
+                image = image.resize(IMAGE_SHAPE[:2][::-1], Image.BILINEAR)
+            images.append(np.asarray(image, np.uint8))
+    return np.stack(images)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m nfnet_keras.serving",
+        description="Classify images with a model served by TF Serving (REST or gRPC).",
+    )
+    parser.add_argument("images", nargs="*", help="image files (resized to 32x32 if needed)")
+    parser.add_argument("--cifar-test", type=int, metavar="N", help="send the first N CIFAR-10 test images")
+    parser.add_argument("--model-name", required=True, help="the name the model is served under")
+    parser.add_argument("--version", type=int, help="a model version (default: the latest)")
+    parser.add_argument("--host", default="localhost")
+    parser.add_argument("--protocol", choices=("grpc", "rest"), default="grpc")
+    parser.add_argument("--port", type=int, help=f"default: {GRPC_PORT} (gRPC), {REST_PORT} (REST)")
+    args = parser.parse_args(argv)
+    if bool(args.images) == (args.cifar_test is not None):
+        parser.error("pass image files or --cifar-test N (one of them).")
+    if args.cifar_test is not None:
+        if args.cifar_test < 1:
+            parser.error(f"--cifar-test must be >= 1, got {args.cifar_test}.")
+        from nfnet_keras.data import DataError, load_cifar10
+
+        try:
+            (_, _), (x_test, y_test) = load_cifar10()
+        except DataError as e:
+            parser.error(str(e))
+        images = x_test[: args.cifar_test]
+        labels = [f"test[{i}] ({CLASS_NAMES[y]})" for i, y in enumerate(y_test[: args.cifar_test])]
+    else:
+        missing = [p for p in args.images if not os.path.isfile(p)]
+        if missing:
+            parser.error(f"no such image file(s): {', '.join(missing)}.")
+        try:
+            images = _load_images(args.images)
+        except OSError as e:
+            parser.error(f"cannot read an image ({e}); pass PNG or JPEG files.")
+        labels = args.images
+    try:
+        if args.protocol == "rest":
+            url = rest_url(args.model_name, args.host, args.port or REST_PORT, args.version)
+            predictions = predict_rest(url, images)
+        else:
+            target = f"{args.host}:{args.port or GRPC_PORT}"
+            predictions = predict_grpc(target, images, args.model_name, version=args.version)
+    except ServingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for label, p in zip(labels, predictions):
+        print(f"{label}: {p.class_name} (p={p.probability:.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
