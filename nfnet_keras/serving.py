@@ -32,6 +32,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from nfnet_keras.data import CLASS_NAMES, IMAGE_SHAPE
+from nfnet_keras.inference import InputError, read_images
 
 SIGNATURE = "serving_default"
 INPUT = "image"
@@ -243,19 +244,6 @@ def predict_grpc(
 # === Command line ===
 
 
-def _load_images(paths):
-    from PIL import Image
-
-    images = []
-    for path in paths:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            if image.size != IMAGE_SHAPE[:2][::-1]:
-                image = image.resize(IMAGE_SHAPE[:2][::-1], Image.BILINEAR)
-            images.append(np.asarray(image, np.uint8))
-    return np.stack(images)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m nfnet_keras.serving",
@@ -287,9 +275,9 @@ def main(argv=None):
         if missing:
             parser.error(f"no such image file(s): {', '.join(missing)}.")
         try:
-            images = _load_images(args.images)
-        except OSError as e:
-            parser.error(f"cannot read an image ({e}); pass PNG or JPEG files.")
+            images = np.concatenate([read_images(p)[1] for p in args.images])
+        except InputError as e:
+            parser.error(str(e))
         labels = args.images
     try:
         if args.protocol == "rest":

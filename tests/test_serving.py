@@ -332,7 +332,7 @@ def test_cli_reports_errors_in_one_line(grpc_target, tmp_path, capsys):
     host, port = grpc_target.split(":")
     with pytest.raises(SystemExit):
         serving.main(["--model-name", MODEL_NAME, "--host", host, "--port", port, str(tmp_path / "x.png")])
-    assert "cannot read an image" in capsys.readouterr().err
+    assert "x.png is not a readable PNG/JPEG image" in capsys.readouterr().err
     from PIL import Image
 
     Image.new("RGB", (64, 48)).save(tmp_path / "big.png")  # resized to 32x32
