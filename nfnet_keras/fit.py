@@ -102,11 +102,14 @@ def parse_config(argv=None):
         if unknown:
             parser.error(f"--hparams {args.hparams} has unknown key(s) {', '.join(unknown)}; "
                          f"allowed: {', '.join(sorted(HPARAM_KEYS))}")
+        file_overrides = hparams.pop("overrides", {})
         parser.set_defaults(**hparams)
         args = parser.parse_args(argv)
+    else:
+        file_overrides = {}
     fields = {f.name for f in training.dataclasses.fields(training.TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields and k != "overrides"}
-    config = training.TrainConfig(**values, overrides=dict(args.override))
+    config = training.TrainConfig(**values, overrides={**file_overrides, **dict(args.override)})
     try:
         config.validate()
     except ValueError as e:

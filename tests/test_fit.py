@@ -159,6 +159,9 @@ def test_hparams_file_sets_defaults_and_flags_win(tmp_path, capsys):
     assert (config.lr, config.batch_size) == (0.05, 128)
     config, _ = fit.parse_config(["--hparams", str(path), "--lr", "0.002"])
     assert (config.lr, config.batch_size) == (0.002, 128)
+    path.write_text(json.dumps({"lr": 0.05, "overrides": {"depths": [2, 2, 2], "activation": "gelu"}}))
+    config, _ = fit.parse_config(["--hparams", str(path), "--override", "activation=silu"])
+    assert config.overrides == {"depths": [2, 2, 2], "activation": "silu"}
     path.write_text(json.dumps({"learning_rate": 0.05}))
     with pytest.raises(SystemExit):
         fit.parse_config(["--hparams", str(path)])

@@ -1,0 +1,482 @@
+"""The grid search (`tuner/`): resume after a kill (keras-tuner#1055), divergence, the
+report's table and best_hparams.json, TensorBoard + HParams, distributed tuning.
+
+The end-to-end tests run `python -m tuner.grid` in subprocesses on a tiny synthetic
+CIFAR-10 (written in the official `cifar-10-batches-py` format), so they need no
+download and no `NFNET_DATA_DIR`; they are about the tuner, not the data.
+"""
+
+import glob
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import keras
+import keras_tuner
+import numpy as np
+import pytest
+from keras_tuner.src.engine import trial as trial_module
+
+from nfnet_keras import fit as fit_cli
+from nfnet_keras.training import TrainConfig
+from tuner import results as results_lib
+from tuner.hypermodel import NFNetHyperModel
+from tuner.oracle import DIVERGED, NFNetGridSearch, ResumableGridSearchOracle, is_diverged
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LRS = [0.001, 0.01, 0.1]
+BATCH_SIZES = [32, 64, 128, 256]
+# A tiny grid run end to end (with --lrs 0.01,1000: lr 1000 diverges within a few steps).
+TINY = ["--preset", "tiny", "--epochs", "1", "--train-limit", "256", "--val-size", "128", "--quiet",
+        "--batch-sizes", "32,64"]
+TIMEOUT = 300  # seconds for one subprocess run
+
+pytestmark = [
+    # KerasTuner 1.4.8's oracle lock calls threading.currentThread().getName().
+    pytest.mark.filterwarnings("ignore:currentThread:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:getName:DeprecationWarning"),
+    # A diverged trial's objective is NaN on purpose.
+    pytest.mark.filterwarnings("ignore:All-NaN axis encountered:RuntimeWarning"),
+]
+
+
+# === Fixtures and helpers ===
+
+
+@pytest.fixture(scope="module")
+def tiny_cifar(tmp_path_factory):
+    """A folder with a tiny random CIFAR-10 in the `cifar-10-batches-py` pickle format."""
+    root = tmp_path_factory.mktemp("cifar")
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (96, 3072), dtype=np.uint8),
+                 b"labels": rng.integers(0, 10, 96).tolist()}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    return str(root)
+
+
+@pytest.fixture
+def no_gc(monkeypatch):
+    """Skips `gc.collect()`, which KerasTuner and `keras.backend.clear_session` call before every
+    trial (~0.5 s each with TensorFlow loaded): the fake trials below take microseconds."""
+    import gc
+
+    monkeypatch.setattr(gc, "collect", lambda *args: 0)
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KERASTUNER_")}
+    env.update(TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1",
+               PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
+    env.update(extra)
+    return env
+
+
+def _start(args, log_path, **env):
+    log = open(log_path, "w")
+    return subprocess.Popen([sys.executable, "-m", "tuner.grid", *args], cwd=REPO, env=_env(**env),
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _kill(process):
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+
+def _read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def _trials(project_dir):
+    """{trial_id: trial.json dict} of a project (skipping a file caught mid-write)."""
+    found = {}
+    for path in glob.glob(os.path.join(project_dir, "trial_*", "trial.json")):
+        try:
+            state = json.loads(_read(path))
+        except ValueError:  # being written (KerasTuner does not write it atomically)
+            continue
+        found[state["trial_id"]] = state
+    return found
+
+
+def _started(log_text):
+    """The (tuner_id, trial_id) pairs a log says were started ("[tuner0] trial 3 starts: ...")."""
+    pairs = []
+    for line in log_text.splitlines():
+        if line.startswith("[") and "] trial " in line and " starts: " in line:
+            tuner_id, rest = line[1:].split("] trial ", 1)
+            pairs.append((tuner_id, rest.split(" ", 1)[0]))
+    return pairs
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL inside a test process (not an Exception: the tuner does not catch it)."""
+
+
+class FakeHyperModel(keras_tuner.HyperModel):
+    """The grid (by default the report's), a one-layer model and an instant fake `fit`.
+
+    `kill_at`: the fit number (1-based) that raises `Killed`; `diverge_lr`: lr that "diverges".
+    """
+
+    def __init__(self, kill_at=None, diverge_lr=None, lrs=LRS, batch_sizes=BATCH_SIZES):
+        super().__init__()
+        self.kill_at, self.diverge_lr, self.fits = kill_at, diverge_lr, []
+        self.lrs, self.batch_sizes = lrs, batch_sizes
+
+    def build(self, hp):
+        hp.Choice("lr", self.lrs)
+        hp.Choice("batch_size", self.batch_sizes)
+        model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+        model.compile(loss="mse")
+        return model
+
+    def fit(self, hp, model, *args, **kwargs):
+        self.fits.append((hp.get("lr"), hp.get("batch_size")))
+        if self.kill_at == len(self.fits):
+            raise Killed()
+        if hp.get("lr") == self.diverge_lr:
+            return {"val_accuracy": float("nan"), DIVERGED: 1.0}
+        return {"val_accuracy": hp.get("lr") + hp.get("batch_size") / 1000, DIVERGED: 0.0}
+
+
+def _finished_values(tuner):
+    return [tuple(t.hyperparameters.values[k] for k in ("lr", "batch_size"))
+            for t in tuner.oracle.trials.values()
+            if t.status in (trial_module.TrialStatus.COMPLETED, trial_module.TrialStatus.FAILED)]
+
+
+# === The oracle ===
+
+
+def test_stock_gridsearch_does_not_resume(tmp_path, no_gc):
+    """Documents keras-tuner#1055 in the installed KerasTuner: why tuner.oracle exists.
+
+    Reloaded, stock GridSearch reruns the interrupted trial and then fails (KeyError in its
+    empty traversal list); killed between two trials, it runs 0 new ones. If this test starts
+    failing, KerasTuner fixed the bug and the override may go."""
+    grid = dict(lrs=[0.01, 0.1], batch_sizes=[32, 64])
+    first = keras_tuner.GridSearch(FakeHyperModel(kill_at=2, **grid),
+                                   objective=keras_tuner.Objective("val_accuracy", "max"),
+                                   directory=str(tmp_path), project_name="stock")
+    with pytest.raises(Killed):
+        first.search(verbose=0)
+    again = FakeHyperModel(**grid)
+    resumed = keras_tuner.GridSearch(again, objective=keras_tuner.Objective("val_accuracy", "max"),
+                                     directory=str(tmp_path), project_name="stock")
+    with pytest.raises(KeyError):  # its traversal state is gone: after the retried trial it crashes
+        resumed.search(verbose=0)
+    assert again.fits == [(0.01, 64)]  # only the interrupted trial ran again; 2 grid points never run
+    assert len(_finished_values(resumed)) == 2
+
+
+def test_resumable_oracle_finishes_the_grid_after_a_kill(tmp_path, no_gc):
+    first_model = FakeHyperModel(kill_at=4)
+    first = NFNetGridSearch(first_model, max_trials=12, directory=str(tmp_path), project_name="grid")
+    with pytest.raises(Killed):
+        first.search(verbose=0)
+    assert len(_finished_values(first)) == 3
+
+    again = FakeHyperModel()
+    resumed = NFNetGridSearch(again, max_trials=12, directory=str(tmp_path), project_name="grid")
+    assert len(resumed.oracle.unfinished_values()) == 9
+    resumed.search(verbose=0)
+    done = _finished_values(resumed)
+    assert len(done) == 12 and len(set(done)) == 12
+    assert set(done) == {(lr, b) for lr in LRS for b in BATCH_SIZES}
+    assert again.fits[0] == first_model.fits[-1]  # the interrupted trial runs again, first
+    assert len(again.fits) == 9  # ... and nothing finished runs twice
+    assert len(resumed.oracle.trials) == 12
+
+
+def test_resumable_oracle_reconciles_a_kill_between_its_files(tmp_path, no_gc):
+    """Killed after a trial.json was written but before oracle.json: that trial is rerun, not lost
+    or duplicated; a trial.json that says finished is not rerun even if oracle.json lists it as running."""
+    grid = dict(lrs=[0.01, 0.1], batch_sizes=[32, 64])
+    first = NFNetGridSearch(FakeHyperModel(**grid), max_trials=4, directory=str(tmp_path), project_name="grid")
+    first.search(verbose=0)
+    oracle_path = os.path.join(first.project_dir, "oracle.json")
+    state = json.loads(_read(oracle_path))
+    # Pretend trial 3 started but oracle.json was not written again, and trial 2 finished after the
+    # last oracle.json that lists it as running.
+    for key in ("start_order", "end_order"):
+        state[key] = [t for t in state[key] if t != "3"]
+    state["end_order"] = [t for t in state["end_order"] if t != "2"]
+    state["ongoing_trials"] = {"tuner0": "2"}
+    state["tried_so_far"] = [h for t, h in state["id_to_hash"].items() if t != "3"]
+    with open(oracle_path, "w") as f:
+        json.dump(state, f)
+    trial_path = os.path.join(first.project_dir, "trial_3", "trial.json")
+    trial = json.loads(_read(trial_path))
+    trial.update(status="RUNNING", metrics={"metrics": {}}, score=None)
+    with open(trial_path, "w") as f:
+        json.dump(trial, f)
+
+    again = FakeHyperModel(**grid)
+    resumed = NFNetGridSearch(again, max_trials=4, directory=str(tmp_path), project_name="grid")
+    resumed.search(verbose=0)
+    assert again.fits == [(0.1, 64)]
+    assert len(resumed.oracle.trials) == 4 and len(set(_finished_values(resumed))) == 4
+
+
+def test_diverged_trials_are_failed_not_retried_and_do_not_stop_the_search(tmp_path, no_gc):
+    model = FakeHyperModel(diverge_lr=0.1, lrs=[0.01, 0.1], batch_sizes=[32, 64, 128])
+    tuner = NFNetGridSearch(model, max_trials=6, max_retries_per_trial=2, max_consecutive_failed_trials=2,
+                            directory=str(tmp_path), project_name="grid")
+    tuner.search(verbose=0)  # three diverged trials in a row: not "consecutive failures"
+    assert len(model.fits) == 6  # no retries of the diverged ones
+    diverged = [t for t in tuner.oracle.trials.values() if is_diverged(t)]
+    assert sorted(t.hyperparameters.values["batch_size"] for t in diverged) == [32, 64, 128]
+    assert all(t.status == trial_module.TrialStatus.FAILED for t in diverged)
+    best = tuner.get_best_hyperparameters()[0].values
+    assert best == {"lr": 0.01, "batch_size": 128}
+
+
+def test_oracle_hands_out_every_grid_point_once_to_concurrent_workers():
+    """Two tuners ask before either finishes: both get work (stock GridSearch makes one wait)."""
+    oracle = ResumableGridSearchOracle(objective=keras_tuner.Objective("val_accuracy", "max"), max_trials=4)
+    hp = keras_tuner.HyperParameters()
+    hp.Choice("lr", [0.01, 0.1])
+    hp.Choice("batch_size", [32, 64])
+    oracle.update_space(hp)
+    oracle.save = lambda: None  # keep the test off the disk
+    oracle._save_trial = lambda trial: None
+    a, b = oracle.create_trial("tuner0"), oracle.create_trial("tuner1")
+    assert a.status == b.status == "RUNNING"
+    assert a.hyperparameters.values != b.hyperparameters.values
+    seen = [a.hyperparameters.values, b.hyperparameters.values]
+    for trial in (a, b):
+        trial.status = "COMPLETED"
+        oracle.update_trial(trial.trial_id, {"val_accuracy": 0.5})
+        oracle.end_trial(trial)
+    c, d = oracle.create_trial("tuner0"), oracle.create_trial("tuner1")
+    seen += [c.hyperparameters.values, d.hyperparameters.values]
+    assert sorted(tuple(v.values()) for v in seen) == [(0.01, 32), (0.01, 64), (0.1, 32), (0.1, 64)]
+    assert oracle.create_trial("tuner2").status == "STOPPED"
+
+
+# === The hypermodel ===
+
+
+def test_search_space_summary_shows_both_hyperparameters_before_the_search(tmp_path, capsys):
+    hypermodel = NFNetHyperModel(TrainConfig(preset="tiny", epochs=1), LRS, BATCH_SIZES, train_size=256)
+    tuner = NFNetGridSearch(hypermodel, max_trials=12, directory=str(tmp_path), project_name="grid")
+    tuner.search_space_summary()
+    out = capsys.readouterr().out
+    assert "Default search space size: 2" in out
+    assert "lr (Choice)" in out and "'values': [0.001, 0.01, 0.1]" in out
+    assert "batch_size (Choice)" in out and "'values': [32, 64, 128, 256]" in out
+
+
+def test_diverged_trial_stops_at_once_and_reports_no_accuracy(tmp_path):
+    rng = np.random.default_rng(0)
+    config = TrainConfig(preset="tiny", epochs=3, schedule="constant", augment="none")
+    train = (rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 64))
+    val = (rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 32))
+    hypermodel = NFNetHyperModel(config, [1e4], [16], train_size=64, project_dir=str(tmp_path / "grid"))
+    tuner = NFNetGridSearch(hypermodel, max_trials=1, directory=str(tmp_path), project_name="grid")
+    tuner.search(train=train, val=val, verbose=0)
+    (trial,) = tuner.oracle.trials.values()
+    assert trial.status == trial_module.TrialStatus.FAILED and is_diverged(trial)
+    assert np.isnan(trial.score)
+    assert trial.metrics.get_last_value("diverged_epoch") == 1.0  # stopped in epoch 1 of 3
+    result = json.loads(_read(os.path.join(tuner.project_dir, f"trial_{trial.trial_id}", "result.json")))
+    assert result["diverged"] and result["diverged_at"]["epoch"] == 1
+    assert len(result["history"]["loss"]) == 1  # no second epoch
+    cells = results_lib.collect(tuner.oracle, [1e4], [16])
+    assert cells[(16, 1e4)].status == "diverged" and cells[(16, 1e4)].val_accuracy is None
+    assert "diverged" in results_lib.markdown_table(cells, [1e4], [16])
+
+
+# === Outputs ===
+
+
+def _fake_oracle(scores):
+    """An object with `.trials` like an oracle's, from {(lr, batch): score or "diverged" or None}."""
+    space = keras_tuner.HyperParameters()
+    space.Choice("lr", LRS)
+    space.Choice("batch_size", BATCH_SIZES)
+    trials = {}
+    for i, ((lr, b), score) in enumerate(scores.items()):
+        hp = space.copy()
+        hp.values = {"lr": lr, "batch_size": b}
+        trial = trial_module.Trial(hp, trial_id=f"{i:02d}", status="COMPLETED")
+        if score == "diverged":
+            trial.status = "FAILED"
+            trial.metrics.update(DIVERGED, 1.0)
+            trial.metrics.update("diverged_epoch", 1.0)
+        elif score is None:
+            trial.status = "RUNNING"
+        else:
+            trial.score = score
+        trials[trial.trial_id] = trial
+    return type("FakeOracle", (), {"trials": trials})()
+
+
+def test_table_has_the_report_shape_marks_diverged_and_best_hparams_feed_fit(tmp_path):
+    report = {32: (0.7988, 0.8365), 64: (0.7354, 0.8501), 128: (0.6576, 0.8423), 256: (0.5454, 0.8136)}
+    scores = {}
+    for b, (low, mid) in report.items():
+        scores.update({(0.001, b): low, (0.01, b): mid, (0.1, b): "diverged"})
+    scores[(0.1, 256)] = None  # still running
+    cells = results_lib.collect(_fake_oracle(scores), LRS, BATCH_SIZES)
+    config = TrainConfig(preset="seed", epochs=40, schedule="constant", agc=0.01)
+    paths, table, best = results_lib.write_outputs(cells, LRS, BATCH_SIZES, config, str(tmp_path), "grid")
+
+    assert table.splitlines() == [
+        "| batch | lr 0.001 | lr 0.01 | lr 0.1 |",
+        "|---|---|---|---|",
+        "| 32 | 79.88 | 83.65 | diverged (epoch 1) |",
+        "| 64 | 73.54 | **85.01** | diverged (epoch 1) |",
+        "| 128 | 65.76 | 84.23 | diverged (epoch 1) |",
+        "| 256 | 54.54 | 81.36 | running |",
+    ]
+    assert "10.14" not in table
+    assert _read(paths["csv"]).splitlines() == [
+        "batch_size,lr=0.001,lr=0.01,lr=0.1",
+        "32,79.88,83.65,diverged",
+        "64,73.54,85.01,diverged",
+        "128,65.76,84.23,diverged",
+        "256,54.54,81.36,running",
+    ]
+    assert table in _read(paths["markdown"])
+    assert os.path.dirname(paths["markdown"]) == str(tmp_path)  # beside the project folder
+    assert (best.lr, best.batch_size) == (0.01, 64)
+    hparams = json.loads(_read(paths["best"]))
+    assert hparams == {"lr": 0.01, "batch_size": 64, "preset": "seed", "agc": 0.01}
+    fit_config, _ = fit_cli.parse_config(["--hparams", paths["best"]])
+    assert (fit_config.lr, fit_config.batch_size, fit_config.agc, fit_config.epochs) == (0.01, 64, 0.01, 200)
+
+
+def test_cli_rejects_bad_flags_and_changed_settings_on_resume(tmp_path, capsys):
+    from tuner import grid
+
+    with pytest.raises(SystemExit):
+        grid.parse_config(["--lrs", "0.1,abc"])
+    assert "--lrs takes comma-separated numbers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        grid.parse_config(["--batch-sizes", "32,32"])
+    assert "distinct positive numbers" in capsys.readouterr().err
+
+    config, args = grid.parse_config(["--epochs", "2"])
+    project = tmp_path / "grid"
+    project.mkdir()
+    (project / "study.json").write_text(json.dumps(grid.study_record(config, args)))
+    grid.check_study(str(project), grid.study_record(config, args))  # same settings: fine
+    config, args = grid.parse_config(["--epochs", "3", "--lrs", "0.01"])
+    with pytest.raises(ValueError, match=r"other settings \(epochs, lr differ\).*--overwrite"):
+        grid.check_study(str(project), grid.study_record(config, args))
+
+
+# === End to end: `python -m tuner.grid` in subprocesses ===
+
+
+def _tensorboard_tags(folder):
+    import tensorflow as tf
+
+    tags = set()
+    for path in glob.glob(os.path.join(folder, "**", "events.out.tfevents.*"), recursive=True):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                tags.add(value.tag)
+    return tags
+
+
+@pytest.mark.slow
+def test_cli_kill_and_resume_then_table_hparams_and_tensorboard(tmp_path, tiny_cifar):
+    args = [*TINY, "--lrs", "0.01,1000", "--data-dir", tiny_cifar, "--directory", str(tmp_path),
+            "--project-name", "grid"]
+    project = tmp_path / "grid"
+    first = _start(args, tmp_path / "first.log")
+    try:
+        deadline = time.time() + TIMEOUT
+        while time.time() < deadline and first.poll() is None:
+            if any(t["status"] in ("COMPLETED", "FAILED") for t in _trials(project).values()):
+                break
+            time.sleep(0.2)
+        assert first.poll() is None, "the first run ended before it could be killed:\n" + _read(tmp_path / "first.log")
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=30)
+    finally:
+        _kill(first)
+    before = {k: v["status"] for k, v in _trials(project).items()}
+    done_before = {k for k, s in before.items() if s in ("COMPLETED", "FAILED")}
+    assert 1 <= len(done_before) < 4
+
+    second = _start(args, tmp_path / "second.log")
+    try:
+        assert second.wait(timeout=TIMEOUT) == 0, _read(tmp_path / "second.log")
+    finally:
+        _kill(second)
+    log = _read(tmp_path / "second.log")
+    trials = _trials(project)
+    values = [(t["hyperparameters"]["values"]["lr"], t["hyperparameters"]["values"]["batch_size"])
+              for t in trials.values()]
+    assert len(trials) == 4 and sorted(values) == [(0.01, 32), (0.01, 64), (1000.0, 32), (1000.0, 64)]
+    assert all(t["status"] in ("COMPLETED", "FAILED") for t in trials.values())
+    rerun = {trial_id for _, trial_id in _started(log)}
+    assert not rerun & done_before  # finished trials were not run again
+    assert "Reloading Tuner" in log and "4 of 4 trials finished (2 diverged, 0 failed)." in log
+
+    # The table, the CSV and best_hparams.json, beside the project folder.
+    assert "| 32 | " in log and "diverged (epoch 1)" in log
+    assert _read(tmp_path / "grid_results.csv").splitlines()[1].endswith(",diverged")
+    best = json.loads(_read(tmp_path / "grid_best_hparams.json"))
+    assert best["lr"] == 0.01 and best["batch_size"] in (32, 64) and best["preset"] == "tiny"
+    # TensorBoard: one log dir per trial, loss/accuracy scalars, the HParams dashboard.
+    logs = project / "logs"
+    trial_dirs = sorted(os.listdir(logs / t / "execution0") for t in trials if (logs / t).is_dir())
+    assert len(trial_dirs) == 4
+    finished = next(t for t, s in trials.items() if s["status"] == "COMPLETED")
+    tags = _tensorboard_tags(str(logs / finished / "execution0"))
+    assert {"epoch_loss", "epoch_accuracy", "_hparams_/session_start_info"} <= tags
+    assert "_hparams_/experiment" in _tensorboard_tags(str(logs))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_distributed_chief_and_two_workers_on_loopback(tmp_path, tiny_cifar):
+    args = [*TINY, "--lrs", "0.01,0.02", "--data-dir", tiny_cifar, "--directory", str(tmp_path),
+            "--project-name", "grid"]
+    net = dict(KERASTUNER_ORACLE_IP="127.0.0.1", KERASTUNER_ORACLE_PORT=str(_free_port()))
+    processes = {}
+    try:
+        processes["chief"] = _start(args, tmp_path / "chief.log", KERASTUNER_TUNER_ID="chief", **net)
+        for name in ("tuner0", "tuner1"):
+            processes[name] = _start(args, tmp_path / f"{name}.log", KERASTUNER_TUNER_ID=name, **net)
+        deadline = time.time() + TIMEOUT
+        for name, process in processes.items():
+            code = process.wait(timeout=max(1.0, deadline - time.time()))
+            assert code == 0, f"{name} exited {code}:\n" + _read(tmp_path / f"{name}.log")
+    finally:
+        for process in processes.values():
+            _kill(process)
+    runs = [pair for name in ("tuner0", "tuner1") for pair in _started(_read(tmp_path / f"{name}.log"))]
+    trial_ids = [trial_id for _, trial_id in runs]
+    assert sorted(trial_ids) == ["0", "1", "2", "3"]  # every trial ran exactly once, on some worker
+    # (Which worker ran how many depends on start-up timing; both usually get work.)
+    for name in ("tuner0", "tuner1"):
+        assert f"[{name}] no trials left; done." in _read(tmp_path / f"{name}.log")
+    trials = _trials(str(tmp_path / "grid"))
+    values = sorted((t["hyperparameters"]["values"]["lr"], t["hyperparameters"]["values"]["batch_size"])
+                    for t in trials.values())
+    assert values == [(0.01, 32), (0.01, 64), (0.02, 32), (0.02, 64)]
+    assert all(t["status"] == "COMPLETED" for t in trials.values())
+    chief = _read(tmp_path / "chief.log")
+    assert "4 of 4 trials finished (0 diverged, 0 failed)." in chief
+    assert os.path.exists(tmp_path / "grid_results.md")
