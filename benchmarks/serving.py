@@ -99,7 +99,7 @@ def measure(model, args, images):
     measures = {"latency": lambda: timer.latency(args.latency_calls)}
     for b in args.batch_sizes:
         measures[f"serving_{b}"] = lambda b=b: timer.images_per_second(b, args.steps)
-    measures["training"] = lambda: trainer.images_per_second(args.steps)
+    measures["training"] = lambda: trainer.measure(args.steps)["rate"]
     values = common.interleave(measures, args.repeats)
 
     p50 = [v[0] for v in values["latency"]]
