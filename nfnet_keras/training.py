@@ -217,17 +217,19 @@ def load_splits(config):
     return train, val, test
 
 
+def _labels_for_loss(ds, config):
+    """One-hot labels when label smoothing is on (the sparse loss cannot smooth)."""
+    if not config.label_smoothing:
+        return ds
+    return ds.map(lambda x, y: (x, tf.one_hot(y, 10)), num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def make_datasets(config, train, val, batch_size=None):
     """The training and validation `tf.data` pipelines for `config`."""
     batch_size = batch_size or config.batch_size
-    onehot = bool(config.label_smoothing)
-
-    def labels(ds):
-        return ds.map(lambda x, y: (x, tf.one_hot(y, 10))) if onehot else ds
-
     train_ds = data_lib.make_dataset(*train, batch_size, training=True, augment=config.augment, seed=config.seed)
     val_ds = data_lib.make_dataset(*val, batch_size)
-    return labels(train_ds), labels(val_ds)
+    return _labels_for_loss(train_ds, config), _labels_for_loss(val_ds, config)
 
 
 # === Callbacks ===
@@ -482,9 +484,7 @@ def train(config, run_dir, export_name=None, export_dir="saved_models", verbose=
             "or adaptive gradient clipping (--agc 0.01)."
         )
 
-    test_ds = data_lib.make_dataset(*test_arr, 256)
-    if config.label_smoothing:
-        test_ds = test_ds.map(lambda x, y: (x, tf.one_hot(y, 10)))
+    test_ds = _labels_for_loss(data_lib.make_dataset(*test_arr, 256), config)
     test_loss, test_accuracy = model.evaluate(test_ds, verbose=0)
     print(f"Test accuracy: {test_accuracy:.4f} (loss {test_loss:.4f}) on {len(test_arr[0])} images.")
     model_path = os.path.join(run_dir, "model.keras")

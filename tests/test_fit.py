@@ -127,8 +127,9 @@ def test_deterministic_runs_give_bitwise_identical_weights(tmp_path, cifar_dir):
 @pytest.mark.slow
 def test_mirrored_strategy_trains_on_two_logical_cpus(tmp_path, cifar_dir):
     run_dir = tmp_path / "run"
+    # Also the one-hot label path of --label-smoothing, under the strategy.
     result = run_fit([*TINY, "--epochs", "1", "--train-limit", "256", "--strategy", "mirrored", "--jit",
-                      "--run-dir", str(run_dir), "--no-export"])
+                      "--label-smoothing", "0.1", "--run-dir", str(run_dir), "--no-export"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "keras#19005" in result.stdout  # --jit is dropped under the strategy, with a note
     assert read_json(run_dir / "metrics.json")["test_accuracy"] is not None
