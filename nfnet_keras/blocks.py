@@ -126,6 +126,9 @@ class NFBlock(keras.layers.Layer):
         shortcut_pool: bool. In a strided transition, average-pool before the
             1x1 shortcut conv (NFNet) instead of striding the conv (ResNet).
             Defaults to `True`.
+        use_bias: bool. Whether the WS convs have biases (NFNet: yes). Without
+            them training runs ~1.3x faster on oneDNN CPUs (see README,
+            Benchmarks). Defaults to `True`.
 
     Example:
 
@@ -150,6 +153,7 @@ class NFBlock(keras.layers.Layer):
         stochastic_depth_rate=0.0,
         skip_gain_init=0.0,
         shortcut_pool=True,
+        use_bias=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -175,6 +179,7 @@ class NFBlock(keras.layers.Layer):
         self.stochastic_depth_rate = float(stochastic_depth_rate)
         self.skip_gain_init = float(skip_gain_init)
         self.shortcut_pool = bool(shortcut_pool)
+        self.use_bias = bool(use_bias)
         self.width = max(1, int(round(self.filters * self.bottleneck_ratio)))
         if self.group_width is not None and self.width % self.group_width:
             raise ValueError(
@@ -204,15 +209,18 @@ class NFBlock(keras.layers.Layer):
             )
         act = lambda name: ScaledActivation(self.activation, name=name)
         self.act0 = act("act0")
-        self.conv0 = WSConv2D(self.width, 1, name="conv0")
+        self.conv0 = WSConv2D(self.width, 1, use_bias=self.use_bias, name="conv0")
         self.act1 = act("act1")
         self.conv1 = WSConv2D(
-            self.width, 3, strides=self.strides, padding="same", groups=self.groups, name="conv1"
+            self.width, 3, strides=self.strides, padding="same", groups=self.groups,
+            use_bias=self.use_bias, name="conv1",
         )
         self.act2 = act("act2")
-        self.conv1b = WSConv2D(self.width, 3, padding="same", groups=self.groups, name="conv1b")
+        self.conv1b = WSConv2D(
+            self.width, 3, padding="same", groups=self.groups, use_bias=self.use_bias, name="conv1b"
+        )
         self.act3 = act("act3")
-        self.conv2 = WSConv2D(self.filters, 1, name="conv2")
+        self.conv2 = WSConv2D(self.filters, 1, use_bias=self.use_bias, name="conv2")
         h, w = input_shape[1], input_shape[2]
         out_hw = lambda n: None if n is None else -(-n // self.strides)
         inner_shape = (input_shape[0], out_hw(h), out_hw(w), self.width)
@@ -236,7 +244,7 @@ class NFBlock(keras.layers.Layer):
             else:
                 conv_strides = self.strides
             self.shortcut_conv = WSConv2D(
-                self.filters, 1, strides=conv_strides, name="shortcut_conv"
+                self.filters, 1, strides=conv_strides, use_bias=self.use_bias, name="shortcut_conv"
             )
             self.shortcut_conv.build(
                 (inner_shape if self.pool is not None else input_shape)[:3] + (in_channels,)
@@ -299,5 +307,6 @@ class NFBlock(keras.layers.Layer):
             stochastic_depth_rate=self.stochastic_depth_rate,
             skip_gain_init=self.skip_gain_init,
             shortcut_pool=self.shortcut_pool,
+            use_bias=self.use_bias,
         )
         return config

@@ -90,7 +90,9 @@ def build_model(preset="seed", num_classes=10, input_shape=(32, 32, 3), **overri
     for i, (width, stride) in enumerate(zip(config["stem_widths"], config["stem_strides"])):
         if i:
             x = ScaledActivation(act, name=f"stem_act{i}")(x)
-        x = WSConv2D(width, 3, strides=stride, padding="same", name=f"stem_conv{i + 1}")(x)
+        x = WSConv2D(
+            width, 3, strides=stride, padding="same", use_bias=config["conv_bias"], name=f"stem_conv{i + 1}"
+        )(x)
 
     expected_var = 1.0  # the stem's output has unit variance for unit-variance input
     total_blocks = sum(config["depths"])
@@ -111,6 +113,7 @@ def build_model(preset="seed", num_classes=10, input_shape=(32, 32, 3), **overri
                 se_ratio=config["se_ratio"],
                 stochastic_depth_rate=config["stochastic_depth_rate"] * index / total_blocks,
                 shortcut_pool=config["shortcut_pool"],
+                use_bias=config["conv_bias"],
                 name=f"stage{stage + 1}_block{j + 1}",
             )
             x = block(x)
@@ -119,7 +122,10 @@ def build_model(preset="seed", num_classes=10, input_shape=(32, 32, 3), **overri
 
     if config["final_conv_multiplier"]:
         x = WSConv2D(
-            int(config["widths"][-1] * config["final_conv_multiplier"]), 1, name="final_conv"
+            int(config["widths"][-1] * config["final_conv_multiplier"]),
+            1,
+            use_bias=config["conv_bias"],
+            name="final_conv",
         )(x)
     if config["head_activation"]:
         x = ScaledActivation(act, name="final_act")(x)

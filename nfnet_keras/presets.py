@@ -17,6 +17,8 @@ Keys:
     head_activation: whether the scaled activation is applied before pooling.
     shortcut_pool: strided transitions average-pool before their 1x1 shortcut
         conv (NFNet) rather than striding the conv (the report's ResNet).
+    conv_bias: whether the WS convs have biases (NFNet: yes; without them
+        training is ~1.3x faster on oneDNN CPUs, accuracy effect not measured).
     dropout: dropout rate before the classifier.
 """
 
@@ -41,6 +43,7 @@ _CIFAR_BASE = dict(
     final_conv_multiplier=0,
     head_activation=True,
     shortcut_pool=False,
+    conv_bias=True,
     dropout=0.0,
 )
 
@@ -99,6 +102,7 @@ for _k, _dropout in enumerate(_NFNET_F_DROPOUT):
         final_conv_multiplier=2,
         head_activation=True,
         shortcut_pool=True,
+        conv_bias=True,
         dropout=_dropout,
     )
 

@@ -304,3 +304,15 @@ def test_tiny_learns_on_real_cifar10(cifar_dir):
     after = model.evaluate(probe_x, probe_y, batch_size=256, verbose=0)
     # Measured 2.30 -> 2.07..2.15 over three seeds.
     assert after < before - 0.08, (before, after)
+
+
+def test_conv_bias_false_drops_every_conv_bias_and_round_trips(tmp_path):
+    # The benchmarks' fastest float32 variant (README, Benchmarks): 4,384 fewer
+    # parameters than `seed`, one bias vector per WS conv.
+    model = build_model("tiny_grouped", conv_bias=False)
+    convs = [layer for layer in model._flatten_layers() if isinstance(layer, WSConv2D)]
+    assert convs and all(not conv.use_bias for conv in convs)
+    assert build_model("seed", conv_bias=False).count_params() == 737_257
+    x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype("float32")
+    reloaded = keras_roundtrip(model, tmp_path)
+    np.testing.assert_allclose(reloaded(x), model(x), atol=1e-6)
