@@ -242,15 +242,13 @@ class SeedAugment(keras.layers.Layer):
         batch = tf.shape(images)[0]
         choice = keras.random.uniform((batch,), seed=self.generator)
         noise = keras.random.normal(tf.shape(images), stddev=self.noise_stddev, seed=self.generator)
-        candidates = [
-            images,  # [0.0, 0.4): untouched
-            images + noise,  # [0.4, 0.6)
-            self.rotate(images, training=True),  # [0.6, 0.8)
-            tf.reverse(images, axis=[2]),  # [0.8, 1.0): horizontal flip
-        ]
-        branch = tf.searchsorted(tf.constant([0.4, 0.6, 0.8]), choice, side="right")
-        stacked = tf.stack(candidates)  # (4, batch, h, w, c)
-        return tf.gather(tf.transpose(stacked, [1, 0, 2, 3, 4]), branch, batch_dims=1)
+        rotated = self.rotate(images, training=True)
+        # Branch per image: [0, 0.4) untouched, [0.4, 0.6) noise, [0.6, 0.8)
+        # rotation, [0.8, 1) horizontal flip; selected in place, no stacked copies.
+        branch = tf.searchsorted(tf.constant([0.4, 0.6, 0.8]), choice, side="right")[:, None, None, None]
+        out = tf.where(branch == 1, images + noise, images)
+        out = tf.where(branch == 2, rotated, out)
+        return tf.where(branch == 3, tf.reverse(images, axis=[2]), out)
 
 
 def make_augmenter(policy, seed=None):
