@@ -6,6 +6,7 @@ import pytest
 import keras
 import tensorflow as tf
 from nfnet_keras import WSConv2D
+from nfnet_keras.wsconv import add_channel_bias
 
 from conftest import assert_same_weights, keras_roundtrip
 
@@ -129,6 +130,59 @@ def test_gradient_flows_through_the_standardization():
     kernel = np.asarray(conv.kernel)
     assert np.abs(grad).max() > 1e-3
     np.testing.assert_allclose((grad * kernel).sum(axis=(0, 1, 2)), 0.0, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("jit", [False, True])
+def test_channel_bias_add_matches_broadcast_add_values_and_gradients(dtype, jit):
+    # The oneDNN workaround (a custom gradient for the bias) must be invisible.
+    rng = np.random.default_rng(3)
+    x = tf.constant(rng.standard_normal((4, 6, 6, 5)), dtype)
+    bias = tf.Variable(rng.standard_normal(5).astype("float32"))
+    upstream = tf.constant(rng.standard_normal((4, 6, 6, 5)), dtype)
+
+    def run(add):
+        @tf.function(jit_compile=jit)
+        def step(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = add(x, bias)
+                loss = tf.reduce_sum(tf.cast(y * upstream, "float32"))
+            return (y,) + tuple(tape.gradient(loss, [x, bias]))
+
+        return [np.asarray(tf.cast(t, "float32")) for t in step(x)]
+
+    ours = run(add_channel_bias)
+    reference = run(lambda x, b: x + tf.cast(b, x.dtype))
+    tol = dict(float32=1e-6, bfloat16=2e-2, float16=2e-3)[dtype]
+    for a, b in zip(ours[:2], reference[:2]):  # outputs, input gradients
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+    # The bias gradient: the upstream gradient summed over batch and space,
+    # accumulated in float32 (closer to it than the low-precision reference).
+    expected = np.asarray(tf.cast(upstream, "float32")).sum(axis=(0, 1, 2))
+    np.testing.assert_allclose(ours[2], expected, rtol=max(tol, 1e-6), atol=tol)
+    assert np.abs(ours[2] - expected).max() <= np.abs(reference[2] - expected).max() + 1e-6
+
+
+def test_conv_bias_gradient_matches_keras_conv2d():
+    # Same kernel and bias in a plain Keras Conv2D (its own bias add) and in
+    # WSConv2D (fed the kernel it standardizes to): same outputs and bias grads.
+    rng = np.random.default_rng(4)
+    x = tf.constant(rng.standard_normal((3, 7, 7, 4)), "float32")
+    ws = WSConv2D(6, 3, padding="same")
+    ws.build(x.shape)
+    ws.bias.assign(rng.standard_normal(6).astype("float32"))
+    plain = keras.layers.Conv2D(6, 3, padding="same")
+    plain.build(x.shape)
+    plain.set_weights([np.asarray(ws.standardized_kernel()), np.asarray(ws.bias)])
+    grads = []
+    for layer in (ws, plain):
+        with tf.GradientTape() as tape:
+            y = layer(x)
+            loss = tf.reduce_sum(tf.sin(y))
+        grads.append((np.asarray(y), np.asarray(tape.gradient(loss, layer.bias))))
+    np.testing.assert_allclose(grads[0][0], grads[1][0], atol=1e-5)
+    np.testing.assert_allclose(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-5)
 
 
 def test_keras_roundtrip_keeps_a_changed_gain(tmp_path):
