@@ -127,8 +127,9 @@ class PlainConv2D(WSConv2D):
     def build(self, input_shape):
         keras.layers.Conv2D.build(self, tuple(input_shape))
 
-    def convolution_op(self, inputs, kernel):
-        return keras.layers.Conv2D.convolution_op(self, inputs, kernel)
+    def standardized_kernel(self, kernel=None, scale=None):
+        kernel = self._kernel if kernel is None else kernel
+        return kernel if scale is None else kernel * keras.ops.cast(scale, kernel.dtype)
 
 
 @contextlib.contextmanager
@@ -160,9 +161,9 @@ class NoBiasWSConv2D(WSConv2D):
 def build_nf_no_bias_model(preset="seed", num_classes=10, input_shape=(32, 32, 3), **overrides):
     """`build_model(preset)` with bias-free `WSConv2D`s, as the BN twin's convolutions.
 
-    On oneDNN the bias gradient is fused into the filter gradient
-    (`_MklNativeConv2DBackpropFilterWithBias`), which costs about twice the
-    plain filter gradient for these small-channel convolutions.
+    What the biases cost. (Added the Keras way, oneDNN fuses their gradient
+    into `_MklNativeConv2DBackpropFilterWithBias`, about twice the plain filter
+    gradient here; `WSConv2D` now computes it as a separate sum.)
     """
     with _conv_class(NoBiasWSConv2D):
         model = build_model(preset, num_classes=num_classes, input_shape=input_shape, **overrides)

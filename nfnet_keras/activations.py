@@ -99,6 +99,10 @@ class ScaledActivation(keras.layers.Layer):
     def call(self, inputs):
         return self._fn(inputs) * ops.cast(self.gamma, inputs.dtype)
 
+    def unscaled(self, inputs):
+        """The activation without its gamma (for callers that fold gamma elsewhere)."""
+        return self._fn(inputs)
+
     def compute_output_shape(self, input_shape):
         if self.activation == "glu":
             return tuple(input_shape[:-1]) + (input_shape[-1] // 2,)

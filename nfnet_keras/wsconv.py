@@ -103,26 +103,54 @@ class WSConv2D(keras.layers.Conv2D):
             trainable=True,
         )
 
-    def standardized_kernel(self, kernel=None):
-        """Returns the standardized, gained kernel (float32)."""
+    def standardized_kernel(self, kernel=None, scale=None):
+        """Returns the standardized, gained kernel (float32), times `scale` if given.
+
+        `scale` is a scalar (float or tensor) folded into the per-channel factor.
+        """
         kernel = ops.cast(self._kernel if kernel is None else kernel, "float32")
         fan_in = kernel.shape[0] * kernel.shape[1] * kernel.shape[2]
         mean = ops.mean(kernel, axis=(0, 1, 2), keepdims=True)
         var = ops.var(kernel, axis=(0, 1, 2), keepdims=True)
-        scale = ops.rsqrt(ops.maximum(var * fan_in, self.eps))
-        scale = scale * ops.cast(self.gain, "float32")
-        return (kernel - mean) * scale
+        factor = ops.rsqrt(ops.maximum(var * fan_in, self.eps))
+        factor = factor * ops.cast(self.gain, "float32")
+        if scale is not None:
+            factor = factor * ops.cast(scale, "float32")
+        return (kernel - mean) * factor
 
-    def call(self, inputs):
-        outputs = self.convolution_op(inputs, self.kernel)
+    def call(self, inputs, input_scale=None, output_scale=None):
+        """The convolution, with optional scalar scales folded into the kernel.
+
+        `layer(x, input_scale=a, output_scale=s)` equals `layer(x * a) * s` but
+        multiplies the (small) kernel and bias instead of the (large) activations:
+        an NF block's activation gains, `1 / beta` and skip gain cost no
+        elementwise pass over its feature maps this way.
+
+        Args:
+            inputs: the input feature map.
+            input_scale: scalar multiplying the input (the kernel only).
+            output_scale: scalar multiplying the output (kernel and bias); may be
+                a variable, whose gradient then flows through the kernel.
+        """
+        scale = input_scale
+        if output_scale is not None:
+            output_scale = ops.cast(output_scale, "float32")
+            scale = output_scale if scale is None else output_scale * ops.cast(scale, "float32")
+        outputs = self._convolve(inputs, self.kernel, scale)
         if self.use_bias:
-            outputs = add_channel_bias(outputs, self.bias)
+            bias = self.bias
+            if output_scale is not None:
+                bias = ops.cast(bias, "float32") * output_scale
+            outputs = add_channel_bias(outputs, bias)
         if self.activation is not None:
             outputs = self.activation(outputs)
         return outputs
 
     def convolution_op(self, inputs, kernel):
-        kernel = ops.cast(self.standardized_kernel(kernel), inputs.dtype)
+        return self._convolve(inputs, kernel, None)
+
+    def _convolve(self, inputs, kernel, scale):
+        kernel = ops.cast(self.standardized_kernel(kernel, scale), inputs.dtype)
         conv = lambda x, k: ops.conv(
             x,
             k,

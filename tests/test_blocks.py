@@ -247,3 +247,86 @@ def test_helper_layers_keras_roundtrip(layer, shape, tmp_path):
     assert_same_weights(layer, reloaded)
     x = gaussian((2,) + shape)
     np.testing.assert_array_equal(to_np(reloaded(x)), to_np(layer(x)))
+
+
+# === Folding the block's scalars into the conv kernels ===
+
+
+def _explicit_block(block, x, training=False):
+    """The block written out with every multiply on the feature maps (no folding)."""
+
+    def conv(layer, h):
+        k = layer.standardized_kernel()
+        if layer.groups == 1:
+            y = ops.conv(h, k, strides=layer.strides, padding=layer.padding)
+        else:
+            hs, ks = ops.split(h, layer.groups, axis=-1), ops.split(k, layer.groups, axis=-1)
+            y = ops.concatenate(
+                [ops.conv(a, b, strides=layer.strides, padding=layer.padding) for a, b in zip(hs, ks)], -1
+            )
+        return y + layer.bias if layer.use_bias else y
+
+    h = block.act0(x) / block.beta  # act0 includes gamma
+    shortcut = x
+    if block.transition:
+        shortcut = conv(block.shortcut_conv, block.pool(h) if block.pool is not None else h)
+    out = conv(block.conv0, h)
+    out = conv(block.conv1, block.act1(out))
+    out = conv(block.conv1b, block.act2(out))
+    out = conv(block.conv2, block.act3(out))
+    if block.se is not None:
+        out = block.se(out)
+    return shortcut + out * block.skip_gain * block.alpha
+
+
+def _randomize(block, seed):
+    rng = np.random.default_rng(seed)
+    for v in block.weights:
+        if v.path.endswith(("gain", "bias")) or v.path.endswith("skip_gain"):
+            v.assign(rng.uniform(0.5, 1.5, v.shape).astype("float32") if v.shape else 0.8)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(filters=16, transition=True, strides=2, shortcut_pool=True),
+        dict(filters=16, transition=True, strides=2, shortcut_pool=False, expected_var=1.3),
+        dict(filters=8, expected_var=1.12, activation="gelu"),
+        dict(filters=16, transition=True, group_width=2, bottleneck_ratio=0.5, use_bias=False),
+        dict(filters=8, se_ratio=0.5, expected_var=1.08, activation="silu"),
+    ],
+    ids=["pool", "strided", "gelu", "grouped_no_bias", "se"],
+)
+def test_folded_scales_give_the_explicit_block_values_and_gradients(kwargs):
+    import tensorflow as tf
+
+    block = NFBlock(alpha=0.3, **kwargs)
+    x = tf.constant(gaussian((2, 8, 8, 8), seed=1))
+    block.build(x.shape)
+    _randomize(block, 2)
+    grads = []
+    for fn in (lambda: block(x), lambda: _explicit_block(block, x)):
+        with tf.GradientTape() as tape:
+            y = fn()
+            loss = tf.reduce_sum(tf.sin(y))
+        grads.append([to_np(y)] + [to_np(g) for g in tape.gradient(loss, block.trainable_weights)])
+    assert len(grads[0]) == len(block.trainable_weights) + 1
+    # float32 rounding differs between the two orders of the same products; the
+    # standardization's projection leaves some kernel gradients near 1e-5.
+    for path, a, b in zip(["output"] + [v.path for v in block.trainable_weights], *grads):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 + 1e-5 * np.abs(b).max(), err_msg=path)
+
+
+def test_folded_skip_gain_gradient_at_zero_init():
+    # SkipInit: at skip_gain = 0 the branch's own weights get no gradient, but
+    # the skip gain does (through the kernel it is folded into).
+    import tensorflow as tf
+
+    block = NFBlock(8)
+    x = tf.constant(gaussian((2, 6, 6, 8), seed=3))
+    block.build(x.shape)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.sin(block(x)))
+    g_skip, g_kernel = tape.gradient(loss, [block.skip_gain, block.conv0.kernel])
+    assert abs(float(g_skip)) > 1e-3
+    assert np.abs(to_np(g_kernel)).max() == 0.0

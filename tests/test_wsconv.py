@@ -164,6 +164,27 @@ def test_channel_bias_add_matches_broadcast_add_values_and_gradients(dtype, jit)
     assert np.abs(ours[2] - expected).max() <= np.abs(reference[2] - expected).max() + 1e-6
 
 
+@pytest.mark.parametrize("use_bias, groups", [(True, 1), (False, 1), (True, 2)])
+def test_input_and_output_scales_equal_scaling_the_activations(use_bias, groups):
+    rng = np.random.default_rng(6)
+    x = tf.constant(rng.standard_normal((2, 6, 6, 4)), "float32")
+    conv = WSConv2D(4, 3, padding="same", use_bias=use_bias, groups=groups)
+    conv.build(x.shape)
+    randomize(conv, 7)
+    s = tf.Variable(0.7)
+    with tf.GradientTape() as tape:
+        folded = conv(x, input_scale=1.7, output_scale=s)
+        loss_folded = tf.reduce_sum(tf.sin(folded))
+    g_folded = tape.gradient(loss_folded, conv.trainable_weights + [s])
+    with tf.GradientTape() as tape:
+        explicit = conv(x * 1.7) * s
+        loss_explicit = tf.reduce_sum(tf.sin(explicit))
+    g_explicit = tape.gradient(loss_explicit, conv.trainable_weights + [s])
+    np.testing.assert_allclose(np.asarray(folded), np.asarray(explicit), rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_folded, g_explicit):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
 def test_conv_bias_gradient_matches_keras_conv2d():
     # Same kernel and bias in a plain Keras Conv2D (its own bias add) and in
     # WSConv2D (fed the kernel it standardizes to): same outputs and bias grads.
