@@ -10,7 +10,7 @@ import sys
 import numpy as np
 
 from nfnet_keras import data as data_lib
-from nfnet_keras.inference import InputError, load_predictor
+from nfnet_keras.inference import InputError, load_predictor, with_flip_tta
 
 
 def confusion_matrix(labels, predictions, num_classes=10):
@@ -38,6 +38,8 @@ def main(argv=None):
     p.add_argument("--data-dir", help="folder with cifar-10-batches-py/ (default: $NFNET_DATA_DIR, then TFDS)")
     p.add_argument("--tfds-dir")
     p.add_argument("--limit", type=int, help="evaluate on the first N test images")
+    p.add_argument("--tta", choices=["none", "flip"], default="none",
+                   help="test-time augmentation: flip averages each image's and its mirror's probabilities")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
     try:
@@ -48,14 +50,17 @@ def main(argv=None):
         return 2
     if args.limit:
         x, y = x[: args.limit], y[: args.limit]
+    if args.tta == "flip":
+        predict = with_flip_tta(predict)
     predictions = predict(x).argmax(axis=1)
     matrix = confusion_matrix(y, predictions)
     accuracy = float(np.trace(matrix) / matrix.sum())
-    print(f"test accuracy: {accuracy:.4f} ({np.trace(matrix)}/{matrix.sum()})")
+    tta = "" if args.tta == "none" else f", test-time augmentation: {args.tta}"
+    print(f"test accuracy: {accuracy:.4f} ({np.trace(matrix)}/{matrix.sum()}{tta})")
     print(format_report(matrix))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(test_accuracy=accuracy, confusion_matrix=matrix.tolist(),
+            json.dump(dict(test_accuracy=accuracy, tta=args.tta, images=int(matrix.sum()), confusion_matrix=matrix.tolist(),
                            per_class_accuracy=(np.diag(matrix) / matrix.sum(1)).tolist()), f, indent=2)
     return 0
 

@@ -17,6 +17,21 @@ class InputError(ValueError):
     """A bad model path or image input; the message says what to do."""
 
 
+def with_flip_tta(predict):
+    """Test-time augmentation: the mean of the probabilities of each image and its mirror.
+
+    CIFAR-10's classes are mirror-symmetric and the models train with random
+    flips, so averaging over the flip is a free ensemble of two views. The
+    result is flip-invariant: an image and its mirror get the same prediction.
+    """
+
+    def predict_tta(images):
+        images = np.asarray(images)
+        return 0.5 * (predict(images) + predict(np.ascontiguousarray(images[:, :, ::-1])))
+
+    return predict_tta
+
+
 def load_predictor(path, batch_size=256):
     """Returns `predict(uint8 images N x 32 x 32 x 3) -> float32 probabilities N x 10`.
 

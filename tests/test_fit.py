@@ -180,6 +180,29 @@ def test_evaluate_prints_accuracy_and_confusion_matrix(finished_run, cifar_dir, 
     result = read_json(out)
     assert np.array(result["confusion_matrix"]).sum() == 300
     assert abs(np.trace(result["confusion_matrix"]) / 300 - result["test_accuracy"]) < 1e-9
+    assert result["tta"] == "none" and result["images"] == 300
+
+
+@pytest.mark.slow
+def test_flip_tta_is_the_mean_over_the_mirror_and_flip_invariant(finished_run, cifar_dir, capsys, tmp_path):
+    from nfnet_keras.inference import load_predictor, with_flip_tta
+
+    run_dir, _, _ = finished_run
+    _, (x, y) = load_cifar10(cifar_dir)
+    x = x[:64]
+    predict = load_predictor(str(run_dir / "model.keras"))
+    tta = with_flip_tta(predict)
+    plain, mirrored = predict(x), predict(x[:, :, ::-1])
+    assert np.abs(plain - mirrored).max() > 1e-4  # the model itself is not flip-invariant
+    np.testing.assert_allclose(tta(x), (plain + mirrored) / 2, atol=1e-6)
+    np.testing.assert_allclose(tta(x), tta(x[:, :, ::-1]), atol=1e-6)
+    out = tmp_path / "eval.json"
+    assert evaluate.main(["--model", str(run_dir / "model.keras"), "--data-dir", cifar_dir, "--limit", "64",
+                          "--tta", "flip", "--json", str(out)]) == 0
+    assert "test-time augmentation: flip" in capsys.readouterr().out
+    result = read_json(out)
+    expected = float(((plain + mirrored).argmax(1) == y[:64]).mean())
+    assert result["tta"] == "flip" and result["test_accuracy"] == pytest.approx(expected)
 
 
 @pytest.mark.slow
