@@ -7,28 +7,17 @@ crash resumes from the last complete epoch.
 """
 
 import argparse
-import ast
 import json
 import os
 import sys
 
-from nfnet_keras import training
+from nfnet_keras import cli, training
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 
 # Keys of a --hparams JSON file (e.g. the tuner's best_hparams.json) -> flags.
-HPARAM_KEYS = {f.name for f in training.dataclasses.fields(training.TrainConfig)}
-
-
-def _override(text):
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"--override takes KEY=VALUE (e.g. depths=(2,2,2)), got {text!r}")
-    try:
-        return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value  # a bare string, e.g. activation=gelu
+HPARAM_KEYS = cli.CONFIG_FIELDS
 
 
 def build_parser():
@@ -38,46 +27,21 @@ def build_parser():
         description="Train a Normalizer-Free ResNet on CIFAR-10 (defaults: the report's final run).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    g = p.add_argument_group("model")
-    g.add_argument("--preset", default=d.preset, help="model preset (see nfnet_keras.PRESETS)")
-    g.add_argument("--override", type=_override, action="append", default=[], metavar="KEY=VALUE",
-                   help="replace a preset key, e.g. --override 'widths=(96,192,384)'; repeatable")
+    cli.add_model_flags(p.add_argument_group("model"), d)
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=d.epochs)
     g.add_argument("--batch-size", type=int, default=d.batch_size)
     g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    g.add_argument("--momentum", type=float, default=d.momentum)
-    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
-    g.add_argument("--schedule", choices=training.SCHEDULES, default=d.schedule,
-                   help="step: lr/10 at 25/50/75%% of the epochs; cosine; onecycle; constant")
-    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warm-up (cosine)")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
-                   help="decoupled weight decay (not applied to gains, skip gains, biases)")
-    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    g.add_argument("--agc", type=float, default=d.agc, metavar="LAMBDA",
-                   help="adaptive gradient clipping factor (e.g. 0.01); 0 disables it")
-    g.add_argument("--augment", choices=("seed", "standard", "none"), default=d.augment,
-                   help="seed: the report's policy; standard: pad-4 crop + flip")
+    cli.add_optimisation_flags(g, d, "step: lr/10 at 25/50/75%% of the epochs; cosine; onecycle; constant")
     g.add_argument("--hparams", metavar="FILE",
                    help="JSON of hyperparameters (e.g. the tuner's best_hparams.json); explicit flags win")
-    g = p.add_argument_group("data")
-    g.add_argument("--data-dir", default=d.data_dir,
-                   help="folder with cifar-10-batches-py/ or cifar-10-python.tar.gz (default: $NFNET_DATA_DIR, then TFDS)")
-    g.add_argument("--tfds-dir", default=d.tfds_dir, help="TFDS data_dir")
-    g.add_argument("--train-limit", type=int, default=d.train_limit, help="train on the first N training images")
-    g.add_argument("--val-size", type=int, default=d.val_size, help="validation images held out of the 50,000")
+    cli.add_data_flags(p.add_argument_group("data"), d)
     g = p.add_argument_group("runtime")
-    jit = g.add_mutually_exclusive_group()
-    jit.add_argument("--jit", dest="jit", action="store_true", default=None,
-                     help="XLA-compile the train step (default: on with a GPU, off on CPU where it is slower)")
-    jit.add_argument("--no-jit", dest="jit", action="store_false")
-    g.add_argument("--precision", choices=training.PRECISIONS, default=d.precision)
+    cli.add_runtime_flags(g, d)
     g.add_argument("--mixed-precision", dest="precision", action="store_const", const="mixed_float16",
                    help="shorthand for --precision mixed_float16 (GPU)")
     g.add_argument("--strategy", choices=training.STRATEGIES, default=d.strategy,
                    help="mirrored: tf.distribute.MirroredStrategy over all GPUs (2 logical CPUs without one)")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--deterministic", action="store_true", help="op determinism: bitwise-reproducible runs")
     g = p.add_argument_group("output")
     g.add_argument("--run-dir", help="logs, checkpoints, model.keras, metrics.json (default: the newest "
                    "unfinished run with the same flags under runs/, else runs/<time>)")
@@ -107,9 +71,9 @@ def parse_config(argv=None):
         args = parser.parse_args(argv)
     else:
         file_overrides = {}
-    fields = {f.name for f in training.dataclasses.fields(training.TrainConfig)}
-    values = {k: v for k, v in vars(args).items() if k in fields and k != "overrides"}
-    config = training.TrainConfig(**values, overrides={**file_overrides, **dict(args.override)})
+    values = cli.config_values(args)
+    values["overrides"] = {**file_overrides, **values["overrides"]}
+    config = training.TrainConfig(**values)
     try:
         config.validate()
     except ValueError as e:

@@ -378,6 +378,28 @@ def test_cli_rejects_bad_flags_and_changed_settings_on_resume(tmp_path, capsys):
         grid.check_study(str(project), grid.study_record(config, args))
 
 
+def test_cli_shares_fits_flags_and_defaults_but_the_grids(capsys):
+    from nfnet_keras import fit
+    from tuner import grid
+
+    config, _ = grid.parse_config(["--override", "depths=(1,1,1)", "--override", "activation=gelu", "--nesterov"])
+    assert config.overrides == {"depths": (1, 1, 1), "activation": "gelu"} and config.nesterov
+    assert (config.schedule, config.epochs, config.lr, config.batch_size) == ("constant", 40, 0.001, 32)
+    fit_config, _ = fit.parse_config([])
+    assert fit_config.schedule == "step" and fit_config.epochs == 200
+    shared = ["--momentum", "0.8", "--weight-decay", "1e-3", "--label-smoothing", "0.1", "--agc", "0.02",
+              "--augment", "standard", "--precision", "mixed_bfloat16", "--seed", "7", "--val-size", "100",
+              "--no-jit", "--train-limit", "500"]
+    a, b = grid.parse_config(shared)[0].to_dict(), fit.parse_config(shared)[0].to_dict()
+    for key in ("momentum", "weight_decay", "label_smoothing", "agc", "augment", "precision", "seed",
+                "val_size", "jit", "train_limit"):
+        assert a[key] == b[key], key
+    with pytest.raises(SystemExit):
+        grid.parse_config(["--override", "widths=(8,8)"])  # 2 widths for 3 depths
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error:" in err and "widths" in err
+
+
 # === End to end: `python -m tuner.grid` in subprocesses ===
 
 

@@ -17,11 +17,12 @@ runs trials) of a distributed search.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 
-from nfnet_keras import training
+from nfnet_keras import cli, training
 from tuner.hypermodel import NFNetHyperModel, OBJECTIVE, hparams_experiment, tensorboard_callback
 from tuner.oracle import NFNetGridSearch
 from tuner import results as results_lib
@@ -66,31 +67,14 @@ def build_parser():
     g.add_argument("--max-retries-per-trial", type=int, default=0,
                    help="reruns of a trial that crashed (a diverged trial is never rerun)")
     g = p.add_argument_group("trial")
-    g.add_argument("--preset", default="seed", help="model preset (see nfnet_keras.PRESETS)")
+    cli.add_model_flags(g, d)
     g.add_argument("--epochs", type=int, default=40, help="epochs per trial")
-    g.add_argument("--schedule", choices=training.SCHEDULES, default="constant",
-                   help="lr schedule within a trial (the report's step schedule never fires in 40 epochs)")
-    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
-    g.add_argument("--momentum", type=float, default=d.momentum)
-    g.add_argument("--nesterov", action="store_true")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    g.add_argument("--agc", type=float, default=d.agc, metavar="LAMBDA",
-                   help="adaptive gradient clipping factor; 0 disables it")
-    g.add_argument("--augment", choices=("seed", "standard", "none"), default=d.augment)
-    g.add_argument("--seed", type=int, default=d.seed, help="every trial starts from this seed")
-    g.add_argument("--deterministic", action="store_true", help="op determinism (slower)")
-    jit = g.add_mutually_exclusive_group()
-    jit.add_argument("--jit", dest="jit", action="store_true", default=None,
-                     help="XLA (default: on with a GPU, off on CPU)")
-    jit.add_argument("--no-jit", dest="jit", action="store_false")
-    g.add_argument("--precision", choices=training.PRECISIONS, default=d.precision)
-    g = p.add_argument_group("data")
-    g.add_argument("--data-dir", default=d.data_dir,
-                   help="folder with cifar-10-batches-py/ (default: $NFNET_DATA_DIR, then TFDS)")
-    g.add_argument("--tfds-dir", default=d.tfds_dir)
-    g.add_argument("--train-limit", type=int, default=d.train_limit, help="train on the first N training images")
-    g.add_argument("--val-size", type=int, default=d.val_size, help="validation images held out of the 50,000")
+    cli.add_optimisation_flags(
+        g, dataclasses.replace(d, schedule="constant"),
+        "lr schedule within a trial (the report's step schedule never fires in 40 epochs)",
+    )
+    cli.add_runtime_flags(g, d)
+    cli.add_data_flags(p.add_argument_group("data"), d)
     g = p.add_argument_group("output")
     g.add_argument("--directory", default="tuner_runs", help="the tuner's directory; the tables go here too")
     g.add_argument("--project-name", default="nfnet_grid")
@@ -105,13 +89,7 @@ def parse_config(argv=None):
     """(TrainConfig of the fixed settings, args); exits with a one-line error on bad input."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    config = training.TrainConfig(
-        preset=args.preset, epochs=args.epochs, batch_size=args.batch_sizes[0], lr=args.lrs[0],
-        momentum=args.momentum, nesterov=args.nesterov, schedule=args.schedule, warmup_epochs=args.warmup_epochs,
-        weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, agc=args.agc, augment=args.augment,
-        jit=args.jit, precision=args.precision, seed=args.seed, deterministic=args.deterministic,
-        train_limit=args.train_limit, val_size=args.val_size, data_dir=args.data_dir, tfds_dir=args.tfds_dir,
-    )
+    config = training.TrainConfig(**cli.config_values(args), batch_size=args.batch_sizes[0], lr=args.lrs[0])
     try:
         config.validate()
         for lr in args.lrs:
