@@ -33,7 +33,8 @@ def add_optimisation_flags(group, defaults, schedule_help):
     """Every optimisation flag but --epochs, --batch-size and --lr (which the two commands set differently)."""
     d = defaults
     group.add_argument("--momentum", type=float, default=d.momentum)
-    group.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+    group.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=d.nesterov,
+                       help="Nesterov momentum")
     group.add_argument("--schedule", choices=training.SCHEDULES, default=d.schedule, help=schedule_help)
     group.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warm-up (cosine)")
     group.add_argument("--weight-decay", type=float, default=d.weight_decay,

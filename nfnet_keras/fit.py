@@ -27,6 +27,9 @@ def build_parser():
         description="Train a Normalizer-Free ResNet on CIFAR-10 (defaults: the report's final run).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    p.add_argument("--recipe", choices=sorted(training.RECIPES), default="report",
+                   help="a named set of defaults: report (the report's final run) or fast (20 epochs, "
+                   "see README); explicit flags and --hparams win")
     cli.add_model_flags(p.add_argument_group("model"), d)
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=d.epochs)
@@ -53,9 +56,15 @@ def build_parser():
 
 
 def parse_config(argv=None):
-    """Parses `argv` into (TrainConfig, args); exits with a one-line error on bad input."""
+    """Parses `argv` into (TrainConfig, args); exits with a one-line error on bad input.
+
+    Precedence: explicit flags, then --hparams, then --recipe, then the defaults.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
+    recipe = dict(training.RECIPES[args.recipe])
+    file_overrides = recipe.pop("overrides", {})
+    parser.set_defaults(**recipe)
     if args.hparams:
         try:
             with open(args.hparams) as f:
@@ -66,11 +75,9 @@ def parse_config(argv=None):
         if unknown:
             parser.error(f"--hparams {args.hparams} has unknown key(s) {', '.join(unknown)}; "
                          f"allowed: {', '.join(sorted(HPARAM_KEYS))}")
-        file_overrides = hparams.pop("overrides", {})
+        file_overrides = {**file_overrides, **hparams.pop("overrides", {})}
         parser.set_defaults(**hparams)
-        args = parser.parse_args(argv)
-    else:
-        file_overrides = {}
+    args = parser.parse_args(argv)
     values = cli.config_values(args)
     values["overrides"] = {**file_overrides, **values["overrides"]}
     config = training.TrainConfig(**values)
