@@ -34,7 +34,9 @@ tensorboard: $(STAMP)
 	$(BIN)/tensorboard --logdir runs
 
 benchmarks: $(STAMP)
+	$(BIN)/python -m benchmarks.bn_baseline
 	$(BIN)/python -m benchmarks.throughput
+	$(BIN)/python -m benchmarks.peak --actions baseline,bf16
 	$(BIN)/python -m benchmarks.pipeline
 	$(BIN)/python -m benchmarks.serving
 

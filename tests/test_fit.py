@@ -157,13 +157,16 @@ def test_fast_recipe_sets_its_defaults_and_hparams_and_flags_win(tmp_path):
     config, _ = fit.parse_config(["--recipe", "fast"])
     assert (config.epochs, config.batch_size, config.lr, config.schedule, config.nesterov) == (20, 128, 0.1, "onecycle", True)
     assert (config.weight_decay, config.label_smoothing, config.augment, config.val_size) == (5e-4, 0.1, "standard", 1000)
-    assert config.preset == "seed"
+    assert config.preset == "seed" and config.overrides == {"shortcut_pool": True}
+    config, _ = fit.parse_config(["--recipe", "fast", "--override", "shortcut_pool=False"])
+    assert config.overrides == {"shortcut_pool": False}
     config, _ = fit.parse_config(["--recipe", "fast", "--lr", "0.05", "--no-nesterov", "--epochs", "30"])
     assert (config.lr, config.nesterov, config.epochs, config.batch_size) == (0.05, False, 30, 128)
     path = tmp_path / "h.json"
     path.write_text(json.dumps({"batch_size": 64, "overrides": {"activation": "gelu"}}))
     config, _ = fit.parse_config(["--recipe", "fast", "--hparams", str(path)])
-    assert (config.batch_size, config.lr, config.overrides) == (64, 0.1, {"activation": "gelu"})
+    assert (config.batch_size, config.lr) == (64, 0.1)
+    assert config.overrides == {"shortcut_pool": True, "activation": "gelu"}
     report, _ = fit.parse_config([])
     assert report == fit.training.TrainConfig()  # no --recipe: the report's run
 
