@@ -2,7 +2,8 @@
 
 With no flags it reproduces the report's final run (preset `seed`, SGD momentum
 0.9, lr 0.01, batch 64, 200 epochs, weight decay 2e-4, lr / 10 at epochs
-50/100/150, the report's augmentation). Rerunning the same command after a
+50/100/150, the report's augmentation); `--recipe fast` trains the same net
+in 20 epochs (README, "Time to accuracy"). Rerunning the same command after a
 crash resumes from the last complete epoch.
 """
 
