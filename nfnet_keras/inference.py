@@ -17,6 +17,16 @@ class InputError(ValueError):
     """A bad model path or image input; the message says what to do."""
 
 
+def keras_predictor(model, batch_size=256):
+    """`predict(uint8 images) -> probabilities` for an in-memory Keras model (logits out)."""
+
+    def predict(images):
+        ds = tf.data.Dataset.from_tensor_slices(images).batch(batch_size).map(preprocess)
+        return tf.nn.softmax(model.predict(ds, verbose=0)).numpy()
+
+    return predict
+
+
 def with_flip_tta(predict):
     """Test-time augmentation: the mean of the probabilities of each image and its mirror.
 
@@ -49,12 +59,7 @@ def load_predictor(path, batch_size=256):
             model = keras.saving.load_model(path, compile=False)
         except Exception as e:
             raise InputError(f"--model {path} is not a loadable .keras model ({e}).") from e
-
-        def predict(images):
-            logits = model.predict(tf.data.Dataset.from_tensor_slices(images).batch(batch_size).map(preprocess), verbose=0)
-            return tf.nn.softmax(logits).numpy()
-
-        return predict
+        return keras_predictor(model, batch_size)
     if os.path.isfile(os.path.join(path, "saved_model.pb")):
         loaded = tf.saved_model.load(path)
         if "serving_default" not in loaded.signatures:

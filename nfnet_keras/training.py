@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from nfnet_keras import data as data_lib
 from nfnet_keras.agc import with_agc
+from nfnet_keras.inference import keras_predictor, with_flip_tta
 from nfnet_keras.model import build_model, resolve_config
 from nfnet_keras.presets import PRESETS
 from nfnet_keras.signal import signal_propagation
@@ -501,12 +502,15 @@ def train(config, run_dir, export_name=None, export_dir="saved_models", verbose=
     test_ds = _labels_for_loss(data_lib.make_dataset(*test_arr, 256), config)
     test_loss, test_accuracy = model.evaluate(test_ds, verbose=0)
     print(f"Test accuracy: {test_accuracy:.4f} (loss {test_loss:.4f}) on {len(test_arr[0])} images.")
+    tta_probabilities = with_flip_tta(keras_predictor(model))(test_arr[0])
+    test_accuracy_flip_tta = float((tta_probabilities.argmax(1) == test_arr[1]).mean())
+    print(f"Test accuracy with flip test-time augmentation: {test_accuracy_flip_tta:.4f}.")
     model_path = os.path.join(run_dir, "model.keras")
     tmp_model = os.path.join(run_dir, ".tmp-model.keras")
     model.save(tmp_model)
     os.replace(tmp_model, model_path)
     metrics.update(diverged=False, test_accuracy=float(test_accuracy), test_loss=float(test_loss),
-                   model_path=model_path)
+                   test_accuracy_flip_tta=test_accuracy_flip_tta, model_path=model_path)
     if export_name:
         from nfnet_keras.export import export_saved_model
 

@@ -49,6 +49,8 @@ def test_fit_writes_metrics_model_logs_and_export(finished_run):
     metrics = read_json(run_dir / "metrics.json")
     assert 0.0 <= metrics["test_accuracy"] <= 1.0
     assert f"Test accuracy: {metrics['test_accuracy']:.4f}" in result.stdout
+    assert 0.0 <= metrics["test_accuracy_flip_tta"] <= 1.0
+    assert f"flip test-time augmentation: {metrics['test_accuracy_flip_tta']:.4f}" in result.stdout
     assert metrics["epochs_completed"] == 2 and metrics["diverged"] is False
     assert len(metrics["history"]["val_accuracy"]) == 2
     assert [s["block"] for s in metrics["signal_propagation"]["end"]] == ["stage1_block1", "stage2_block1"]
@@ -221,6 +223,10 @@ def test_flip_tta_is_the_mean_over_the_mirror_and_flip_invariant(finished_run, c
     result = read_json(out)
     expected = float(((plain + mirrored).argmax(1) == y[:64]).mean())
     assert result["tta"] == "flip" and result["test_accuracy"] == pytest.approx(expected)
+    # fit's own figure is the same computation on the whole test set.
+    assert evaluate.main(["--model", str(run_dir / "model.keras"), "--data-dir", cifar_dir, "--tta", "flip",
+                          "--json", str(out)]) == 0
+    assert read_json(out)["test_accuracy"] == pytest.approx(read_json(run_dir / "metrics.json")["test_accuracy_flip_tta"])
 
 
 @pytest.mark.slow
