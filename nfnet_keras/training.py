@@ -41,7 +41,8 @@ RECIPES = {
     # 20 epochs, one-cycle to lr 0.1 at batch 128 with Nesterov momentum, pad-crop-flip,
     # label smoothing 0.1, weight decay 5e-4, 49,000 training images (1,000 held out),
     # NFNet's avg-pool + 1x1 transition shortcuts (the strided 1x1 conv drops 3/4 of the
-    # positions: 4-5 points behind at mid-run in the same recipe).
+    # positions: 10 points behind at epoch 5, 4 at epoch 9 in the same recipe). README:
+    # 89.42% test after 20 epochs.
     "fast": dict(epochs=20, batch_size=128, lr=0.1, schedule="onecycle", nesterov=True, weight_decay=5e-4,
                  label_smoothing=0.1, augment="standard", val_size=1000, overrides={"shortcut_pool": True}),
 }
