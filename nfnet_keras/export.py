@@ -58,6 +58,46 @@ def next_version(model_dir):
     return versions[-1] + 1 if versions else 1
 
 
+_LOW_PRECISION = ("mixed_bfloat16", "mixed_float16", "bfloat16", "float16")
+
+
+def _float32_config(obj):
+    """A copy of a serialized Keras config with every low-precision dtype policy set to float32."""
+    if isinstance(obj, dict):
+        out = {}
+        for key, value in obj.items():
+            if key == "dtype" and isinstance(value, str) and value in _LOW_PRECISION:
+                value = "float32"
+            elif (key == "dtype" and isinstance(value, dict) and value.get("class_name") == "DTypePolicy"
+                  and value.get("config", {}).get("name") in _LOW_PRECISION):
+                value = {**value, "config": {**value["config"], "name": "float32"}}
+            out[key] = _float32_config(value)
+        return out
+    if isinstance(obj, list):
+        return [_float32_config(v) for v in obj]
+    return obj
+
+
+def float32_twin(model):
+    """`model` itself if it computes in float32, else a float32 copy with the same weights.
+
+    A model trained under `mixed_bfloat16` / `mixed_float16` keeps float32
+    variables; its serving form computes in float32 too (TF Serving's CPUs may
+    lack bfloat16, and the export's check compares within 1e-4).
+    """
+    if all(layer.dtype_policy.name == "float32" for layer in model._flatten_layers()):
+        return model
+    config = _float32_config(keras.saving.serialize_keras_object(model))
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("float32")  # sublayers built inside build() take the global policy
+    try:
+        twin = keras.saving.deserialize_keras_object(config)
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+    twin.set_weights(model.get_weights())
+    return twin
+
+
 def export_saved_model(
     model,
     name,
@@ -84,6 +124,9 @@ def export_saved_model(
             non-standard ops, reload it and compare its probabilities with the
             Keras model's on a few images. Defaults to `True`.
 
+    A mixed-precision model is exported as its float32 twin (`float32_twin`):
+    the same weights, computing in float32.
+
     Returns:
         The path of the new version directory.
 
@@ -104,6 +147,7 @@ def export_saved_model(
             "starting with a letter or digit (e.g. 'nfnet')."
         )
     _check_model(model, class_names)
+    model = float32_twin(model)
     model_dir = os.path.join(base_dir, name)
     if version is None:
         version = next_version(model_dir)

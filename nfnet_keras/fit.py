@@ -16,6 +16,7 @@ from nfnet_keras import cli, training
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
+EXIT_EXPORT_FAILED = 4
 
 # Keys of a --hparams JSON file (e.g. the tuner's best_hparams.json) -> flags.
 HPARAM_KEYS = cli.CONFIG_FIELDS
@@ -104,6 +105,9 @@ def main(argv=None):
     except training.TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
+    except training.ExportFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_EXPORT_FAILED
     except (ValueError, training.data_lib.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -401,6 +401,10 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+class ExportFailed(RuntimeError):
+    """Training finished, its results are saved, but the SavedModel export failed."""
+
+
 def _atomic_json(path, obj):
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
@@ -515,7 +519,15 @@ def train(config, run_dir, export_name=None, export_dir="saved_models", verbose=
     if export_name:
         from nfnet_keras.export import export_saved_model
 
-        metrics["export_path"] = export_saved_model(model, export_name, base_dir=export_dir)
+        try:
+            metrics["export_path"] = export_saved_model(model, export_name, base_dir=export_dir)
+        except Exception as e:  # training is done: keep its results, then report the export's failure
+            metrics["export_error"] = str(e)
+            _atomic_json(os.path.join(run_dir, "metrics.json"), metrics)
+            raise ExportFailed(
+                f"Training finished ({os.path.join(run_dir, 'metrics.json')}, {model_path}) but the export "
+                f"failed: {e} Export again with: python -m nfnet_keras.export --model {model_path} --name {export_name}"
+            ) from e
         print(f"Exported SavedModel to {metrics['export_path']}")
     _atomic_json(os.path.join(run_dir, "metrics.json"), metrics)
     return metrics

@@ -281,3 +281,18 @@ def test_predict_rejects_a_missing_model(tmp_path, capsys):
     np.save(path, np.zeros((1, 32, 32, 3), np.uint8))
     assert predict.main(["--model", str(tmp_path / "none.keras"), "--images", str(path), "--out", str(tmp_path / "o.csv")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_failed_export_keeps_the_training_results_and_exits_4(tmp_path, cifar_dir):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the export folder should be")
+    run_dir = tmp_path / "run"
+    result = run_fit([*TINY, "--epochs", "1", "--train-limit", "256", "--data-dir", cifar_dir,
+                      "--run-dir", str(run_dir), "--export-dir", str(blocker)])
+    assert result.returncode == 4, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: Training finished") and "python -m nfnet_keras.export --model" in last
+    metrics = read_json(run_dir / "metrics.json")
+    assert metrics["epochs_completed"] == 1 and "export_error" in metrics and "export_path" not in metrics
+    assert (run_dir / "model.keras").is_file()

@@ -70,3 +70,26 @@ def test_mixed_policy_trains(float32_model, policy):
     skip_gains = [m for m, v in zip(moved, model.trainable_weights) if v.path.endswith("skip_gain")]
     assert all(skip_gains) and sum(moved) >= 0.9 * len(moved)
     assert all(v.dtype == "float32" for v in model.trainable_weights)
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16"], indirect=True)
+def test_mixed_model_exports_as_its_float32_twin(float32_model, policy, tmp_path):
+    import tensorflow as tf
+
+    from nfnet_keras.data import preprocess
+    from nfnet_keras.export import export_saved_model, float32_twin
+
+    model = build_model("tiny_grouped")
+    model.set_weights(float32_model.get_weights())
+    twin = float32_twin(model)
+    assert keras.mixed_precision.global_policy().name == policy  # restored
+    assert all(layer.dtype_policy.name == "float32" for layer in twin._flatten_layers())
+    x = images()
+    np.testing.assert_allclose(np.asarray(twin(x)), np.asarray(float32_model(x)), atol=1e-5)
+    # Before the twin, the bf16 model's own outputs failed the export check (~1e-2 off).
+    path = export_saved_model(model, "mixed", base_dir=str(tmp_path))
+    uint8 = np.random.default_rng(4).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    served = tf.saved_model.load(path).signatures["serving_default"](image=tf.constant(uint8))["probabilities"]
+    expected = tf.nn.softmax(float32_model(preprocess(uint8)))
+    np.testing.assert_allclose(served.numpy(), expected.numpy(), atol=1e-5)
+    assert float32_twin(float32_model) is float32_model
