@@ -78,6 +78,15 @@ def _float32_config(obj):
     return obj
 
 
+def check_model_name(name):
+    """Raises a ValueError unless `name` can name a model in TF Serving's model folder."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ValueError(
+            f"Model name {name!r} is not valid: use letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit (e.g. 'nfnet')."
+        )
+
+
 def float32_twin(model):
     """`model` itself if it computes in float32, else a float32 copy with the same weights.
 
@@ -141,11 +150,7 @@ def export_saved_model(
     >>> export_saved_model(model, "nfnet", base_dir=str(tmp_path))  # doctest: +SKIP
     '.../nfnet/1'
     """
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise ValueError(
-            f"Model name {name!r} is not valid: use letters, digits, '.', '_' and '-', "
-            "starting with a letter or digit (e.g. 'nfnet')."
-        )
+    check_model_name(name)
     _check_model(model, class_names)
     model = float32_twin(model)
     model_dir = os.path.join(base_dir, name)

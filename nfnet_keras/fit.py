@@ -13,6 +13,7 @@ import os
 import sys
 
 from nfnet_keras import cli, training
+from nfnet_keras.export import check_model_name
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
@@ -85,6 +86,8 @@ def parse_config(argv=None):
     config = training.TrainConfig(**values)
     try:
         config.validate()
+        if not args.no_export:  # before hours of training, not after them
+            check_model_name(args.export_name)
     except ValueError as e:
         parser.error(str(e))
     return config, args

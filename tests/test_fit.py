@@ -155,6 +155,15 @@ def test_bad_flags_exit_2_with_one_line(argv, message, capsys):
     assert message in err
 
 
+def test_bad_export_name_is_refused_before_training(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        fit.parse_config(["--export-name", "my model"])
+    assert exit_info.value.code == 2
+    assert "Model name 'my model' is not valid" in capsys.readouterr().err
+    config, _ = fit.parse_config(["--export-name", "my model", "--no-export"])  # not exported: no check
+    assert config == fit.training.TrainConfig()
+
+
 def test_fast_recipe_sets_its_defaults_and_hparams_and_flags_win(tmp_path):
     config, _ = fit.parse_config(["--recipe", "fast"])
     assert (config.epochs, config.batch_size, config.lr, config.schedule, config.nesterov) == (20, 128, 0.1, "onecycle", True)
