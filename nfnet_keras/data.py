@@ -229,13 +229,15 @@ class SeedAugment(keras.layers.Layer):
     """
 
     def __init__(self, noise_stddev=0.2, max_degrees=15.0, seed=None, **kwargs):
+        # Input pipelines work in float32 whatever the global mixed-precision policy.
+        kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.noise_stddev = noise_stddev
         self.max_degrees = max_degrees
         self.seed = seed
         self.generator = keras.random.SeedGenerator(seed)
         self.rotate = keras.layers.RandomRotation(
-            max_degrees / 360.0, fill_mode="reflect", seed=None if seed is None else seed + 1
+            max_degrees / 360.0, fill_mode="reflect", seed=None if seed is None else seed + 1, dtype="float32"
         )
 
     def call(self, images):
@@ -258,9 +260,9 @@ def make_augmenter(policy, seed=None):
     if policy == "standard":
         # Pad-4 random crop (zero = mean padding in normalised space) + flip.
         shift = keras.layers.RandomTranslation(
-            4 / 32, 4 / 32, fill_mode="constant", interpolation="nearest", seed=seed
+            4 / 32, 4 / 32, fill_mode="constant", interpolation="nearest", seed=seed, dtype="float32"
         )
-        flip = keras.layers.RandomFlip("horizontal", seed=None if seed is None else seed + 1)
+        flip = keras.layers.RandomFlip("horizontal", seed=None if seed is None else seed + 1, dtype="float32")
         return lambda x: flip(shift(x, training=True), training=True)
     if policy == "none":
         return None

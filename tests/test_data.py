@@ -144,3 +144,20 @@ def test_pipeline_batches_and_normalises():
     batches = list(data.make_dataset(x, y, 4))
     assert [len(b[1]) for b in batches] == [4, 4, 2]
     np.testing.assert_allclose(batches[0][0].numpy()[0, 0, 0], (1 - np.array(data.CIFAR10_MEAN)) / np.array(data.CIFAR10_STD), rtol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["seed", "standard"])
+def test_augmentation_stays_float32_under_mixed_precision(policy):
+    """The pipeline's augmentation must not pick up a bfloat16 compute policy
+    (SeedAugment's tf.where once failed to trace under mixed_bfloat16)."""
+    import keras
+
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        x = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+        ds = data.make_dataset(x, np.zeros(16, np.int64), 8, training=True, augment=policy, seed=0)
+        batch, _ = next(iter(ds))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert batch.dtype == tf.float32 and batch.shape == (8, 32, 32, 3)
+    assert np.isfinite(batch.numpy()).all()
