@@ -32,7 +32,7 @@ def int_list(text):
     try:
         values = [int(v) for v in text.replace(",", " ").split()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return values
@@ -46,7 +46,7 @@ def base_parser(description):
     """The flags every benchmark shares; their defaults are filled in by `resolve_args`."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", help="model preset (default: seed; tiny with --smoke)")
+    parser.add_argument("--preset", help="model preset (default: report_resnet; tiny with --smoke)")
     parser.add_argument("--batch-sizes", type=int_list, help="comma-separated batch sizes")
     parser.add_argument("--repeats", type=int, help="timed windows per configuration")
     parser.add_argument("--steps", type=int, help="steps (batches) per timed window")

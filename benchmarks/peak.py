@@ -31,11 +31,11 @@ and the mixed-precision policy are fixed at TensorFlow's start-up):
 - `fpmath_bf16`: float32 model, `TF_SET_ONEDNN_FPMATH_MODE=BF16` (lets oneDNN
   compute float32 ops in bfloat16 where the CPU supports it).
 
-Target (issue 6): fraction >= 0.7 (prototypes: 0.4-0.5); checked on the
+Target: fraction >= 0.7 (prototypes: 0.4-0.5); checked on the
 per-CPU-second fraction, which a shared machine does not bias.
 
 Usage:
-    python -m benchmarks.peak [--preset seed] [--batch-sizes 64,256]
+    python -m benchmarks.peak [--preset report_resnet] [--batch-sizes 64,256]
         [--actions baseline,inter1,intra1,onednn_off,bf16,fpmath_bf16] [--repeats 3] [--steps 3] [--smoke]
 """
 
@@ -61,7 +61,7 @@ ACTIONS = {
     "bf16": dict(env={}, threads={}, precision="mixed_bfloat16"),
     "fpmath_bf16": dict(env={"TF_SET_ONEDNN_FPMATH_MODE": "BF16"}, threads={}, precision="float32"),
 }
-DEFAULTS = dict(preset="seed", batch_sizes=[64, 256], repeats=3, steps=3, warmup=0,
+DEFAULTS = dict(preset="report_resnet", batch_sizes=[64, 256], repeats=3, steps=3, warmup=0,
                 actions=list(ACTIONS), matmul_size=2048, matmul_iters=8, profile_steps=3, xla_row="on")
 SMOKE = dict(preset="tiny", batch_sizes=[8], repeats=2, steps=2, warmup=0,
              actions=["baseline"], matmul_size=256, matmul_iters=2, profile_steps=1, xla_row="off")
@@ -179,42 +179,66 @@ def profile_steps(stepper, steps):
         paths = sorted(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True))
         if not paths:
             return {"error": f"the profiler wrote no .xplane.pb under {logdir}"}
-        breakdown = op_time_breakdown(paths[-1], steps)
+        breakdown = op_time_breakdown(paths[-1], steps, model_scopes(stepper.model))
         breakdown["wall_ms_per_step"] = round(1e3 * seconds / steps, 2)
         return breakdown
     finally:
         shutil.rmtree(logdir, ignore_errors=True)
 
 
-# Scopes of the NF model (`stage1_block2/conv1b/...`) and of its BN twin
-# (`stage1_block2_conv1b`, `stage1_block2_1_act`, `stage1_block2_add`).
-_CONV_SCOPE = re.compile(r"^(stem_conv\d+|conv0|conv1|conv1b|conv2|shortcut_conv|final_conv)(_\d+)?$")
-_ACT_SCOPE = re.compile(r"^(act\d|stem_act\d+|final_act)(_\d+)?$|_act(_\d+)?$")
-_BLOCK_SCOPE = re.compile(r"^stage\d+_block\d+(_\d+)?$|^stage\d+_block\d+_(add|pool)(_\d+)?$")
 _VARIABLE_OPS = {"ReadVariableOp", "AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp",
                  "VarHandleOp", "ResourceApplyKerasMomentum", "ResourceApplyMomentum"}
+_UNIQUIFIED = re.compile(r"_\d+$")  # TF appends _1, _2, ... to a repeated scope name
 
 
-def _part(name, op_type):
-    """Which part of an NF model an op (`scope/.../name:Type`) belongs to."""
+def model_scopes(model):
+    """The op scopes of a model's parts: part -> names of its layers (`stage1_block2/conv1b/...`).
+
+    Read from the model itself: its convolutions (`nfnet_keras.model.model_convs`,
+    which asks each NFBlock for its `conv_sublayers()`), its normalization
+    layers, its activation layers and its blocks.
+    """
+    import keras
+
+    from nfnet_keras.activations import ScaledActivation
+    from nfnet_keras.blocks import NormActivation
+    from nfnet_keras.model import model_convs, nf_blocks
+
+    layers = list(model._flatten_layers(include_self=False))
+    return {
+        "conv": {conv.name for conv in model_convs(model)},
+        "norm": {layer.name for layer in layers if isinstance(layer, keras.layers.BatchNormalization)},
+        "act": {layer.name for layer in layers if isinstance(layer, (ScaledActivation, NormActivation))},
+        "block": {block.name for block in nf_blocks(model)},
+    }
+
+
+def _in_scope(scopes, names):
+    return any(s in names or _UNIQUIFIED.sub("", s) in names for s in scopes)
+
+
+def _part(name, op_type, parts):
+    """Which part of the model an op (`scope/.../name:Type`) belongs to; `parts` from `model_scopes`."""
     scopes = name.split("/")
     if "Conv2D" in op_type or op_type in ("BiasAdd", "BiasAddGrad", "_MklNativeFusedMatMul", "_MklMatMul"):
         return "conv / dense kernels (fwd + bwd)"
-    if "BatchNorm" in op_type or any(s.endswith("_bn") or "_bn_" in s for s in scopes):
+    if "BatchNorm" in op_type or _in_scope(scopes, parts["norm"]):
         return "batch norm (fwd + bwd)"
-    if any(_CONV_SCOPE.match(s) for s in scopes):
-        return "weight standardization (fwd + bwd)"
-    if any(_ACT_SCOPE.search(s) for s in scopes):
-        return "activations, NF: x gamma (fwd + bwd)"
     if op_type in _VARIABLE_OPS or any(s.startswith("SGD") for s in scopes):
         return "optimizer + variable reads/updates"
-    if any(_BLOCK_SCOPE.match(s) for s in scopes):
+    if _in_scope(scopes, parts["conv"]):
+        return "weight standardization (fwd + bwd)"
+    if _in_scope(scopes, parts["act"]):
+        return "activations, NF: x gamma (fwd + bwd)"
+    if _in_scope(scopes, parts["block"]):
         return "block glue (1/beta, skip gain, residual add, pooling)"
     return "other (loss, head, control)"
 
 
-def op_time_breakdown(xplane_path, steps, top=12):
+def op_time_breakdown(xplane_path, steps, scopes, top=12):
     """Sums the durations of the TF ops in a profile, by op type and by model part.
+
+    `scopes` is `model_scopes(model)` of the profiled model.
 
     Reads the host plane of a `tf.profiler` XSpace: an op event on a
     `tf_Compute` (inter-op) thread is named `scope/name:OpType` and lasts from
@@ -242,7 +266,7 @@ def op_time_breakdown(xplane_path, steps, top=12):
                 op_name, op_type = name.rsplit(":", 1)
                 by_type[op_type][0] += event.duration_ps
                 by_type[op_type][1] += 1
-                by_part[_part(op_name, op_type)] += event.duration_ps
+                by_part[_part(op_name, op_type, scopes)] += event.duration_ps
     total = sum(ps for ps, _ in by_type.values())
     if not total:
         return {"error": "no op events in the profile"}

@@ -2,13 +2,13 @@
 
 1. *Pipeline alone*: images/s of `nfnet_keras.data.make_dataset(x, y, batch,
    training=True, augment=A, repeat=True)` for each `--augments` policy (the
-   report's `seed` policy and the `standard` crop + flip), pulled as fast as
+   report's `noise_rotate_flip` policy and the `standard` crop + flip), pulled as fast as
    possible, policies interleaved. Each window first pulls `--lead-in` untimed
    batches (they drain what the prefetch buffer stored while another policy was
    measured), then times `--pipeline-batches` batches.
 2. *Training fed by the real pipeline vs from memory*: one compiled NF model
    (no XLA, as `fit` on CPU), its train function fed either by the real
-   pipeline (`--train-augment`, default `seed`) or by one pre-materialised
+   pipeline (`--train-augment`, default `noise_rotate_flip`) or by one pre-materialised
    batch of that pipeline repeated from memory, windows interleaved (real,
    memory, memory, real, ...), each after `--lead-in` untimed steps.
 
@@ -22,8 +22,8 @@ CIFAR-10 comes from `--data-dir` / `$NFNET_DATA_DIR` (the 45,000-image
 training split); `--synthetic N` uses N random uint8 images instead.
 
 Usage:
-    python -m benchmarks.pipeline [--preset seed] [--batch-sizes 64] [--repeats 3]
-        [--steps 10] [--pipeline-batches 40] [--augments seed,standard] [--smoke]
+    python -m benchmarks.pipeline [--preset report_resnet] [--batch-sizes 64] [--repeats 3]
+        [--steps 10] [--pipeline-batches 40] [--augments noise_rotate_flip,standard] [--smoke]
 """
 
 import os
@@ -38,10 +38,10 @@ from benchmarks.bn_baseline import build_variant  # noqa: E402
 from nfnet_keras import data as data_lib  # noqa: E402
 
 TARGET_RATIO = 0.95
-DEFAULTS = dict(preset="seed", batch_sizes=[64], repeats=3, steps=10, warmup=1, pipeline_batches=40,
-                lead_in=4, augments=["seed", "standard"], train_augment="seed", synthetic=0)
+DEFAULTS = dict(preset="report_resnet", batch_sizes=[64], repeats=3, steps=10, warmup=1, pipeline_batches=40,
+                lead_in=4, augments=["noise_rotate_flip", "standard"], train_augment="noise_rotate_flip", synthetic=0)
 SMOKE = dict(preset="tiny", batch_sizes=[16], repeats=2, steps=2, warmup=0, pipeline_batches=3,
-             lead_in=1, augments=["seed", "standard"], train_augment="seed", synthetic=256)
+             lead_in=1, augments=["noise_rotate_flip", "standard"], train_augment="noise_rotate_flip", synthetic=256)
 
 
 def load_images(args):

@@ -17,7 +17,7 @@ throughput >= 3x training throughput. Writes `benchmarks/results/serving.json`
 and prints it.
 
 Usage:
-    python -m benchmarks.serving [--preset seed] [--model PATH.keras] [--repeats 5] [--smoke]
+    python -m benchmarks.serving [--preset report_resnet] [--model PATH.keras] [--repeats 5] [--smoke]
 """
 
 import os
@@ -28,9 +28,9 @@ import json  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-import keras  # noqa: E402
 
 import nfnet_keras  # noqa: E402
 from benchmarks import common  # noqa: E402
@@ -38,7 +38,7 @@ from nfnet_keras.export import export_saved_model  # noqa: E402
 
 P50_TARGET_MS = 10.0
 THROUGHPUT_TARGET_RATIO = 3.0
-DEFAULTS = dict(preset="seed", batch_sizes=[256], repeats=5, steps=4, warmup=2,
+DEFAULTS = dict(preset="report_resnet", batch_sizes=[256], repeats=5, steps=4, warmup=2,
                 latency_calls=200, train_batch_size=64)
 SMOKE = dict(preset="tiny", batch_sizes=[16], repeats=2, steps=2, warmup=0,
              latency_calls=10, train_batch_size=8)

@@ -13,13 +13,13 @@ windows each, after an untimed round of one step each (a model run right
 after others were built runs slowly for a few steps).
 
 Reported: images/s min / median / max of each, and the NF/BN ratio (median,
-min and max of the per-round ratios). Target (issue 6): NF >= 1.5x BN. Also
+min and max of the per-round ratios). Target: NF >= 1.5x BN. Also
 per CPU-second of this process (images / CPU time of all its threads) and the
 cores each used: on a shared machine that ratio is the one other processes do
 not move.
 
 Usage:
-    python -m benchmarks.throughput [--preset seed] [--batch-sizes 64,256]
+    python -m benchmarks.throughput [--preset report_resnet] [--batch-sizes 64,256]
         [--xla off,on] [--variants nf,bn[,nf_no_bias,nf_plain_conv]] [--repeats 3] [--steps 3] [--smoke]
 """
 
@@ -35,7 +35,7 @@ from benchmarks import common  # noqa: E402
 from benchmarks.bn_baseline import VARIANTS, build_variant  # noqa: E402
 
 TARGET_RATIO = 1.5
-DEFAULTS = dict(preset="seed", batch_sizes=[64, 256], repeats=3, steps=3, warmup=0, xla=["off", "on"],
+DEFAULTS = dict(preset="report_resnet", batch_sizes=[64, 256], repeats=3, steps=3, warmup=0, xla=["off", "on"],
                 variants=["nf", "bn"])
 SMOKE = dict(preset="tiny", batch_sizes=[8], repeats=2, steps=2, warmup=0, xla=["off"], variants=["nf", "bn"])
 

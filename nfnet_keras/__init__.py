@@ -1,17 +1,20 @@
 """nfnet-keras: Normalizer-Free ResNets (NFNets) for Keras 3."""
 
-import os
+# ruff: noqa: E402  (the quiet start-up must come before the imports that load the backend)
 
-# TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) buries the output of
-# the command-line tools; keep warnings and errors. Set it yourself to override.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from nfnet_keras.console import import_backend_quietly
+
+# TensorFlow's C++ start-up lines bury the output of the command-line tools:
+# they are kept out of the terminal during the import (NFNET_VERBOSE=1 shows them).
+import_backend_quietly()
 
 # isort: split
 
 from nfnet_keras.activations import GAMMAS, ScaledActivation
 from nfnet_keras.agc import clip_gradient, unitwise_norm, with_agc
 from nfnet_keras.blocks import NFBlock, SqueezeExcite, StochasticDepth
-from nfnet_keras.data import CLASS_NAMES, preprocess
+from nfnet_keras.contract import CLASS_NAMES
+from nfnet_keras.data import preprocess
 from nfnet_keras.flops import count_macs
 from nfnet_keras.model import build_model
 from nfnet_keras.presets import PRESETS

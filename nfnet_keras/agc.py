@@ -7,9 +7,22 @@ output column of a dense kernel, each element of a vector or scalar):
     G_i  <- G_i * max_i / max(||G_i||, 1e-6)    if ||G_i|| > max_i
 
 Use it with any Keras optimizer: `with_agc(keras.optimizers.SGD(0.1), 0.01)`
-returns an optimizer of the same kind that clips before its update (and before
-weight decay). The classifier's weights are not clipped (variables whose path
-contains one of `exclude`).
+returns an optimizer of the same kind that clips before its update. The
+classifier's weights are not clipped (variables whose path contains one of
+`exclude`).
+
+Order, per step: gradients unscaled (`loss_scale_factor`, `LossScaleOptimizer`)
+-> AGC, against the weights before this step -> the optimizer's own `clipnorm`
+/ `global_clipnorm` / `clipvalue` -> decoupled weight decay -> the update.
+`tests/test_agc.py` pins it with hand-computed steps.
+
+Keras 3.15 has no public hook between the unscaling and its own clipping:
+the public `apply` receives the gradients before Keras filters and unscales
+them, and re-doing that here would copy private code. So the AGC class overrides one private method,
+`_backend_apply_gradients(grads, trainable_variables)`, which `apply` (hence
+`apply_gradients`, `fit` and a `LossScaleOptimizer`) calls with the unscaled
+gradients, and which clips, decays and updates. Creating an AGC class fails
+if the method is gone; `tests/test_agc.py` fails if Keras stops calling it.
 """
 
 import keras
@@ -41,6 +54,10 @@ def clip_gradient(grad, param, clipping=0.01, eps=1e-3):
 def _is_excluded(variable, exclude):
     path = getattr(variable, "path", None) or variable.name
     return any(pattern in path for pattern in exclude)
+
+
+# The private method of `keras.optimizers.Optimizer` the AGC classes override.
+HOOK = "_backend_apply_gradients"
 
 
 class _AGCMixin:
@@ -78,6 +95,11 @@ _AGC_CLASSES = {}
 def _agc_class(base):
     """The AGC subclass of optimizer class `base`, created once and registered for loading."""
     if base not in _AGC_CLASSES:
+        if not callable(getattr(base, HOOK, None)):
+            raise RuntimeError(
+                f"Keras {keras.__version__}: {base.__name__} has no {HOOK}(), the method "
+                "nfnet_keras.agc overrides to clip gradients; this Keras version is not supported."
+            )
         name = f"AGC{base.__name__}"
         cls = type(name, (_AGCMixin, base), {"__doc__": f"{base.__name__} with AGC."})
         _AGC_CLASSES[base] = keras.saving.register_keras_serializable(
@@ -89,6 +111,13 @@ def _agc_class(base):
 def _set_agc(optimizer, clipping, eps, exclude):
     if not clipping > 0:
         raise ValueError(f"AGC clipping must be > 0, got {clipping!r}.")
+    if optimizer.gradient_accumulation_steps:
+        # Keras would clip each micro-batch's gradient, not the accumulated one.
+        raise ValueError(
+            "AGC does not support gradient_accumulation_steps "
+            f"(got {optimizer.gradient_accumulation_steps}): it would clip every "
+            "micro-batch's gradient instead of the accumulated gradient of the update."
+        )
     optimizer.agc_clipping = float(clipping)
     optimizer.agc_eps = float(eps)
     optimizer.agc_exclude = tuple(exclude)
@@ -109,6 +138,11 @@ def with_agc(optimizer, clipping=0.01, eps=1e-3, exclude=("classifier",)):
     Returns:
         An optimizer of a subclass of `type(optimizer)` with the same config.
         It saves and loads with the model (registered as `nfnet_keras>AGC<Name>`).
+
+    Raises:
+        TypeError: `optimizer` is not a Keras optimizer.
+        ValueError: `clipping <= 0`; the optimizer is built, already applies
+            AGC, or accumulates gradients (`gradient_accumulation_steps`).
 
     Example:
 

@@ -4,13 +4,67 @@
 (Brock et al. 2021, arXiv 2101.08692 and 2102.06171).
 """
 
+import inspect
 import math
 
 import keras
 from keras import ops
 
-from nfnet_keras.activations import ScaledActivation, check_activation
+from nfnet_keras.activations import ACTIVATIONS, ScaledActivation, check_activation
+from nfnet_keras.flops import conv_macs
 from nfnet_keras.wsconv import WSConv2D
+
+
+def resolve_layer_class(layer, base, arg):
+    """Returns the layer class that `layer` names, checked to subclass `base`.
+
+    Args:
+        layer: a class, or its registered name (`keras.saving.get_registered_name`,
+            e.g. `"nfnet_keras>WSConv2D"`, or a Keras layer's class name such as
+            `"Conv2D"` or `"BatchNormalization"`).
+        base: the `keras.layers` class `layer` must subclass.
+        arg: str. The argument's name, for the error message.
+
+    Raises:
+        ValueError: if `layer` names no class, or one that does not subclass `base`.
+    """
+    cls = layer
+    if isinstance(layer, str):
+        cls = keras.saving.get_registered_object(layer, module_objects=vars(keras.layers))
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ValueError(
+            f"{arg} must be a keras.layers.{base.__name__} subclass or its registered name, "
+            f"got {layer!r}."
+        )
+    return cls
+
+
+def layer_class_name(cls, arg):
+    """Returns the name `resolve_layer_class` turns back into `cls` (for `get_config`).
+
+    Raises:
+        ValueError: if `cls` is not registered (`keras.saving.register_keras_serializable`)
+            and is not a Keras layer, so that a saved model could not find it again.
+    """
+    name = keras.saving.get_registered_name(cls)
+    found = keras.saving.get_registered_object(name, module_objects=vars(keras.layers))
+    if found is not cls:
+        raise ValueError(
+            f"{arg} {cls.__qualname__} cannot be serialized: register it with "
+            "`keras.saving.register_keras_serializable` or use a Keras layer."
+        )
+    return name
+
+
+def bottleneck_width(filters, bottleneck_ratio):
+    """The channels of a block's 3x3 convs: `filters * bottleneck_ratio`, rounded."""
+    return int(round(filters * bottleneck_ratio))
+
+
+def _folds_scales(conv_class):
+    """Whether `conv_class.call` takes `input_scale` and `output_scale` (as `WSConv2D` does)."""
+    params = inspect.signature(conv_class.call).parameters
+    return "input_scale" in params and "output_scale" in params
 
 
 @keras.saving.register_keras_serializable(package="nfnet_keras")
@@ -35,9 +89,10 @@ class SqueezeExcite(keras.layers.Layer):
     def build(self, input_shape):
         channels = tuple(input_shape)[-1]
         hidden = max(1, int(channels * self.ratio))
-        self.squeeze = keras.layers.Dense(hidden, name="squeeze")
-        self.act = ScaledActivation(self.activation, name="act")
-        self.excite = keras.layers.Dense(channels, name="excite")
+        policy = self.dtype_policy  # sublayers compute in the layer's own policy
+        self.squeeze = keras.layers.Dense(hidden, name="squeeze", dtype=policy)
+        self.act = ScaledActivation(self.activation, name="act", dtype=policy)
+        self.excite = keras.layers.Dense(channels, name="excite", dtype=policy)
         self.squeeze.build((None, channels))
         self.excite.build((None, hidden))
 
@@ -46,6 +101,16 @@ class SqueezeExcite(keras.layers.Layer):
         s = self.excite(self.act(self.squeeze(s)))
         gate = ops.sigmoid(s)[:, None, None, :]
         return 2.0 * gate * inputs
+
+    def macs(self, input_shape):
+        """Multiply-adds of the two dense layers on one `(height, width, channels)` input.
+
+        Returns:
+            `(macs, output_shape)`; the output shape is the input shape.
+        """
+        if not self.built:
+            raise ValueError(f"SqueezeExcite {self.name!r} must be built before counting its MACs.")
+        return 2 * tuple(input_shape)[-1] * self.squeeze.units, tuple(input_shape)
 
     def get_config(self):
         config = super().get_config()
@@ -88,6 +153,51 @@ class StochasticDepth(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="nfnet_keras")
+class NormActivation(keras.layers.Layer):
+    """A normalization layer followed by the plain activation (no gamma).
+
+    The pre-activation of a normalized network, used where a Normalizer-Free
+    network has its scaled activation when `build_model` or `NFBlock` is given
+    a `norm_layer`.
+
+    Args:
+        norm_layer: class or str. A `keras.layers.Layer` subclass built with a
+            `name` only, e.g. `keras.layers.BatchNormalization`, or its registered
+            name. Defaults to `"BatchNormalization"`.
+        activation: str. A key of `nfnet_keras.GAMMAS`. Defaults to `"relu"`.
+
+    Example:
+
+    >>> layer = NormActivation(keras.layers.BatchNormalization, "relu")
+    >>> layer(keras.ops.ones((2, 4, 4, 8))).shape
+    (2, 4, 4, 8)
+    """
+
+    def __init__(self, norm_layer="BatchNormalization", activation="relu", **kwargs):
+        super().__init__(**kwargs)
+        self.norm_layer = resolve_layer_class(norm_layer, keras.layers.Layer, "norm_layer")
+        self.activation = check_activation(activation)
+        self._fn = ACTIVATIONS[self.activation]
+
+    def build(self, input_shape):
+        self.norm = self.norm_layer(name="norm")
+        self.norm.build(tuple(input_shape))
+
+    def call(self, inputs, training=None):
+        return self._fn(self.norm(inputs, training=training))
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            norm_layer=layer_class_name(self.norm_layer, "norm_layer"), activation=self.activation
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="nfnet_keras")
 class NFBlock(keras.layers.Layer):
     """A Normalizer-Free pre-activation bottleneck residual block.
 
@@ -106,6 +216,18 @@ class NFBlock(keras.layers.Layer):
     its output's expected variance is `expected_var + alpha**2`: read it from
     `expected_output_var` and pass it on to the next block.
 
+    The convolutions are `conv_layer`s (`WSConv2D` by default, as DeepMind's
+    `which_conv`). The block's scalars (`gamma`, `1 / beta`, `alpha * skip_gain`)
+    are folded into the kernels of a conv layer whose `call` takes
+    `input_scale` and `output_scale` (as `WSConv2D`'s does), and multiply the
+    feature maps for any other (e.g. a plain `keras.layers.Conv2D`).
+
+    With a `norm_layer` the block is the normalized twin of the same network:
+    each scaled activation becomes `norm_layer -> activation` (a
+    `NormActivation`), and the block returns `shortcut + f(h)`, with no
+    `1 / beta`, alpha or skip gain (`expected_var`, `alpha` and
+    `skip_gain_init` are then unused).
+
     Args:
         filters: int. Output channels.
         expected_var: float. Expected variance of the block's input. Defaults to `1`.
@@ -116,18 +238,27 @@ class NFBlock(keras.layers.Layer):
             shortcut from the scaled activation). Needed when `strides > 1` or
             the channel count changes. Defaults to `False`.
         bottleneck_ratio: float. Width of the 3x3 convs as a fraction of
-            `filters`. Defaults to `0.25`.
+            `filters` (rounded; must not round to 0). Defaults to `0.25`.
         group_width: int or None. Channels per group of the 3x3 convs; `None`
             for ordinary (ungrouped) convs. Defaults to `None`.
         activation: str. A key of `GAMMAS`. Defaults to `"relu"`.
         se_ratio: float. Squeeze-Excite hidden ratio; `0` disables it. Defaults to `0`.
         stochastic_depth_rate: float in [0, 1). Defaults to `0`.
         skip_gain_init: float. Initial value of `skip_gain`. Defaults to `0`.
+        beta: str. `"std"`: divide the input by its expected standard deviation
+            (the papers); `"var"`: by its expected variance (the report's code,
+            for reproducing it). Defaults to `"std"`.
         shortcut_pool: bool. In a strided transition, average-pool before the
             1x1 shortcut conv (NFNet) instead of striding the conv (ResNet).
             Defaults to `True`.
-        use_bias: bool. Whether the WS convs have biases (NFNet: yes).
+        use_bias: bool. Whether the convs have biases (NFNet: yes).
             Defaults to `True`.
+        conv_layer: class or str. A `keras.layers.Conv2D` subclass, or its
+            registered name, for every conv of the block. Defaults to `WSConv2D`.
+        norm_layer: class, str or None. `None` for the Normalizer-Free block;
+            else a normalization layer class (e.g.
+            `keras.layers.BatchNormalization`) or its registered name, for the
+            normalized twin. Defaults to `None`.
 
     Example:
 
@@ -136,6 +267,10 @@ class NFBlock(keras.layers.Layer):
     (1, 8, 8, 64)
     >>> round(block.expected_output_var, 2)
     1.04
+    >>> twin = NFBlock(64, transition=True, conv_layer=keras.layers.Conv2D,
+    ...                norm_layer=keras.layers.BatchNormalization, use_bias=False)
+    >>> twin(keras.ops.ones((1, 8, 8, 16))).shape
+    (1, 8, 8, 64)
     """
 
     def __init__(
@@ -153,6 +288,9 @@ class NFBlock(keras.layers.Layer):
         skip_gain_init=0.0,
         shortcut_pool=True,
         use_bias=True,
+        conv_layer=WSConv2D,
+        norm_layer=None,
+        beta="std",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -166,6 +304,9 @@ class NFBlock(keras.layers.Layer):
             raise ValueError("A strided NFBlock must be a transition block (transition=True).")
         if not 0 <= se_ratio <= 1:
             raise ValueError(f"se_ratio must be in [0, 1], got {se_ratio!r}.")
+        if beta not in ("std", "var"):
+            raise ValueError(f"beta must be 'std' or 'var', got {beta!r}.")
+        self.beta_from = beta
         self.filters = int(filters)
         self.expected_var = float(expected_var)
         self.alpha = float(alpha)
@@ -179,7 +320,17 @@ class NFBlock(keras.layers.Layer):
         self.skip_gain_init = float(skip_gain_init)
         self.shortcut_pool = bool(shortcut_pool)
         self.use_bias = bool(use_bias)
-        self.width = max(1, int(round(self.filters * self.bottleneck_ratio)))
+        self.conv_layer = resolve_layer_class(conv_layer, keras.layers.Conv2D, "conv_layer")
+        self.norm_layer = (
+            None if norm_layer is None
+            else resolve_layer_class(norm_layer, keras.layers.Layer, "norm_layer")
+        )
+        self.width = bottleneck_width(self.filters, self.bottleneck_ratio)
+        if self.width < 1:
+            raise ValueError(
+                f"Bottleneck width {self.filters} x ratio {self.bottleneck_ratio} rounds to "
+                f"{self.width}; it must be at least 1."
+            )
         if self.group_width is not None and self.width % self.group_width:
             raise ValueError(
                 f"Bottleneck width {self.width} (filters {self.filters} x ratio "
@@ -187,11 +338,13 @@ class NFBlock(keras.layers.Layer):
                 f"{self.group_width}."
             )
         self.groups = 1 if self.group_width is None else self.width // self.group_width
+        self._fold = _folds_scales(self.conv_layer)
 
     @property
     def beta(self):
-        """The expected standard deviation of the block's input."""
-        return math.sqrt(self.expected_var)
+        """What the block divides its input by: the expected standard deviation (`beta="std"`),
+        or the expected variance (`beta="var"`, the report's code)."""
+        return math.sqrt(self.expected_var) if self.beta_from == "std" else self.expected_var
 
     @property
     def expected_output_var(self):
@@ -206,93 +359,165 @@ class NFBlock(keras.layers.Layer):
                 f"NFBlock {self.name!r} maps {in_channels} to {self.filters} channels "
                 "and so needs transition=True (a projection shortcut)."
             )
-        act = lambda name: ScaledActivation(self.activation, name=name)
+        policy = self.dtype_policy  # sublayers compute in the block's own policy
+        if self.norm_layer is None:
+            act = lambda name: ScaledActivation(self.activation, name=name, dtype=policy)
+        else:
+            act = lambda name: NormActivation(self.norm_layer, self.activation, name=name, dtype=policy)
+        conv = lambda filters, kernel_size, name, **kwargs: self.conv_layer(
+            filters, kernel_size, use_bias=self.use_bias, kernel_initializer="he_normal",
+            name=name, dtype=policy, **kwargs,
+        )
         self.act0 = act("act0")
-        self.conv0 = WSConv2D(self.width, 1, use_bias=self.use_bias, name="conv0")
+        self.conv0 = conv(self.width, 1, "conv0")
         self.act1 = act("act1")
-        self.conv1 = WSConv2D(
-            self.width, 3, strides=self.strides, padding="same", groups=self.groups,
-            use_bias=self.use_bias, name="conv1",
+        self.conv1 = conv(
+            self.width, 3, "conv1", strides=self.strides, padding="same", groups=self.groups
         )
         self.act2 = act("act2")
-        self.conv1b = WSConv2D(
-            self.width, 3, padding="same", groups=self.groups, use_bias=self.use_bias, name="conv1b"
-        )
+        self.conv1b = conv(self.width, 3, "conv1b", padding="same", groups=self.groups)
         self.act3 = act("act3")
-        self.conv2 = WSConv2D(self.filters, 1, use_bias=self.use_bias, name="conv2")
+        self.conv2 = conv(self.filters, 1, "conv2")
         h, w = input_shape[1], input_shape[2]
         out_hw = lambda n: None if n is None else -(-n // self.strides)
         inner_shape = (input_shape[0], out_hw(h), out_hw(w), self.width)
+        if self.norm_layer is not None:
+            self.act0.build(input_shape)
+            self.act1.build(input_shape[:3] + (self.width,))
+            self.act2.build(inner_shape)
+            self.act3.build(inner_shape)
         self.conv0.build(input_shape)
         self.conv1.build(input_shape[:3] + (self.width,))
         self.conv1b.build(inner_shape)
         self.conv2.build(inner_shape)
         self.se = None
         if self.se_ratio > 0:
-            self.se = SqueezeExcite(self.se_ratio, self.activation, name="se")
+            self.se = SqueezeExcite(self.se_ratio, self.activation, name="se", dtype=policy)
             self.se.build(inner_shape[:3] + (self.filters,))
-        self.drop_path = StochasticDepth(self.stochastic_depth_rate, name="drop_path")
+        self.drop_path = StochasticDepth(self.stochastic_depth_rate, name="drop_path", dtype=policy)
         self.pool = None
         self.shortcut_conv = None
         if self.transition:
             conv_strides = 1
             if self.strides > 1 and self.shortcut_pool:
                 self.pool = keras.layers.AveragePooling2D(
-                    self.strides, self.strides, padding="same", name="shortcut_pool"
+                    self.strides, self.strides, padding="same", name="shortcut_pool", dtype=policy
                 )
             else:
                 conv_strides = self.strides
-            self.shortcut_conv = WSConv2D(
-                self.filters, 1, strides=conv_strides, use_bias=self.use_bias, name="shortcut_conv"
-            )
+            self.shortcut_conv = conv(self.filters, 1, "shortcut_conv", strides=conv_strides)
             self.shortcut_conv.build(
                 (inner_shape if self.pool is not None else input_shape)[:3] + (in_channels,)
             )
-        self.skip_gain = self.add_weight(
-            name="skip_gain",
-            shape=(),
-            initializer=keras.initializers.Constant(self.skip_gain_init),
-            trainable=True,
-        )
+        self.skip_gain = None
+        if self.norm_layer is None:
+            self.skip_gain = self.add_weight(
+                name="skip_gain",
+                shape=(),
+                initializer=keras.initializers.Constant(self.skip_gain_init),
+                trainable=True,
+            )
+
+    def conv_sublayers(self):
+        """The block's convolutions in order: conv0, conv1, conv1b, conv2 (and shortcut_conv).
+
+        Needs a built block. Their `name`s are the scopes of their ops.
+        """
+        convs = [self.conv0, self.conv1, self.conv1b, self.conv2]
+        return convs + ([self.shortcut_conv] if self.shortcut_conv is not None else [])
+
+    def macs(self, input_shape):
+        """Multiply-adds of the block on one input of shape `(height, width, channels)`.
+
+        Counts the convolutions and the Squeeze-Excite's dense layers; the
+        activations, pooling, normalization and weight standardization are not
+        counted (see `nfnet_keras.count_macs`).
+
+        Args:
+            input_shape: tuple of 3 ints. `(height, width, channels)`, no batch axis.
+
+        Returns:
+            `(macs, output_shape)`, the output shape as `(height, width, filters)`.
+
+        Raises:
+            ValueError: if the block is not built.
+        """
+        if not self.built:
+            raise ValueError(f"NFBlock {self.name!r} must be built before counting its MACs.")
+        input_shape = tuple(input_shape)
+        macs, shape = conv_macs(self.conv0, input_shape)
+        for conv in (self.conv1, self.conv1b, self.conv2):
+            m, shape = conv_macs(conv, shape)
+            macs += m
+        if self.se is not None:
+            macs += self.se.macs(shape)[0]
+        if self.shortcut_conv is not None:
+            # After a pool the conv sees the output resolution; else it strides itself.
+            pooled = shape[:2] + (input_shape[2],) if self.pool is not None else input_shape
+            macs += conv_macs(self.shortcut_conv, pooled)[0]
+        return macs, shape
+
+    def _conv(self, conv, inputs, input_scale=None, output_scale=None):
+        """`conv(inputs * input_scale) * output_scale`, the scales folded where the conv can."""
+        if self._fold:
+            return conv(inputs, input_scale=input_scale, output_scale=output_scale)
+        if input_scale is not None:
+            inputs = inputs * ops.cast(input_scale, inputs.dtype)
+        outputs = conv(inputs)
+        if output_scale is not None:
+            outputs = outputs * ops.cast(output_scale, outputs.dtype)
+        return outputs
+
+    def _activate(self, act, inputs, training=None):
+        """(activation without its scale, the scale still to apply: gamma, or None)."""
+        if self.norm_layer is None:
+            return act.unscaled(inputs), act.gamma
+        return act(inputs, training=training), None
 
     def _scaled_input(self, inputs):
         """`act(x) * gamma / beta`, as an explicit tensor (for inspection and tests)."""
+        if self.norm_layer is not None:
+            return self.act0(inputs)
         return self.act0(inputs) * ops.cast(1.0 / self.beta, inputs.dtype)
 
     def _input_scale(self):
-        return self.act0.gamma / self.beta
+        return None if self.norm_layer is not None else self.act0.gamma / self.beta
 
     def _shortcut(self, inputs, a):
-        """The shortcut; `a` is the block's unscaled input activation."""
+        """The shortcut; `a` is the block's activated input, before `_input_scale`."""
         if not self.transition:
             return inputs
         if self.pool is not None:
             a = self.pool(a)  # linear: pooling then scaling is scaling then pooling
-        return self.shortcut_conv(a, input_scale=self._input_scale())
+        return self._conv(self.shortcut_conv, a, input_scale=self._input_scale())
 
-    def _branch(self, a, output_scale=None):
-        """`f(a * gamma / beta) * output_scale` from the unscaled activation `a`.
+    def _branch(self, a, output_scale=None, training=None):
+        """`f(a * gamma / beta) * output_scale` from the activated input `a` (before its scale).
 
         Every scalar of the block (each activation's gamma, `1 / beta`, and the
         output scale) is multiplied into the next conv's kernel rather than
         into the feature maps: same function, fewer passes over memory.
         """
-        gamma = self.act1.gamma
-        out = self.conv0(a, input_scale=self._input_scale())
-        out = self.conv1(self.act1.unscaled(out), input_scale=gamma)
-        out = self.conv1b(self.act2.unscaled(out), input_scale=gamma)
-        out = self.conv2(self.act3.unscaled(out), input_scale=gamma, output_scale=output_scale)
+        out = self._conv(self.conv0, a, input_scale=self._input_scale())
+        for act, conv in ((self.act1, self.conv1), (self.act2, self.conv1b)):
+            out, scale = self._activate(act, out, training)
+            out = self._conv(conv, out, input_scale=scale)
+        out, scale = self._activate(self.act3, out, training)
+        out = self._conv(self.conv2, out, input_scale=scale, output_scale=output_scale)
         if self.se is not None:
             out = self.se(out)
         return out
 
     def residual_branch(self, inputs):
         """Returns `f(act(x) * gamma / beta)`, before skip gain and alpha (inference mode)."""
-        return self._branch(self.act0.unscaled(inputs))
+        return self._branch(self._activate(self.act0, inputs, training=False)[0], training=False)
 
     def call(self, inputs, training=None):
-        a = self.act0.unscaled(inputs)
+        a, _ = self._activate(self.act0, inputs, training)
         shortcut = self._shortcut(inputs, a)
+        if self.norm_layer is not None:  # the normalized twin: no alpha, no skip gain
+            out = self.drop_path(self._branch(a, training=training), training=training)
+            return shortcut + out
         scale = self.skip_gain * self.alpha
         if self.se is None:  # f is linear in its last conv: scale that conv instead
             out = self._branch(a, output_scale=scale)
@@ -323,5 +548,10 @@ class NFBlock(keras.layers.Layer):
             skip_gain_init=self.skip_gain_init,
             shortcut_pool=self.shortcut_pool,
             use_bias=self.use_bias,
+            beta=self.beta_from,
+            conv_layer=layer_class_name(self.conv_layer, "conv_layer"),
+            norm_layer=(
+                None if self.norm_layer is None else layer_class_name(self.norm_layer, "norm_layer")
+            ),
         )
         return config

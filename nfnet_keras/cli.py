@@ -1,15 +1,20 @@
-"""Command-line flags shared by `python -m nfnet_keras.fit` and `python -m tuner.grid`.
+"""Command-line flags shared by `python -m nfnet_keras.fit` and `python -m nfnet_keras.tuner.grid`.
 
-Both commands describe a `training.TrainConfig`; the flags that set the same
+Both commands describe a `config.TrainConfig`; the flags that set the same
 field are declared once here, with its default and help.
 """
 
 import argparse
 import ast
 
-from nfnet_keras import training
-
-CONFIG_FIELDS = {f.name for f in training.dataclasses.fields(training.TrainConfig)}
+from nfnet_keras.config import (
+    AUGMENTATION_ALIASES,
+    AUGMENTATIONS,
+    CONFIG_FIELDS,
+    PRECISIONS,
+    SCHEDULES,
+)
+from nfnet_keras.presets import PRESET_ALIASES, PRESETS
 
 
 def parse_override(text):
@@ -24,7 +29,9 @@ def parse_override(text):
 
 
 def add_model_flags(group, defaults):
-    group.add_argument("--preset", default=defaults.preset, help="model preset (see nfnet_keras.PRESETS)")
+    aliases = ", ".join(f"{a}={c}" for a, c in PRESET_ALIASES.items())
+    group.add_argument("--preset", default=defaults.preset,
+                       help=f"model preset: {', '.join(PRESETS)} (aliases: {aliases})")
     group.add_argument("--override", type=parse_override, action="append", default=[], metavar="KEY=VALUE",
                        help="replace a preset key, e.g. --override 'widths=(96,192,384)'; repeatable")
 
@@ -32,18 +39,19 @@ def add_model_flags(group, defaults):
 def add_optimisation_flags(group, defaults, schedule_help):
     """Every optimisation flag but --epochs, --batch-size and --lr (which the two commands set differently)."""
     d = defaults
-    group.add_argument("--momentum", type=float, default=d.momentum)
+    group.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
     group.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=d.nesterov,
                        help="Nesterov momentum")
-    group.add_argument("--schedule", choices=training.SCHEDULES, default=d.schedule, help=schedule_help)
+    group.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help=schedule_help)
     group.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warm-up (cosine)")
     group.add_argument("--weight-decay", type=float, default=d.weight_decay,
                        help="decoupled weight decay (not applied to gains, skip gains, biases)")
-    group.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    group.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="label smoothing factor")
     group.add_argument("--agc", type=float, default=d.agc, metavar="LAMBDA",
                        help="adaptive gradient clipping factor (e.g. 0.01); 0 disables it")
-    group.add_argument("--augment", choices=("seed", "standard", "none"), default=d.augment,
-                       help="seed: the report's policy; standard: pad-4 crop + flip")
+    group.add_argument("--augment", choices=AUGMENTATIONS + tuple(AUGMENTATION_ALIASES), default=d.augment,
+                       help="noise_rotate_flip (alias seed): the report's per-image policy; "
+                       "standard: pad-4 crop + flip; none")
 
 
 def add_data_flags(group, defaults):
@@ -51,8 +59,9 @@ def add_data_flags(group, defaults):
     group.add_argument("--data-dir", default=d.data_dir,
                        help="folder with cifar-10-batches-py/ or cifar-10-python.tar.gz "
                        "(default: $NFNET_DATA_DIR, then TFDS)")
-    group.add_argument("--tfds-dir", default=d.tfds_dir, help="TFDS data_dir")
-    group.add_argument("--train-limit", type=int, default=d.train_limit, help="train on the first N training images")
+    group.add_argument("--tfds-dir", default=d.tfds_dir, help="TFDS data_dir (default: ~/tensorflow_datasets)")
+    group.add_argument("--train-limit", type=int, default=d.train_limit,
+                       help="train on the first N training images (default: all)")
     group.add_argument("--val-size", type=int, default=d.val_size, help="validation images held out of the 50,000")
 
 
@@ -62,8 +71,10 @@ def add_runtime_flags(group, defaults):
     jit.add_argument("--jit", dest="jit", action="store_true", default=None,
                      help="XLA-compile the train step (default: on with a GPU, off on CPU where it is slower)")
     jit.add_argument("--no-jit", dest="jit", action="store_false")
-    group.add_argument("--precision", choices=training.PRECISIONS, default=d.precision)
-    group.add_argument("--seed", type=int, default=d.seed)
+    group.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                       help="float32, or mixed precision (mixed_bfloat16 on CPUs with native bf16, "
+                       "mixed_float16 on GPUs)")
+    group.add_argument("--seed", type=int, default=d.seed, help="random seed (weights, shuffling, augmentation)")
     group.add_argument("--deterministic", action="store_true", help="op determinism: bitwise-reproducible runs")
 
 

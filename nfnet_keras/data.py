@@ -8,23 +8,20 @@ import os
 import pickle
 import tarfile
 
+import keras
 import numpy as np
 import tensorflow as tf
-import keras
 
-CLASS_NAMES = (
-    "airplane", "automobile", "bird", "cat", "deer",
-    "dog", "frog", "horse", "ship", "truck",
-)
+from nfnet_keras.config import AUGMENTATION_ALIASES, AUGMENTATIONS, canonical_augmentation
+from nfnet_keras.contract import NUM_CLASSES
+
 # Channel statistics of the 50,000 CIFAR-10 training images on the [0, 1] scale.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-IMAGE_SHAPE = (32, 32, 3)
 BATCHES_DIR = "cifar-10-batches-py"
 TARBALL = "cifar-10-python.tar.gz"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
-AUGMENTATIONS = ("seed", "standard", "none")
 # The fixed permutation behind the train/validation split: independent of
 # --seed, so runs with different seeds validate on the same images.
 SPLIT_SEED = 20210211
@@ -88,12 +85,15 @@ def _concat(parts):
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-def _from_batches_dir(folder):
-    missing = [f for f in TRAIN_FILES + (TEST_FILE,) if not os.path.isfile(os.path.join(folder, f))]
+def _from_batches_dir(folder, test_only=False):
+    needed = (TEST_FILE,) if test_only else TRAIN_FILES + (TEST_FILE,)
+    missing = [f for f in needed if not os.path.isfile(os.path.join(folder, f))]
     if missing:
-        raise DataError(f"{folder} lacks CIFAR-10 batch file(s) {', '.join(missing)}.")
-    train = _concat([_unpickle(os.path.join(folder, f)) for f in TRAIN_FILES])
-    return train, _unpickle(os.path.join(folder, TEST_FILE))
+        raise DataError(f"{folder} lacks CIFAR-10 batch file(s) {', '.join(missing)}; copy them there.")
+    test = _unpickle(os.path.join(folder, TEST_FILE))
+    if test_only:
+        return None, test
+    return _concat([_unpickle(os.path.join(folder, f)) for f in TRAIN_FILES]), test
 
 
 def _from_tarball(path):
@@ -127,7 +127,7 @@ def _local_source(data_dir):
     if os.path.isfile(data_dir):
         return data_dir, "tar"
     for path, kind in candidates:
-        if kind == "dir" and os.path.isfile(os.path.join(path, TEST_FILE)):
+        if kind == "dir" and any(os.path.isfile(os.path.join(path, f)) for f in TRAIN_FILES + (TEST_FILE,)):
             return path, kind
         if kind == "tar" and os.path.isfile(path):
             return path, kind
@@ -161,17 +161,25 @@ def _from_tfds(tfds_dir):
         return load(download=False)  # an already prepared copy
     except Exception:
         if not _reachable(TFDS_SOURCE_HOST):
-            raise ConnectionError(f"no prepared copy, and {TFDS_SOURCE_HOST[0]} is unreachable (offline?)")
+            raise ConnectionError(
+                f"no prepared copy, and {TFDS_SOURCE_HOST[0]} is unreachable (offline?)"
+            ) from None
         return load(download=True)
 
 
-def load_cifar10(data_dir=None, tfds_dir=None):
+def load_cifar10(data_dir=None, tfds_dir=None, test_only=False):
     """Loads CIFAR-10 as uint8 NHWC arrays and int64 labels.
 
     Looks, in order, in `data_dir` (else `$NFNET_DATA_DIR`) for the
     `cifar-10-batches-py` folder (or the folder itself, or the official
     `cifar-10-python.tar.gz`), then asks TFDS (`tfds_dir`), which downloads on a
     connected machine.
+
+    Args:
+        data_dir: str or None. Defaults to `$NFNET_DATA_DIR`.
+        tfds_dir: str or None. TFDS's `data_dir`.
+        test_only: bool. Read only the test batch (the training part of the
+            result is `None`). Defaults to `False`.
 
     Returns:
         `((x_train, y_train), (x_test, y_test))`: 50,000 and 10,000 images.
@@ -187,7 +195,10 @@ def load_cifar10(data_dir=None, tfds_dir=None):
         found = _local_source(data_dir)
         if found:
             path, kind = found
-            return _from_batches_dir(path) if kind == "dir" else _from_tarball(path)
+            if kind == "dir":
+                return _from_batches_dir(path, test_only)
+            train, test = _from_tarball(path)
+            return (None if test_only else train), test
         looked.append(f"{data_dir} (no {BATCHES_DIR}/ or {TARBALL})")
     try:
         return _from_tfds(tfds_dir)
@@ -220,7 +231,7 @@ def split(x, y, val_size=5000, train_limit=None):
 # === Augmentation (on normalised float batches) ===
 
 
-class SeedAugment(keras.layers.Layer):
+class NoiseRotateFlip(keras.layers.Layer):
     """The report's per-image policy, vectorised over a batch.
 
     Each image independently: 40% untouched, 20% additive Gaussian noise
@@ -254,9 +265,14 @@ class SeedAugment(keras.layers.Layer):
 
 
 def make_augmenter(policy, seed=None):
-    """Returns a callable on normalised float batches for policy `seed`, `standard` or `none`."""
-    if policy == "seed":
-        return SeedAugment(seed=seed)
+    """Returns a callable on normalised float batches for a policy of `config.AUGMENTATIONS`.
+
+    `noise_rotate_flip` (alias `seed`): the report's per-image policy;
+    `standard`: pad-4 random crop + horizontal flip; `none`: None.
+    """
+    policy = canonical_augmentation(policy)
+    if policy == "noise_rotate_flip":
+        return NoiseRotateFlip(seed=seed)
     if policy == "standard":
         # Pad-4 random crop (zero = mean padding in normalised space) + flip.
         shift = keras.layers.RandomTranslation(
@@ -266,13 +282,19 @@ def make_augmenter(policy, seed=None):
         return lambda x: flip(shift(x, training=True), training=True)
     if policy == "none":
         return None
-    raise ValueError(f"Unknown augmentation {policy!r}. Use one of: {', '.join(AUGMENTATIONS)}.")
+    raise ValueError(
+        f"Unknown augmentation {policy!r}. Use one of: {', '.join(AUGMENTATIONS)} "
+        f"(aliases: {', '.join(AUGMENTATION_ALIASES)})."
+    )
 
 
-def make_dataset(x, y, batch_size, training=False, augment="none", seed=None, repeat=False):
+def make_dataset(x, y, batch_size, training=False, augment="none", seed=None, repeat=False, one_hot=False,
+                 num_classes=NUM_CLASSES):
     """A `tf.data` pipeline: (shuffle) -> batch -> preprocess -> (augment) -> prefetch.
 
-    Augmentation runs on whole batches, in parallel with training.
+    Augmentation runs on whole batches, in parallel with training. With
+    `one_hot`, labels become one-hot vectors of `num_classes` (for a loss with
+    label smoothing, which the sparse loss cannot do).
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}.")
@@ -288,6 +310,8 @@ def make_dataset(x, y, batch_size, training=False, augment="none", seed=None, re
         images = preprocess(images)
         if augmenter is not None:
             images = augmenter(images)
+        if one_hot:
+            labels = tf.one_hot(labels, num_classes)
         return images, labels
 
     ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

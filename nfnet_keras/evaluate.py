@@ -4,16 +4,17 @@ Prints the test accuracy, the confusion matrix and per-class accuracy.
 """
 
 import argparse
-import json
 import sys
 
 import numpy as np
 
 from nfnet_keras import data as data_lib
+from nfnet_keras import fileio
+from nfnet_keras.contract import NUM_CLASSES
 from nfnet_keras.inference import InputError, load_predictor, with_flip_tta
 
 
-def confusion_matrix(labels, predictions, num_classes=10):
+def confusion_matrix(labels, predictions, num_classes=NUM_CLASSES):
     """`m[i, j]`: the number of images of class i predicted as j."""
     m = np.zeros((num_classes, num_classes), np.int64)
     np.add.at(m, (labels, predictions), 1)
@@ -42,9 +43,15 @@ def main(argv=None):
                    help="test-time augmentation: flip averages each image's and its mirror's probabilities")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        p.error(f"--limit must be >= 1 (the number of test images), got {args.limit}.")
+    if args.json:
+        problem = fileio.unwritable(args.json)
+        if problem:
+            p.error(f"--json {args.json}: {problem}.")
     try:
         predict = load_predictor(args.model)
-        _, (x, y) = data_lib.load_cifar10(args.data_dir, args.tfds_dir)
+        _, (x, y) = data_lib.load_cifar10(args.data_dir, args.tfds_dir, test_only=True)
     except (InputError, data_lib.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -59,9 +66,9 @@ def main(argv=None):
     print(f"test accuracy: {accuracy:.4f} ({np.trace(matrix)}/{matrix.sum()}{tta})")
     print(format_report(matrix))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(test_accuracy=accuracy, tta=args.tta, images=int(matrix.sum()), confusion_matrix=matrix.tolist(),
-                           per_class_accuracy=(np.diag(matrix) / matrix.sum(1)).tolist()), f, indent=2)
+        fileio.write_json(args.json, dict(
+            test_accuracy=accuracy, tta=args.tta, images=int(matrix.sum()), confusion_matrix=matrix.tolist(),
+            per_class_accuracy=(np.diag(matrix) / np.maximum(matrix.sum(1), 1)).tolist()))
     return 0
 
 

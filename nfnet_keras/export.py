@@ -26,16 +26,22 @@ import shutil
 import sys
 import tempfile
 
+import keras
 import numpy as np
 import tensorflow as tf
-import keras
 
-from nfnet_keras.data import CLASS_NAMES, IMAGE_SHAPE, preprocess
+from nfnet_keras import fileio
+from nfnet_keras.contract import (
+    CLASS_ID,
+    CLASS_NAMES,
+    CLASS_NAMES_ASSET,
+    IMAGE_SHAPE,
+    INPUT,
+    PROBABILITIES,
+    SIGNATURE,
+)
+from nfnet_keras.data import preprocess
 
-SIGNATURE = "serving_default"
-INPUT = "image"
-OUTPUTS = ("probabilities", "class_id")
-CLASS_NAMES_ASSET = "class_names.txt"
 _TMP_PREFIX = ".export-tmp-"  # not a number: TF Serving ignores it
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _VERSION_RE = re.compile(r"[0-9]+")
@@ -168,8 +174,13 @@ def export_saved_model(
     final_dir = os.path.join(model_dir, str(version))
 
     os.makedirs(model_dir, exist_ok=True)
+    for stale in stale_exports(model_dir):
+        shutil.rmtree(stale, ignore_errors=True)
+        print(f"Removed {stale}, left by an interrupted export.")
+    weight_bytes = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.weights)
+    fileio.check_free_space(model_dir, int(weight_bytes * 1.2) + (8 << 20), final_dir)
     # In the same folder, so that the final rename is atomic (same file system).
-    tmp_dir = tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=model_dir)
+    tmp_dir = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-", dir=model_dir)
     try:
         os.chmod(tmp_dir, 0o755)  # mkdtemp's 0700 would hide it from a server run as another user
         _write_saved_model(model, tmp_dir, class_names)
@@ -188,10 +199,31 @@ def export_saved_model(
                 "versions are never overwritten. Export again to take the next version."
             )
         os.rename(tmp_dir, final_dir)
+    except OSError as e:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if isinstance(e, FileExistsError):
+            raise
+        raise fileio.describe_write_error(e, final_dir) from e
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return final_dir
+
+
+def stale_exports(model_dir):
+    """Temporary export folders under `model_dir` whose exporting process is no longer alive."""
+    found = []
+    if not os.path.isdir(model_dir):
+        return found
+    for name in os.listdir(model_dir):
+        if not name.startswith(_TMP_PREFIX):
+            continue
+        pid = name[len(_TMP_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit():
+            found.append(os.path.join(model_dir, name))  # no owner recorded: nobody can be writing it
+        elif int(pid) != os.getpid() and not fileio.pid_alive(int(pid)):
+            found.append(os.path.join(model_dir, name))
+    return found
 
 
 def _check_model(model, class_names):
@@ -227,7 +259,7 @@ def _write_saved_model(model, path, class_names):
         logits = model(preprocess(image), training=False)
         probabilities = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
         class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
-        return {"probabilities": probabilities, "class_id": class_id}
+        return {PROBABILITIES: probabilities, CLASS_ID: class_id}
 
     signature = serve.get_concrete_function()
     root = tf.Module()
@@ -286,7 +318,7 @@ def _check_outputs(model, path, atol=1e-4):
     images = np.random.default_rng(0).integers(0, 256, (4,) + IMAGE_SHAPE, dtype=np.uint8)
     expected = tf.nn.softmax(tf.cast(model(preprocess(images), training=False), tf.float32))
     outputs = tf.saved_model.load(path).signatures[SIGNATURE](**{INPUT: tf.constant(images)})
-    error = float(np.max(np.abs(outputs["probabilities"].numpy() - expected.numpy())))
+    error = float(np.max(np.abs(outputs[PROBABILITIES].numpy() - expected.numpy())))
     if not error <= atol:
         raise ExportError(
             f"The exported model's probabilities differ from the Keras model's by {error:.2e} "
@@ -313,6 +345,9 @@ def _parse_args(argv):
 
 def main(argv=None):
     parser, args = _parse_args(argv)
+    if os.path.isfile(os.path.join(args.model, "saved_model.pb")):
+        parser.error(f"--model {args.model} is a SavedModel already; export takes the .keras file written by "
+                     "fit (e.g. runs/<run>/model.keras).")
     if not os.path.isfile(args.model):
         parser.error(f"--model {args.model}: no such file; pass the .keras file written by fit.")
     if args.version is not None and args.version < 1:

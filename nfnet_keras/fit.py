@@ -1,10 +1,15 @@
 """Train an NF-ResNet on CIFAR-10: `python -m nfnet_keras.fit [flags]`.
 
-With no flags it reproduces the report's final run (preset `seed`, SGD momentum
-0.9, lr 0.01, batch 64, 200 epochs, weight decay 2e-4, lr / 10 at epochs
-50/100/150, the report's augmentation); `--recipe fast` trains the same net
-in 20 epochs (README, "Time to accuracy"). Rerunning the same command after a
-crash resumes from the last complete epoch.
+With no flags it reproduces the report's final run (preset `report_resnet`,
+SGD momentum 0.9, lr 0.01, batch 64, 200 epochs, weight decay 2e-4, lr / 10 at
+epochs 50/100/150, the report's augmentation); `--recipe fast` trains the same
+net in 20 epochs (docs/training.md). Rerunning the same command after a crash
+or Ctrl-C resumes from the last complete epoch.
+
+Exit statuses: 0 done; 2 bad input (nothing written); 3 the loss diverged;
+4 trained but the export failed; 5 a file could not be written (e.g. a full
+disk), the run directory is in use by another process, or no checkpoint could
+be read; 130 interrupted (rerun the same command to resume).
 """
 
 import argparse
@@ -12,31 +17,34 @@ import json
 import os
 import sys
 
-from nfnet_keras import cli, training
+from nfnet_keras import cli, rundir
+from nfnet_keras.config import RECIPES, STRATEGIES, TrainConfig
 from nfnet_keras.export import check_model_name
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 EXIT_EXPORT_FAILED = 4
+EXIT_ENVIRONMENT = 5
+EXIT_INTERRUPTED = 130
 
 # Keys of a --hparams JSON file (e.g. the tuner's best_hparams.json) -> flags.
 HPARAM_KEYS = cli.CONFIG_FIELDS
 
 
 def build_parser():
-    d = training.TrainConfig()
+    d = TrainConfig()
     p = argparse.ArgumentParser(
         prog="python -m nfnet_keras.fit",
         description="Train a Normalizer-Free ResNet on CIFAR-10 (defaults: the report's final run).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--recipe", choices=sorted(training.RECIPES), default="report",
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="report",
                    help="a named set of defaults: report (the report's final run) or fast (20 epochs, "
-                   "see README); explicit flags and --hparams win")
+                   "see docs/training.md); explicit flags and --hparams win")
     cli.add_model_flags(p.add_argument_group("model"), d)
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
     g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
     cli.add_optimisation_flags(g, d, "step: lr/10 at 25/50/75%% of the epochs; cosine; onecycle; constant")
     g.add_argument("--hparams", metavar="FILE",
@@ -46,13 +54,13 @@ def build_parser():
     cli.add_runtime_flags(g, d)
     g.add_argument("--mixed-precision", dest="precision", action="store_const", const="mixed_float16",
                    help="shorthand for --precision mixed_float16 (GPU)")
-    g.add_argument("--strategy", choices=training.STRATEGIES, default=d.strategy,
+    g.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
                    help="mirrored: tf.distribute.MirroredStrategy over all GPUs (2 logical CPUs without one)")
     g = p.add_argument_group("output")
     g.add_argument("--run-dir", help="logs, checkpoints, model.keras, metrics.json (default: the newest "
                    "unfinished run with the same flags under runs/, else runs/<time>)")
     g.add_argument("--export-name", default="nfnet", help="SavedModel name under --export-dir")
-    g.add_argument("--export-dir", default="saved_models")
+    g.add_argument("--export-dir", default="saved_models", help="the folder TF Serving watches")
     g.add_argument("--no-export", action="store_true", help="skip the SavedModel export")
     g.add_argument("--quiet", action="store_true", help="no per-step progress bar (one line per epoch)")
     return p
@@ -65,7 +73,7 @@ def parse_config(argv=None):
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    recipe = dict(training.RECIPES[args.recipe])
+    recipe = dict(RECIPES[args.recipe])
     file_overrides = recipe.pop("overrides", {})
     parser.set_defaults(**recipe)
     if args.hparams:
@@ -74,16 +82,22 @@ def parse_config(argv=None):
                 hparams = json.load(f)
         except (OSError, ValueError) as e:
             parser.error(f"cannot read --hparams {args.hparams}: {e}")
+        if not isinstance(hparams, dict):
+            parser.error(f"--hparams {args.hparams} must hold a JSON object of settings, got a "
+                         f"{type(hparams).__name__}")
         unknown = sorted(set(hparams) - HPARAM_KEYS)
         if unknown:
             parser.error(f"--hparams {args.hparams} has unknown key(s) {', '.join(unknown)}; "
                          f"allowed: {', '.join(sorted(HPARAM_KEYS))}")
-        file_overrides = {**file_overrides, **hparams.pop("overrides", {})}
+        more = hparams.pop("overrides", {})
+        if not isinstance(more, dict):
+            parser.error(f"--hparams {args.hparams}: \"overrides\" must be an object of preset keys")
+        file_overrides = {**file_overrides, **more}
         parser.set_defaults(**hparams)
     args = parser.parse_args(argv)
     values = cli.config_values(args)
     values["overrides"] = {**file_overrides, **values["overrides"]}
-    config = training.TrainConfig(**values)
+    config = TrainConfig(**values)
     try:
         config.validate()
         if not args.no_export:  # before hours of training, not after them
@@ -95,8 +109,11 @@ def parse_config(argv=None):
 
 def main(argv=None):
     config, args = parse_config(argv)
-    run_dir = args.run_dir or training.default_run_dir(config)
-    print(f"Run directory: {run_dir}  (TensorBoard: tensorboard --logdir {os.path.join(run_dir, 'logs')})")
+    from nfnet_keras import fileio, training
+    from nfnet_keras.callbacks import CheckpointError
+    from nfnet_keras.data import DataError
+
+    run_dir = args.run_dir or rundir.default_run_dir(config)
     try:
         metrics = training.train(
             config,
@@ -105,16 +122,25 @@ def main(argv=None):
             export_dir=args.export_dir,
             verbose=2 if args.quiet else "auto",
         )
+    except KeyboardInterrupt:  # before the first epoch started
+        print("\nInterrupted before the first epoch; rerun the same command to start again.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except training.TrainingInterrupted as e:
+        print(f"\n{e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except training.TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_DIVERGED
     except training.ExportFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_EXPORT_FAILED
-    except (ValueError, training.data_lib.DataError) as e:
+    except (rundir.RunBusy, fileio.WriteError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
+    except (ValueError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(f"Wrote {os.path.join(run_dir, 'metrics.json')} (test_accuracy {metrics['test_accuracy']:.4f}).")
+    print(f"Wrote {os.path.join(run_dir, rundir.METRICS_FILE)} (test_accuracy {metrics['test_accuracy']:.4f}).")
     return 0
 
 

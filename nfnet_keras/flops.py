@@ -2,61 +2,63 @@
 
 import keras
 
-from nfnet_keras.blocks import NFBlock
 
+def conv_macs(conv, input_shape):
+    """Multiply-adds of a `keras.layers.Conv2D` (or subclass) on one input.
 
-def _conv_macs(conv, in_shape):
-    """(macs, output shape) of a Conv2D on an input `(h, w, c)`."""
-    h, w, c = in_shape
+    Args:
+        conv: a `keras.layers.Conv2D`, channels last.
+        input_shape: tuple of 3 ints. `(height, width, channels)`, no batch axis.
+
+    Returns:
+        `(macs, output_shape)`, the output shape as `(height, width, filters)`.
+    """
+    h, w, c = input_shape
     sh, sw = conv.strides
+    kh, kw = conv.kernel_size
     if conv.padding == "same":
         oh, ow = -(-h // sh), -(-w // sw)
     else:
-        kh, kw = conv.kernel_size
         oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
-    kh, kw = conv.kernel_size
     macs = oh * ow * kh * kw * (c // conv.groups) * conv.filters
     return macs, (oh, ow, conv.filters)
-
-
-def _block_macs(block, in_shape):
-    macs, shape = _conv_macs(block.conv0, in_shape)
-    for conv in (block.conv1, block.conv1b, block.conv2):
-        m, shape = _conv_macs(conv, shape)
-        macs += m
-    if block.se is not None:
-        c, hidden = block.filters, block.se.squeeze.units
-        macs += 2 * c * hidden
-    if block.shortcut_conv is not None:
-        # After a pool the conv sees the output resolution; else it strides itself.
-        conv_in = shape[:2] + (in_shape[2],) if block.pool is not None else in_shape
-        m, _ = _conv_macs(block.shortcut_conv, conv_in)
-        macs += m
-    return macs, shape
 
 
 def count_macs(model):
     """Returns the multiply-adds of one forward pass of one image through `model`.
 
-    Counts every convolution and dense layer (element-wise ops, pooling and the
-    weight standardization itself are not counted). Needs a fixed input size.
+    Walks the model's layers in order: a layer with a `macs(input_shape)`
+    method (`NFBlock`) counts itself; convolutions and dense layers are
+    counted here; every other layer counts 0 and keeps the shape (the
+    activations, normalization, dropout), except global pooling, which drops
+    the spatial axes. Element-wise ops, pooling and the weight standardization
+    itself are not counted. Needs a fixed input size.
+
+    Args:
+        model: a `keras.Model` from `nfnet_keras.build_model`.
+
+    Returns:
+        int. Multiply-adds per image.
+
+    Example:
+
+    >>> count_macs(build_model("tiny"))
+    1368384
     """
     shape = tuple(model.input_shape[1:])
     if None in shape:
         raise ValueError("count_macs needs a model built with a fixed input_shape.")
     total = 0
     for layer in model.layers:
-        if isinstance(layer, NFBlock):
-            macs, shape = _block_macs(layer, shape)
+        macs = 0
+        if callable(getattr(layer, "macs", None)):
+            macs, shape = layer.macs(shape)
         elif isinstance(layer, keras.layers.Conv2D):
-            macs, shape = _conv_macs(layer, shape)
+            macs, shape = conv_macs(layer, shape)
         elif isinstance(layer, keras.layers.Dense):
-            macs = shape[-1] * layer.units
-            shape = (layer.units,)
+            macs, shape = shape[-1] * layer.units, (layer.units,)
         elif isinstance(layer, keras.layers.GlobalAveragePooling2D):
-            macs, shape = 0, (shape[-1],)
-        else:
-            macs = 0
+            shape = (shape[-1],)
         total += macs
     return total
 

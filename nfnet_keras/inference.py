@@ -8,13 +8,10 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from nfnet_keras.data import IMAGE_SHAPE, preprocess
+from nfnet_keras.contract import IMAGE_SHAPE, INPUT, NUM_CLASSES, PROBABILITIES, SIGNATURE, InputError, check_images
+from nfnet_keras.data import preprocess
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-
-
-class InputError(ValueError):
-    """A bad model path or image input; the message says what to do."""
 
 
 def keras_predictor(model, batch_size=256):
@@ -62,29 +59,20 @@ def load_predictor(path, batch_size=256):
         return keras_predictor(model, batch_size)
     if os.path.isfile(os.path.join(path, "saved_model.pb")):
         loaded = tf.saved_model.load(path)
-        if "serving_default" not in loaded.signatures:
-            raise InputError(f"--model {path} has no serving_default signature.")
-        signature = loaded.signatures["serving_default"]
+        if SIGNATURE not in loaded.signatures:
+            raise InputError(f"--model {path} has no {SIGNATURE} signature.")
+        signature = loaded.signatures[SIGNATURE]
 
         def predict(images):
-            out = [signature(image=tf.constant(images[i:i + batch_size]))["probabilities"].numpy()
+            out = [signature(**{INPUT: tf.constant(images[i:i + batch_size])})[PROBABILITIES].numpy()
                    for i in range(0, len(images), batch_size)]
-            return np.concatenate(out) if out else np.zeros((0, 10), np.float32)
+            return np.concatenate(out) if out else np.zeros((0, NUM_CLASSES), np.float32)
 
         return predict
     raise InputError(
         f"--model {path} is neither a .keras file nor a SavedModel directory "
         "(a folder with saved_model.pb, e.g. saved_models/nfnet/1)."
     )
-
-
-def check_images(images, where="images"):
-    """Raises InputError unless `images` is a uint8 array N x 32 x 32 x 3."""
-    if images.dtype != np.uint8:
-        raise InputError(f"{where}: expected uint8 pixels (0-255), got dtype {images.dtype}.")
-    if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
-        raise InputError(f"{where}: expected shape N x 32 x 32 x 3, got {images.shape}.")
-    return images
 
 
 def read_images(path):
@@ -119,6 +107,7 @@ def read_images(path):
         except tf.errors.OpError as e:
             raise InputError(f"{f} is not a readable PNG/JPEG image.") from e
         if tuple(image.shape[:2]) != IMAGE_SHAPE[:2]:
-            image = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(image, IMAGE_SHAPE[:2], antialias=True)), 0, 255), tf.uint8)
+            resized = tf.image.resize(image, IMAGE_SHAPE[:2], antialias=True)
+            image = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
         images.append(image.numpy())
     return [os.path.basename(f) for f in files], np.stack(images)

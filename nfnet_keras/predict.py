@@ -7,27 +7,26 @@ probabilities N x 10) or `.csv` (file, class, probability).
 
 import argparse
 import csv
-import os
 import sys
 
 import numpy as np
 
-from nfnet_keras.data import CLASS_NAMES
-from nfnet_keras.inference import InputError, load_predictor, read_images
+from nfnet_keras import fileio
+from nfnet_keras.contract import CLASS_NAMES, InputError
+from nfnet_keras.inference import load_predictor, read_images
 
 
 def write_predictions(path, names, probabilities):
     """Writes probabilities to `.npy`, or `file,class,probability` rows to `.csv`, atomically."""
-    tmp = f"{path}.tmp{os.path.splitext(path)[1]}"
     if path.endswith(".npy"):
-        np.save(tmp, probabilities.astype(np.float32))
-    else:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["file", "class", "probability"])
-            for name, p in zip(names, probabilities):
-                writer.writerow([name, CLASS_NAMES[int(p.argmax())], f"{float(p.max()):.6f}"])
-    os.replace(tmp, path)
+        with fileio.atomic_write(path, "wb") as f:
+            np.save(f, probabilities.astype(np.float32))
+        return
+    with fileio.atomic_write(path, newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "class", "probability"])
+        for name, p in zip(names, probabilities):
+            writer.writerow([name, CLASS_NAMES[int(p.argmax())], f"{float(p.max()):.6f}"])
 
 
 def main(argv=None):
@@ -38,17 +37,23 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.out.endswith((".npy", ".csv")):
         p.error(f"--out {args.out}: use a .npy or .csv file name.")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        p.error(f"--out {args.out}: folder {out_dir} does not exist.")
+    problem = fileio.unwritable(args.out)
+    if problem:
+        p.error(f"--out {args.out}: {problem}.")
     try:
         names, images = read_images(args.images)
+        if len(images) == 0:
+            raise InputError(f"--images {args.images}: holds no images (an empty array); give at least one.")
         predict = load_predictor(args.model)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     probabilities = predict(images)
-    write_predictions(args.out, names, probabilities)
+    try:
+        write_predictions(args.out, names, probabilities)
+    except fileio.WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 5
     print(f"Wrote {len(names)} predictions to {args.out}.")
     return 0
 

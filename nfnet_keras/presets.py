@@ -1,5 +1,9 @@
 """Model variants as plain data. `build_model(preset, **overrides)` reads them.
 
+`PRESETS` maps each canonical name to its keys; `PRESET_ALIASES` maps other
+names to canonical ones (`"seed"` -> `"report_resnet"`), and
+`canonical_preset(name)` resolves either.
+
 Keys:
     stem_widths / stem_strides: the 3x3 WS convs of the stem (a scaled
         activation between consecutive ones).
@@ -19,6 +23,11 @@ Keys:
         conv (NFNet) rather than striding the conv (the report's ResNet).
     conv_bias: whether the WS convs have biases (NFNet: yes).
     dropout: dropout rate before the classifier.
+    skip_gain_init: the initial value of each block's scalar skip gain
+        (0: SkipInit, every residual branch starts switched off).
+    beta: what a block divides its input by: "std", the expected standard
+        deviation (the papers), or "var", the expected variance (the
+        report's code; kept for the experiment that reproduces it).
 """
 
 import copy
@@ -44,12 +53,14 @@ _CIFAR_BASE = dict(
     shortcut_pool=False,
     conv_bias=True,
     dropout=0.0,
+    skip_gain_init=0.0,
+    beta="std",
 )
 
 PRESETS = {
     # The report's network: stem 3x3 -> 16, three stages of five bottleneck
     # blocks with outputs 64/128/256 and strides 1/2/2, ReLU, no SE.
-    "seed": dict(_CIFAR_BASE),
+    "report_resnet": dict(_CIFAR_BASE),
     # A stronger CIFAR net: wider, GELU, Squeeze-Excite, stochastic depth.
     "cifar_wide": dict(
         _CIFAR_BASE,
@@ -103,11 +114,46 @@ for _k, _dropout in enumerate(_NFNET_F_DROPOUT):
         shortcut_pool=True,
         conv_bias=True,
         dropout=_dropout,
+        skip_gain_init=0.0,
+        beta="std",
+    )
+
+
+# Other names a preset answers to: alias -> canonical name.
+PRESET_ALIASES = {"seed": "report_resnet"}
+
+
+def canonical_preset(name):
+    """Returns the canonical name of preset `name` (itself, or what its alias stands for).
+
+    Args:
+        name: str. A key of `PRESETS` or of `PRESET_ALIASES`.
+
+    Returns:
+        The key of `PRESETS` that `name` names.
+
+    Raises:
+        ValueError: if `name` is neither; the message lists the presets and the aliases.
+
+    Example:
+
+    >>> canonical_preset("seed")
+    'report_resnet'
+    """
+    if isinstance(name, str):
+        name = PRESET_ALIASES.get(name, name)
+        if name in PRESETS:
+            return name
+    aliases = ", ".join(f"{alias!r} for {target!r}" for alias, target in PRESET_ALIASES.items())
+    raise ValueError(
+        f"Unknown preset {name!r}. Use one of: {', '.join(PRESETS)} (aliases: {aliases})."
     )
 
 
 def get_preset(name):
-    """Returns a deep copy of preset `name`, or raises a ValueError naming the presets."""
-    if name not in PRESETS:
-        raise ValueError(f"Unknown preset {name!r}. Use one of: {', '.join(PRESETS)}.")
-    return copy.deepcopy(PRESETS[name])
+    """Returns a deep copy of preset `name` (an alias gives its canonical preset).
+
+    Raises:
+        ValueError: on an unknown name; the message lists the presets and the aliases.
+    """
+    return copy.deepcopy(PRESETS[canonical_preset(name)])

@@ -31,11 +31,18 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from nfnet_keras.data import CLASS_NAMES, IMAGE_SHAPE
-from nfnet_keras.inference import InputError, read_images
+from nfnet_keras.contract import (
+    CLASS_ID,
+    CLASS_NAMES,
+    CLASS_NAMES_ASSET,
+    INPUT,
+    PROBABILITIES,
+    SIGNATURE,
+    InputError,
+    check_images,
+)
+from nfnet_keras.inference import read_images
 
-SIGNATURE = "serving_default"
-INPUT = "image"
 REST_PORT = 8501
 GRPC_PORT = 8500
 # A batch of 256 CIFAR images is 786 KB; allow large batches both ways.
@@ -67,23 +74,10 @@ def as_image_batch(images):
     """Returns `images` as a uint8 `(batch, 32, 32, 3)` array; one image gets a batch axis.
 
     Raises:
-        ValueError: not uint8 (the server normalises raw 0-255 pixels itself), or a
-            wrong shape.
+        InputError (a ValueError): not uint8 (the server normalises raw 0-255
+            pixels itself), or a wrong shape.
     """
-    images = np.asarray(images)
-    if images.dtype != np.uint8:
-        raise ValueError(
-            f"images must be uint8 raw pixels (0-255), got {images.dtype}; the model "
-            "normalises them itself, so do not scale them."
-        )
-    if images.shape == IMAGE_SHAPE:
-        images = images[None]
-    if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
-        raise ValueError(
-            f"images must have shape (batch, {', '.join(map(str, IMAGE_SHAPE))}) or "
-            f"{IMAGE_SHAPE}, got {images.shape}."
-        )
-    return images
+    return check_images(images, "images", allow_single=True)
 
 
 def _predictions(probabilities, class_ids, class_names):
@@ -104,7 +98,7 @@ def _predictions(probabilities, class_ids, class_names):
 
 def read_class_names(saved_model_dir):
     """Reads the class names shipped with an export (`assets/class_names.txt`)."""
-    with open(os.path.join(saved_model_dir, "assets", "class_names.txt"), encoding="utf-8") as f:
+    with open(os.path.join(saved_model_dir, "assets", CLASS_NAMES_ASSET), encoding="utf-8") as f:
         return tuple(line.rstrip("\n") for line in f if line.strip())
 
 
@@ -147,15 +141,15 @@ def parse_rest_response(body, class_names=CLASS_NAMES):
     if "predictions" in body:
         rows = body["predictions"]
         try:
-            probabilities = [row["probabilities"] for row in rows]
-            class_ids = [row["class_id"] for row in rows]
+            probabilities = [row[PROBABILITIES] for row in rows]
+            class_ids = [row[CLASS_ID] for row in rows]
         except (TypeError, KeyError) as e:
             raise ServingError(
                 f"a prediction lacks {e}; expected 'probabilities' and 'class_id' in each."
             ) from e
     elif "outputs" in body and isinstance(body["outputs"], dict):
-        probabilities = body["outputs"].get("probabilities")
-        class_ids = body["outputs"].get("class_id")
+        probabilities = body["outputs"].get(PROBABILITIES)
+        class_ids = body["outputs"].get(CLASS_ID)
         if probabilities is None or class_ids is None:
             raise ServingError("expected outputs 'probabilities' and 'class_id'.")
     else:
@@ -181,7 +175,7 @@ def predict_rest(url, images, signature_name=SIGNATURE, class_names=CLASS_NAMES,
         raise ServingError(f"HTTP {e.code} from {url}: {reason}") from e
     except (urllib.error.URLError, OSError) as e:
         raise ServingError(f"cannot reach {url} ({getattr(e, 'reason', e)}); is the server up?") from e
-    return parse_rest_response(body, class_names)
+    return _one_per_image(parse_rest_response(body, class_names), images)
 
 
 # === gRPC ===
@@ -201,14 +195,14 @@ def grpc_request(images, model_name, signature_name=SIGNATURE, version=None):
 
 def parse_grpc_response(response, class_names=CLASS_NAMES):
     """Parses a `PredictResponse` into `Prediction`s."""
-    missing = {"probabilities", "class_id"} - set(response.outputs)
+    missing = {PROBABILITIES, CLASS_ID} - set(response.outputs)
     if missing:
         raise ServingError(
             f"the response lacks output(s) {sorted(missing)}; got {sorted(response.outputs)}."
         )
     return _predictions(
-        tf.make_ndarray(response.outputs["probabilities"]),
-        tf.make_ndarray(response.outputs["class_id"]),
+        tf.make_ndarray(response.outputs[PROBABILITIES]),
+        tf.make_ndarray(response.outputs[CLASS_ID]),
         class_names,
     )
 
@@ -238,7 +232,14 @@ def predict_grpc(
             response = stub.Predict(request, timeout=timeout)
         except grpc.RpcError as e:
             raise ServingError(f"{e.code().name} from {target}: {e.details()}") from e
-    return parse_grpc_response(response, class_names)
+    return _one_per_image(parse_grpc_response(response, class_names), images)
+
+
+def _one_per_image(predictions, images):
+    sent = len(as_image_batch(images))
+    if len(predictions) != sent:
+        raise ServingError(f"the server returned {len(predictions)} predictions for {sent} images.")
+    return predictions
 
 
 # === Command line ===

@@ -1,10 +1,12 @@
 """Adaptive Gradient Clipping (nfnet_keras/agc.py)."""
 
-import numpy as np
-import pytest
+import inspect
 
 import keras
+import numpy as np
+import pytest
 import tensorflow as tf
+
 from nfnet_keras import clip_gradient, unitwise_norm, with_agc
 
 from conftest import assert_same_weights, keras_roundtrip
@@ -193,3 +195,146 @@ def test_agc_optimizer_survives_model_save_and_load(tmp_path):
     loaded.train_on_batch(x, y)
     assert_same_weights(model, loaded)
     assert int(to_np(opt.iterations)) == 2
+
+
+# === Where AGC runs in the optimizer's step ===
+
+
+def np_agc(grad, weight, clipping, eps=1e-3):
+    """AGC in NumPy from the paper's formula: per output column of a dense kernel, per element of a vector."""
+    grad, weight = np.asarray(grad, "float64"), np.asarray(weight, "float64")
+    norm = (lambda t: np.abs(t)) if grad.ndim == 1 else (lambda t: np.sqrt((t**2).sum(axis=0, keepdims=True)))
+    limit = clipping * np.maximum(norm(weight), eps)
+    g_norm = norm(grad)
+    return np.where(g_norm > limit, grad * limit / np.maximum(g_norm, 1e-6), grad)
+
+
+def np_clip_by_norm(grad, clip):
+    norm = np.sqrt((grad**2).sum())
+    return grad * min(1.0, clip / norm)
+
+
+# A dense kernel (in=2, out=2) and a bias. Column norms: W 0.5 and 5, G 1 and
+# 0.5; with clipping 0.1 AGC shrinks column 0 (1 -> 0.05) and keeps column 1.
+W0 = np.array([[0.3, 4.0], [0.4, 3.0]])
+G = np.array([[0.6, 0.3], [0.8, 0.4]])
+B0 = np.array([0.5, -2.0])
+GB = np.array([0.2, 0.1])  # element-wise limits 0.05 and 0.2: 0.2 -> 0.05, 0.1 kept
+LR, CLIPPING = 0.5, 0.1
+
+
+def _one_step(**optimizer_kwargs):
+    kernel = keras.Variable(W0.astype("float32"), name="kernel")
+    bias = keras.Variable(B0.astype("float32"), name="bias")
+    optimizer = with_agc(keras.optimizers.SGD(LR, **optimizer_kwargs), clipping=CLIPPING)
+    optimizer.apply_gradients([(G.astype("float32"), kernel), (GB.astype("float32"), bias)])
+    return to_np(kernel).astype("float64"), to_np(bias).astype("float64")
+
+
+def test_agc_alone_step():
+    kernel, bias = _one_step()
+    np.testing.assert_allclose(kernel, W0 - LR * np.array([[0.03, 0.3], [0.04, 0.4]]), rtol=1e-6)
+    np.testing.assert_allclose(bias, B0 - LR * np.array([0.05, 0.1]), rtol=1e-6)
+    np.testing.assert_allclose(np_agc(G, W0, CLIPPING), [[0.03, 0.3], [0.04, 0.4]], rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kwargs, first, second",
+    [
+        # The optimizer's clipnorm (each tensor on its own) clips what AGC left.
+        (dict(clipnorm=0.25),
+         lambda g, w: np_clip_by_norm(np_agc(g, w, CLIPPING), 0.25),
+         lambda g, w: np_agc(np_clip_by_norm(g, 0.25), w, CLIPPING)),
+        (dict(clipvalue=0.1),
+         lambda g, w: np.clip(np_agc(g, w, CLIPPING), -0.1, 0.1),
+         lambda g, w: np_agc(np.clip(g, -0.1, 0.1), w, CLIPPING)),
+    ],
+    ids=["clipnorm", "clipvalue"],
+)
+def test_agc_runs_before_the_optimizers_own_clipping(kwargs, first, second):
+    kernel, bias = _one_step(**kwargs)
+    np.testing.assert_allclose(kernel, W0 - LR * first(G, W0), rtol=1e-5)
+    np.testing.assert_allclose(bias, B0 - LR * first(GB, B0), rtol=1e-5)
+    # The other order gives another step: the test can tell them apart.
+    assert not np.allclose(W0 - LR * second(G, W0), kernel, rtol=1e-3)
+
+
+def test_agc_runs_before_global_clipnorm():
+    # global_clipnorm scales every gradient by one factor: clip / the global
+    # norm of what AGC left (of kernel and bias together).
+    clip = 0.25
+    clipped = [np_agc(G, W0, CLIPPING), np_agc(GB, B0, CLIPPING)]
+    scale = min(1.0, clip / np.sqrt(sum((g**2).sum() for g in clipped)))
+    kernel, bias = _one_step(global_clipnorm=clip)
+    np.testing.assert_allclose(kernel, W0 - LR * scale * clipped[0], rtol=1e-5)
+    np.testing.assert_allclose(bias, B0 - LR * scale * clipped[1], rtol=1e-5)
+    other_scale = min(1.0, clip / np.sqrt((G**2).sum() + (GB**2).sum()))
+    assert not np.allclose(W0 - LR * np_agc(other_scale * G, W0, CLIPPING), kernel, rtol=1e-3)
+
+
+def test_agc_clips_against_the_weights_before_decoupled_weight_decay():
+    # Keras decays first (W <- W - lr wd W) and then steps, but AGC has
+    # already clipped against the undecayed W: the limit of column 0 is
+    # 0.1 * 0.5, not 0.1 * 0.5 * (1 - lr wd).
+    wd = 0.4
+    kernel, bias = _one_step(weight_decay=wd)
+    np.testing.assert_allclose(kernel, W0 * (1 - LR * wd) - LR * np_agc(G, W0, CLIPPING), rtol=1e-5)
+    np.testing.assert_allclose(bias, B0 * (1 - LR * wd) - LR * np_agc(GB, B0, CLIPPING), rtol=1e-5)
+    decayed_first = W0 * (1 - LR * wd) - LR * np_agc(G, W0 * (1 - LR * wd), CLIPPING)
+    assert not np.allclose(decayed_first, kernel, rtol=1e-3)
+
+
+@pytest.mark.parametrize("wrap", ["loss_scale_factor", "LossScaleOptimizer"])
+def test_agc_sees_unscaled_gradients(wrap):
+    # A scaled loss gives scaled gradients: AGC must clip them after unscaling,
+    # or its limit (relative to the weights) would be off by the scale.
+    scale = 64.0
+    kernel = keras.Variable(W0.astype("float32"), name="kernel")
+    if wrap == "loss_scale_factor":
+        optimizer = with_agc(keras.optimizers.SGD(LR, loss_scale_factor=scale), clipping=CLIPPING)
+    else:
+        optimizer = keras.optimizers.LossScaleOptimizer(
+            with_agc(keras.optimizers.SGD(LR), clipping=CLIPPING), initial_scale=scale
+        )
+    optimizer.apply_gradients([((scale * G).astype("float32"), kernel)])
+    np.testing.assert_allclose(to_np(kernel), W0 - LR * np_agc(G, W0, CLIPPING), rtol=1e-5)
+
+
+def test_keras_routes_every_update_through_the_overridden_method():
+    # AGC overrides Keras 3.15's private `_backend_apply_gradients(grads,
+    # trainable_variables)`. This fails if Keras renames it, changes its
+    # arguments, or stops calling it from apply_gradients, fit or a
+    # LossScaleOptimizer, or calls it with still-scaled gradients.
+    from nfnet_keras import agc
+
+    base = keras.optimizers.Optimizer
+    assert agc.HOOK == "_backend_apply_gradients"
+    assert list(inspect.signature(getattr(base, agc.HOOK)).parameters) == ["self", "grads", "trainable_variables"]
+    agc_class = type(with_agc(keras.optimizers.Adam()))
+    assert getattr(agc_class, agc.HOOK) is agc._AGCMixin._backend_apply_gradients
+
+    calls = []
+
+    class Spy(keras.optimizers.SGD):
+        def _backend_apply_gradients(self, grads, trainable_variables):
+            values = [to_np(g) for g in grads] if tf.executing_eagerly() else None  # fit traces it
+            calls.append((values, [v.path for v in trainable_variables]))
+            return super()._backend_apply_gradients(grads, trainable_variables)
+
+    variable = keras.Variable(np.ones(2, "float32"), name="w")
+    Spy(0.1, loss_scale_factor=4.0).apply_gradients([(np.array([4.0, 8.0], "float32"), variable)])
+    keras.optimizers.LossScaleOptimizer(Spy(0.1), initial_scale=8.0).apply_gradients(
+        [(np.array([8.0, 16.0], "float32"), variable)]
+    )
+    assert [c[1] for c in calls] == [["w"], ["w"]]
+    for grads, _ in calls:  # unscaled
+        np.testing.assert_allclose(grads[0], [1.0, 2.0])
+    model = toy_model()
+    model.compile(Spy(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(*toy_batch(), batch_size=8, epochs=1, verbose=0)  # traced once, run twice
+    assert len(calls) == 3 and calls[-1][1] == [v.path for v in model.trainable_variables]
+
+
+def test_agc_refuses_gradient_accumulation():
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        with_agc(keras.optimizers.SGD(0.1, gradient_accumulation_steps=2))

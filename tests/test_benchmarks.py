@@ -1,10 +1,24 @@
-"""The benchmarks run (`--smoke`: tiny preset, a couple of steps) and write the JSON they promise."""
+"""The benchmarks run end to end (`--smoke`: tiny preset, a couple of steps) and report consistent figures.
+
+Each smoke run's JSON is checked against itself: every ratio is the quotient of
+the two rates it names, round by round; every rate per wall second is the rate
+per CPU-second times the cores used; the timed windows fit in the run's wall
+time; each `target_met` agrees with its figure and target; the printed table
+shows the JSON's numbers.
+"""
 
 import json
+import os
+import pickle
 
+import keras
+import numpy as np
 import pytest
 
+import nfnet_keras
 from benchmarks import bn_baseline, common, peak, pipeline, throughput
+
+from conftest import write_synthetic_cifar
 
 
 def _run(module, tmp_path, *extra):
@@ -12,15 +26,50 @@ def _run(module, tmp_path, *extra):
     name = payload["benchmark"]
     with open(tmp_path / f"{name}_smoke.json") as f:
         saved = json.load(f)
+    assert payload["json_path"] == str(tmp_path / f"{name}_smoke.json")
     for key in ("benchmark", "settings", "machine", "wall_seconds", "load_average_at_end"):
         assert key in saved, key
     for key in ("cpu", "usable_cpus", "tensorflow", "keras", "load_average_1_5_15", "other_busy_processes"):
         assert key in saved["machine"], key
+    assert saved["settings"]["smoke"] is True and saved["wall_seconds"] > 0
     return saved
 
 
-def _positive_summary(summary):
-    assert summary["n"] >= 1 and 0 < summary["min"] <= summary["median"] <= summary["max"]
+def _check_summary(summary, n):
+    """A `common.summarize` of n positive values: ordered, and the values it summarises."""
+    values = summary["values"]
+    assert summary["n"] == len(values) == n
+    assert 0 < summary["min"] <= summary["median"] <= summary["max"]
+    assert summary["min"] == min(values) and summary["max"] == max(values)
+    assert min(values) <= summary["mean"] <= max(values)
+
+
+def _quotients(numerators, denominators):
+    return [a / b for a, b in zip(numerators["values"], denominators["values"])]
+
+
+def _check_rate_is_cpu_rate_times_cores(per_wall_s, per_cpu_s, cores):
+    # images / wall s = (images / CPU s) x (CPU s / wall s), up to the rounding
+    # of the JSON: rates to 0.1 (or 0.01), cores to 0.01.
+    for rate, cpu_rate, used in zip(per_wall_s["values"], per_cpu_s["values"], cores["values"]):
+        assert abs(rate - cpu_rate * used) <= 0.005 * cpu_rate + 0.05 * used + 0.05 + 1e-6, (rate, cpu_rate, used)
+
+
+def _table(out, first_header):
+    """The Markdown table of `out` whose header starts with `first_header`: a list of row dicts."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} "))
+    split = lambda line: [cell.strip() for cell in line.strip().strip("|").split("|")]
+    headers = split(lines[start])
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(headers, split(line))))
+    return rows
+
+
+# === Helpers ===
 
 
 def test_interleave_alternates_order_and_warms_up():
@@ -32,67 +81,181 @@ def test_interleave_alternates_order_and_warms_up():
     assert common.paired_ratios([2, 6], [1, 2])["median"] == 2.5
 
 
+def test_summarize_and_rates():
+    summary = common.summarize([3.0, 1.0, 2.0, 10.0], digits=1)
+    assert summary == {"n": 4, "min": 1.0, "median": 2.5, "max": 10.0, "mean": 4.0,
+                       "values": [3.0, 1.0, 2.0, 10.0]}
+    assert common.summarize([]) == {"n": 0}
+    samples = [{"rate": 10.0, "cpu_rate": 5.0, "cores": 2.0}, {"rate": 4.0, "cpu_rate": 4.0, "cores": 1.0}]
+    assert common.rates(samples) == [10.0, 4.0]
+    assert common.rates(samples, "cpu_rate", scale=0.5) == [2.5, 2.0]
+
+
 def test_bn_twin_has_the_nf_convolutions():
+    from nfnet_keras import ScaledActivation, WSConv2D
+
     for preset in ("tiny", "tiny_grouped"):
         shapes = {v: sorted(bn_baseline.conv_kernel_shapes(bn_baseline.build_variant(v, preset)))
                   for v in bn_baseline.VARIANTS}
-        assert shapes["bn"] == shapes["nf"] == shapes["nf_plain_conv"]
+        assert shapes["bn"] == shapes["nf"] == shapes["nf_plain_conv"] == shapes["nf_no_bias"]
     bn = bn_baseline.build_bn_model("tiny")
-    assert not any(type(layer).__name__ in ("NFBlock", "WSConv2D", "ScaledActivation") for layer in bn.layers)
-    assert sum(type(layer).__name__ == "BatchNormalization" for layer in bn.layers) == 2 * 4 + 1
+    layers = list(bn._flatten_layers(include_self=False))
+    assert not any(isinstance(layer, (WSConv2D, ScaledActivation)) for layer in layers)
+    # A BatchNorm before each of the 4 activations of the 2 blocks, and one before the head.
+    assert sum(isinstance(layer, keras.layers.BatchNormalization) for layer in layers) == 2 * 4 + 1
+    convs = [layer for layer in layers if isinstance(layer, keras.layers.Conv2D)]
+    assert convs and not any(conv.use_bias for conv in convs)
+    assert not any("skip_gain" in v.path for v in bn.weights)
     with pytest.raises(ValueError, match="Unknown variant"):
         bn_baseline.build_variant("ln", "tiny")
 
 
-def test_bn_baseline_smoke(tmp_path):
+# === The synthetic CIFAR-10 the data benchmarks read ===
+
+
+def test_synthetic_cifar_dir_reads_as_cifar10_with_learnable_classes(synthetic_cifar_dir):
+    from nfnet_keras.data import CLASS_NAMES, load_cifar10, preprocess
+
+    folder = os.path.join(synthetic_cifar_dir, "cifar-10-batches-py")
+    assert sorted(os.listdir(folder)) == sorted(
+        [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+    )
+    with open(os.path.join(folder, "data_batch_3"), "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    assert batch[b"data"].dtype == np.uint8 and batch[b"data"].shape == (200, 3072)
+    assert len(batch[b"labels"]) == 200 and all(type(label) is int for label in batch[b"labels"])
+    with open(os.path.join(folder, "batches.meta"), "rb") as f:
+        meta = pickle.load(f, encoding="bytes")
+    assert tuple(name.decode() for name in meta[b"label_names"]) == CLASS_NAMES
+    assert meta[b"num_vis"] == 3072
+
+    (x, y), (x_test, y_test) = load_cifar10(synthetic_cifar_dir)
+    assert x.shape == (1000, 32, 32, 3) and x.dtype == np.uint8 and x_test.shape == (200, 32, 32, 3)
+    assert np.bincount(y, minlength=10).tolist() == [100] * 10
+    assert np.bincount(y_test, minlength=10).tolist() == [20] * 10
+    # Rows are channels-first: the red plane of an image is its first 1024 values.
+    np.testing.assert_array_equal(x[400:600, :, :, 0].reshape(200, 1024), batch[b"data"][:, :1024])
+    # A linear model of the mean colour learns the classes in 20 full-batch steps (100% measured).
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(10)])
+    model.compile(keras.optimizers.Adam(0.1), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    model.fit(preprocess(x), y, batch_size=1000, epochs=20, verbose=0)
+    _, accuracy = model.evaluate(preprocess(x_test), y_test, verbose=0)
+    assert accuracy >= 0.9
+
+
+# === The benchmarks, end to end ===
+
+
+def test_bn_baseline_smoke(tmp_path, capsys):
     saved = _run(bn_baseline, tmp_path)
+    rows = {row["variant"]: row for row in saved["variants"]}
+    assert set(rows) == set(bn_baseline.VARIANTS)
     assert saved["all_convs_match"] is True
-    assert {row["variant"] for row in saved["variants"]} == set(bn_baseline.VARIANTS)
-    assert len({row["macs"] for row in saved["variants"]}) == 1
+    assert all(row["same_convs_as_nf"] for row in rows.values())
+    # The BN twin's MACs are counted layer by layer, the NF model's by count_macs: they agree.
+    assert len({row["macs"] for row in rows.values()}) == 1
+    assert len({row["convs"] for row in rows.values()}) == 1
+    assert rows["nf"]["params"] == nfnet_keras.build_model("tiny").count_params()
+    # The NF twins differ from the NF model only by gains and biases: fewer parameters.
+    assert rows["nf_plain_conv"]["params"] < rows["nf"]["params"]
+    assert rows["nf_no_bias"]["params"] < rows["nf"]["params"]
+    printed = {row["variant"]: row for row in _table(capsys.readouterr().out, "variant")}
+    assert {v: int(row["parameters"]) for v, row in printed.items()} == {v: r["params"] for v, r in rows.items()}
 
 
-def test_throughput_smoke(tmp_path):
+@pytest.mark.slow
+def test_throughput_smoke(tmp_path, capsys):
     saved = _run(throughput, tmp_path)
-    assert saved["target"] == {"nf_over_bn": 1.5}
+    settings = saved["settings"]
+    repeats, steps = settings["repeats"], settings["steps"]
     [result] = saved["results"]
-    assert result["batch_size"] == 8 and result["xla"] is False
+    assert result["batch_size"] == settings["batch_sizes"][0] and result["xla"] is False
     for variant in ("nf", "bn"):
-        _positive_summary(result["images_per_s"][variant])
+        for key in ("images_per_s", "images_per_cpu_s", "cores_used"):
+            _check_summary(result[key][variant], repeats)
+        _check_rate_is_cpu_rate_times_cores(
+            result["images_per_s"][variant], result["images_per_cpu_s"][variant], result["cores_used"][variant]
+        )
         assert result["first_step_s"][variant] > 0
-    _positive_summary(result["ratio"])
-    _positive_summary(result["ratio_per_cpu_s"])
-    assert isinstance(result["target_met"], bool)
+    # NF/BN per round, from the two rates of that round (images/s rounded to 0.01).
+    ips = result["images_per_s"]
+    assert result["ratio"]["values"] == pytest.approx(_quotients(ips["nf"], ips["bn"]), rel=1e-3)
+    cpu = result["images_per_cpu_s"]
+    assert result["ratio_per_cpu_s"]["values"] == pytest.approx(_quotients(cpu["nf"], cpu["bn"]), rel=1e-3)
+    # The timed windows (steps x batch images each) took less than the whole run.
+    timed = sum(steps * result["batch_size"] / v for variant in ("nf", "bn") for v in ips[variant]["values"])
+    assert timed < saved["wall_seconds"]
+    assert result["target_met"] == (result["ratio"]["median"] >= saved["target"]["nf_over_bn"])
+    assert saved["target_met_everywhere"] == result["target_met"]
+    [row] = _table(capsys.readouterr().out, "XLA")
+    assert float(row["NF median"]) == pytest.approx(ips["nf"]["median"], rel=0.01, abs=0.01)
+    assert float(row["BN median"]) == pytest.approx(ips["bn"]["median"], rel=0.01, abs=0.01)
+    assert float(row["NF/BN median"]) == pytest.approx(result["ratio"]["median"], abs=0.01)
 
 
+@pytest.mark.slow
 def test_peak_smoke(tmp_path):
     saved = _run(peak, tmp_path)
+    repeats = saved["settings"]["repeats"]
     [baseline] = saved["results"]
     assert baseline["action"] == "baseline"
-    _positive_summary(baseline["matmul_gflops"]["float32"])
+    matmul = baseline["matmul_gflops"]["float32"]
+    _check_summary(matmul, repeats)
+    assert saved["machine_peak_gflops_float32"] == matmul["max"]
     assert [row["name"] for row in baseline["rows"]] == ["nf@8", "nf_plain_conv@8", "nf_no_bias@8", "bn@8"]
+    # The twins have the NF model's convolutions, hence its nominal FLOPs.
+    flops = {row["training_flops_per_image"] for row in baseline["rows"]}
+    assert len(flops) == 1 and flops.pop() > 0
     for row in baseline["rows"]:
-        _positive_summary(row["images_per_s"])
-        _positive_summary(row["fraction_of_peak"])
-        _positive_summary(row["fraction_of_peak_per_cpu_s"])
-        assert row["training_flops_per_image"] > 0
+        for key in ("images_per_s", "achieved_gflops", "fraction_of_peak", "fraction_of_peak_per_cpu_s"):
+            _check_summary(row[key], repeats)
+        flops = row["training_flops_per_image"]
+        ips = row["images_per_s"]["values"]
+        # achieved FLOP/s = images/s x FLOPs/image; fraction = that / the same round's matmul FLOP/s.
+        assert row["achieved_gflops"]["values"] == pytest.approx([v * flops * 1e-9 for v in ips], rel=0.01, abs=0.1)
+        expected = [v * flops / (m * 1e9) for v, m in zip(ips, matmul["values"])]
+        assert row["fraction_of_peak"]["values"] == pytest.approx(expected, rel=0.01, abs=1e-4)
     assert [profile["row"] for profile in baseline["profiles"]] == ["nf@8", "bn@8"]
     for profile in baseline["profiles"]:
         assert profile["ops_per_step"] > 0 and profile["top_op_types"]
         assert any("Conv2D" in op["op_type"] for op in profile["top_op_types"])
         assert abs(sum(part["share"] for part in profile["by_part"]) - 1) < 0.01
-    assert saved["reference"]["row"] == "nf@8"
+        assert sum(op["share"] for op in profile["top_op_types"]) <= 1.0 + 1e-3
+    reference = saved["reference"]
+    assert reference["row"] == "nf@8"
+    assert reference["fraction_of_peak"] == baseline["rows"][0]["fraction_of_peak"]
+    assert reference["target_met"] == (
+        reference["fraction_of_peak_per_cpu_s"]["median"] >= saved["target"]["fraction_of_peak"]
+    )
 
 
-def test_pipeline_smoke(tmp_path):
-    saved = _run(pipeline, tmp_path)
+@pytest.mark.slow
+def test_pipeline_smoke_on_cifar_batches(tmp_path):
+    # The real reader: 5 x 1100 images in the cifar-10-batches-py layout, split
+    # into 5000 validation and 500 training images.
+    data_dir = write_synthetic_cifar(tmp_path / "data", per_batch=1100, test=10)
+    saved = _run(pipeline, tmp_path, "--data-dir", data_dir, "--synthetic", "0")
+    repeats = saved["settings"]["repeats"]
+    assert saved["data"] == "CIFAR-10 training split (500 images)"
     [alone] = saved["pipeline_alone"]
-    assert set(alone["pipelines"]) == {"seed", "standard"}
+    assert set(alone["pipelines"]) == set(saved["settings"]["augments"])
     for result in alone["pipelines"].values():
-        _positive_summary(result["images_per_s"])
+        _check_summary(result["images_per_s"], repeats)
+        _check_rate_is_cpu_rate_times_cores(result["images_per_s"], result["images_per_cpu_s"], result["cores_used"])
     [fed] = saved["training"]
     for mode in ("pipeline", "memory"):
-        _positive_summary(fed["images_per_s"][mode])
-    _positive_summary(fed["ratio"])
-    assert 0 < fed["pipeline_cores_needed"]
-    _positive_summary(fed["ratio_per_cpu_s"])
-    assert saved["target"] == {"pipeline_over_memory": 0.95}
+        _check_summary(fed["images_per_s"][mode], repeats)
+        _check_rate_is_cpu_rate_times_cores(
+            fed["images_per_s"][mode], fed["images_per_cpu_s"][mode], fed["cores_used"][mode]
+        )
+    ips = fed["images_per_s"]
+    assert fed["ratio"]["values"] == pytest.approx(_quotients(ips["pipeline"], ips["memory"]), rel=1e-3)
+    # Cores the pipeline needs = training images/s x the pipeline's CPU-seconds per image.
+    train_augment = saved["settings"]["train_augment"]
+    assert fed["augment"] == train_augment
+    needed = ips["memory"]["median"] / alone["pipelines"][train_augment]["images_per_cpu_s"]["median"]
+    assert fed["pipeline_cores_needed"] == pytest.approx(needed, rel=0.01, abs=1e-4)
+    assert fed["target_met"] == (fed["ratio"]["median"] >= saved["target"]["pipeline_over_memory"])
+    assert saved["target_met"] == fed["target_met"]

@@ -2,14 +2,14 @@
 
 import math
 
+import keras
 import numpy as np
 import pytest
-
-import keras
 from keras import ops
+
 from nfnet_keras import GAMMAS, NFBlock, SqueezeExcite, StochasticDepth
 
-from conftest import assert_same_weights, keras_roundtrip
+from conftest import assert_same_weights, keras_roundtrip, run_layer_test
 
 
 def to_np(x):
@@ -25,6 +25,47 @@ def np_ws_1x1(conv, x):
     k = to_np(conv.kernel).astype("float64")[0, 0]  # (in, out)
     k = (k - k.mean(0)) / np.sqrt(np.maximum(k.shape[0] * k.var(0), conv.eps))
     return x @ (k * to_np(conv.gain)) + to_np(conv.bias)
+
+
+# === The layer harness ===
+
+
+@pytest.mark.parametrize(
+    "kwargs, output_shape",
+    [
+        (dict(filters=8, expected_var=1.04, skip_gain_init=0.5), (2, 6, 6, 8)),
+        (dict(filters=16, strides=2, transition=True), (2, 3, 3, 16)),
+        (dict(filters=8, se_ratio=0.5, activation="silu", skip_gain_init=0.5), (2, 6, 6, 8)),
+        (dict(filters=16, transition=True, bottleneck_ratio=0.5, group_width=4, skip_gain_init=0.5),
+         (2, 6, 6, 16)),
+        (dict(filters=16, strides=2, transition=True, conv_layer="Conv2D", norm_layer="BatchNormalization",
+              use_bias=False), (2, 3, 3, 16)),
+    ],
+    ids=["plain", "transition", "se", "grouped", "bn_twin"],
+)
+def test_nfblock_layer_harness(kwargs, output_shape, tmp_path):
+    block = run_layer_test(NFBlock, kwargs, (2, 6, 6, 8), tmp_path, expected_output_shape=output_shape)
+    assert (block.se is not None) == ("se_ratio" in kwargs)
+    assert block.groups == (2 if "group_width" in kwargs else 1)
+
+
+def test_squeeze_excite_layer_harness(tmp_path):
+    se = run_layer_test(SqueezeExcite, dict(ratio=0.25, activation="silu"), (2, 3, 3, 8), tmp_path,
+                        expected_output_shape=(2, 3, 3, 8))
+    assert se.squeeze.units == 2 and se.excite.units == 8
+
+
+def test_norm_activation_layer_harness(tmp_path):
+    from nfnet_keras.blocks import NormActivation
+
+    layer = run_layer_test(NormActivation, dict(norm_layer="BatchNormalization", activation="gelu"),
+                           (2, 3, 3, 6), tmp_path, expected_output_shape=(2, 3, 3, 6))
+    assert isinstance(layer.norm, keras.layers.BatchNormalization)
+
+
+def test_stochastic_depth_layer_harness(tmp_path):
+    run_layer_test(StochasticDepth, dict(rate=0.2, seed=3), (2, 3, 3, 2), tmp_path,
+                   expected_output_shape=(2, 3, 3, 2))
 
 
 # === Variance tracking ===
@@ -330,3 +371,14 @@ def test_folded_skip_gain_gradient_at_zero_init():
     g_skip, g_kernel = tape.gradient(loss, [block.skip_gain, block.conv0.kernel])
     assert abs(float(g_skip)) > 1e-3
     assert np.abs(to_np(g_kernel)).max() == 0.0
+
+
+def test_a_block_with_its_own_mixed_policy_under_a_float32_global_policy():
+    """Sublayers compute in the block's policy, not the global one."""
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 16)).astype("float32")
+    for kwargs in ({}, {"se_ratio": 0.5, "strides": 2, "transition": True, "shortcut_pool": True}):
+        block = NFBlock(16, skip_gain_init=1.0, dtype="mixed_bfloat16", **kwargs)
+        out = block(x)
+        assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
+        assert np.isfinite(np.asarray(keras.ops.cast(out, "float32"))).all()
+        assert all(keras.backend.standardize_dtype(w.dtype) == "float32" for w in block.weights)

@@ -93,7 +93,7 @@ def test_seed_policy_proportions():
     n = 4000
     rng = np.random.default_rng(0)
     images = tf.constant(rng.standard_normal((n, 32, 32, 3)), tf.float32)
-    out = data.SeedAugment(seed=1)(images).numpy()
+    out = data.NoiseRotateFlip(seed=1)(images).numpy()
     x = images.numpy()
     untouched = np.all(out == x, axis=(1, 2, 3))
     flipped = np.all(out == x[:, :, ::-1], axis=(1, 2, 3))
@@ -116,7 +116,7 @@ def test_rotation_stays_within_15_degrees():
     # A single bright dot off-centre: a rotation by theta moves it by r * theta.
     image = np.zeros((1, 32, 32, 3), np.float32)
     image[0, 16, 28] = 1.0  # 12 px right of the centre (15.5, 15.5)
-    layer = data.SeedAugment(seed=2).rotate
+    layer = data.NoiseRotateFlip(seed=2).rotate
     angles = []
     for _ in range(200):
         out = layer(tf.constant(image), training=True).numpy()[0, :, :, 0]
@@ -134,7 +134,7 @@ def test_standard_and_none_policies():
     # A shift pads with zeros (the mean in normalised space).
     assert (out == 0).any() and not np.array_equal(out, images.numpy())
     assert data.make_augmenter("none") is None
-    with pytest.raises(ValueError, match="seed, standard, none"):
+    with pytest.raises(ValueError, match=r"Use one of: noise_rotate_flip, standard, none \(aliases: seed\)"):
         data.make_augmenter("mixup")
 
 
@@ -143,13 +143,14 @@ def test_pipeline_batches_and_normalises():
     y = np.arange(10)
     batches = list(data.make_dataset(x, y, 4))
     assert [len(b[1]) for b in batches] == [4, 4, 2]
-    np.testing.assert_allclose(batches[0][0].numpy()[0, 0, 0], (1 - np.array(data.CIFAR10_MEAN)) / np.array(data.CIFAR10_STD), rtol=1e-6)
+    white = (1 - np.array(data.CIFAR10_MEAN)) / np.array(data.CIFAR10_STD)
+    np.testing.assert_allclose(batches[0][0].numpy()[0, 0, 0], white, rtol=1e-6)
 
 
-@pytest.mark.parametrize("policy", ["seed", "standard"])
+@pytest.mark.parametrize("policy", ["noise_rotate_flip", "seed", "standard"])
 def test_augmentation_stays_float32_under_mixed_precision(policy):
     """The pipeline's augmentation must not pick up a bfloat16 compute policy
-    (SeedAugment's tf.where once failed to trace under mixed_bfloat16)."""
+    (NoiseRotateFlip's tf.where once failed to trace under mixed_bfloat16)."""
     import keras
 
     keras.mixed_precision.set_global_policy("mixed_bfloat16")

@@ -7,10 +7,10 @@ import subprocess
 import sys
 import textwrap
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-import keras
 
 import nfnet_keras
 from nfnet_keras import export
@@ -165,7 +165,7 @@ def test_graph_has_no_xla_and_only_standard_ops(exports, preset):
 
 
 def test_grouped_preset_really_has_grouped_convs(models):
-    convs = [l for l in models["tiny_grouped"]._flatten_layers() if isinstance(l, nfnet_keras.WSConv2D)]
+    convs = [layer for layer in models["tiny_grouped"]._flatten_layers() if isinstance(layer, nfnet_keras.WSConv2D)]
     assert max(c.groups for c in convs) > 1
 
 

@@ -8,12 +8,13 @@ import subprocess
 import sys
 import time
 
+import keras
 import numpy as np
 import pytest
 
-import keras
-
 from nfnet_keras import evaluate, fit, predict
+from nfnet_keras.config import TrainConfig
+from nfnet_keras.contract import CLASS_NAMES
 from nfnet_keras.data import load_cifar10
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,11 +57,13 @@ def test_fit_writes_metrics_model_logs_and_export(finished_run):
     assert [s["block"] for s in metrics["signal_propagation"]["end"]] == ["stage1_block1", "stage2_block1"]
     assert (run_dir / "model.keras").is_file()
     assert os.path.isfile(os.path.join(export_dir, "tiny", "1", "saved_model.pb"))
+    # TensorBoard: the HParams session (with the signal-propagation plot) in logs/fit, its
+    # train/validation/test runs below it, nothing at the root (tests/test_tensorboard.py reads them).
     logs = run_dir / "logs"
-    for sub in ("train", "validation", "signal_propagation"):
+    assert os.listdir(logs) == ["fit"]
+    for sub in ("fit", "fit/train", "fit/validation", "fit/test"):
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(logs / sub)), sub
-    # The HParams summary sits in the top-level log dir.
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(logs))
+    assert (logs / "fit" / "signal_propagation.json").is_file()
 
 
 @pytest.mark.slow
@@ -74,7 +77,8 @@ def test_same_command_on_a_finished_run_dir_refuses(finished_run, cifar_dir):
 @pytest.mark.slow
 def test_kill_mid_epoch_then_resume(tmp_path, cifar_dir):
     run_dir = tmp_path / "run"
-    args = [*TINY, "--epochs", "4", "--batch-size", "32", "--train-limit", "1536", "--run-dir", str(run_dir), "--no-export"]
+    args = [*TINY, "--epochs", "4", "--batch-size", "32", "--train-limit", "1536", "--run-dir", str(run_dir),
+            "--no-export"]
     proc = subprocess.Popen([sys.executable, "-m", "nfnet_keras.fit", *args], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
@@ -161,14 +165,16 @@ def test_bad_export_name_is_refused_before_training(capsys):
     assert exit_info.value.code == 2
     assert "Model name 'my model' is not valid" in capsys.readouterr().err
     config, _ = fit.parse_config(["--export-name", "my model", "--no-export"])  # not exported: no check
-    assert config == fit.training.TrainConfig()
+    assert config == TrainConfig()
 
 
 def test_fast_recipe_sets_its_defaults_and_hparams_and_flags_win(tmp_path):
     config, _ = fit.parse_config(["--recipe", "fast"])
-    assert (config.epochs, config.batch_size, config.lr, config.schedule, config.nesterov) == (20, 128, 0.1, "onecycle", True)
-    assert (config.weight_decay, config.label_smoothing, config.augment, config.val_size) == (5e-4, 0.1, "standard", 1000)
-    assert config.preset == "seed" and config.overrides == {"shortcut_pool": True}
+    assert (config.epochs, config.batch_size, config.lr, config.schedule, config.nesterov) == (
+        20, 128, 0.1, "onecycle", True)
+    assert (config.weight_decay, config.label_smoothing, config.augment, config.val_size) == (
+        5e-4, 0.1, "standard", 1000)
+    assert config.preset == "report_resnet" and config.overrides == {"shortcut_pool": True}
     config, _ = fit.parse_config(["--recipe", "fast", "--override", "shortcut_pool=False"])
     assert config.overrides == {"shortcut_pool": False}
     config, _ = fit.parse_config(["--recipe", "fast", "--lr", "0.05", "--no-nesterov", "--epochs", "30"])
@@ -179,7 +185,7 @@ def test_fast_recipe_sets_its_defaults_and_hparams_and_flags_win(tmp_path):
     assert (config.batch_size, config.lr) == (64, 0.1)
     assert config.overrides == {"shortcut_pool": True, "activation": "gelu"}
     report, _ = fit.parse_config([])
-    assert report == fit.training.TrainConfig()  # no --recipe: the report's run
+    assert report == TrainConfig()  # no --recipe: the report's run
 
 
 def test_hparams_file_sets_defaults_and_flags_win(tmp_path, capsys):
@@ -235,7 +241,8 @@ def test_flip_tta_is_the_mean_over_the_mirror_and_flip_invariant(finished_run, c
     # fit's own figure is the same computation on the whole test set.
     assert evaluate.main(["--model", str(run_dir / "model.keras"), "--data-dir", cifar_dir, "--tta", "flip",
                           "--json", str(out)]) == 0
-    assert read_json(out)["test_accuracy"] == pytest.approx(read_json(run_dir / "metrics.json")["test_accuracy_flip_tta"])
+    fit_figure = read_json(run_dir / "metrics.json")["test_accuracy_flip_tta"]
+    assert read_json(out)["test_accuracy"] == pytest.approx(fit_figure)
 
 
 @pytest.mark.slow
@@ -245,7 +252,8 @@ def test_predict_npy_csv_folder_and_savedmodel_agree(finished_run, cifar_dir, tm
     images = tmp_path / "images.npy"
     np.save(images, x[:6])
     keras_out, sm_out = tmp_path / "k.npy", tmp_path / "s.npy"
-    assert predict.main(["--model", str(run_dir / "model.keras"), "--images", str(images), "--out", str(keras_out)]) == 0
+    model_path = str(run_dir / "model.keras")
+    assert predict.main(["--model", model_path, "--images", str(images), "--out", str(keras_out)]) == 0
     saved_model = os.path.join(export_dir, "tiny", "1")
     assert predict.main(["--model", saved_model, "--images", str(images), "--out", str(sm_out)]) == 0
     pk, ps = np.load(keras_out), np.load(sm_out)
@@ -264,7 +272,7 @@ def test_predict_npy_csv_folder_and_savedmodel_agree(finished_run, cifar_dir, tm
     with open(out_csv) as f:
         rows = list(csv.DictReader(f))
     assert [r["file"] for r in rows] == ["img0.png", "img1.png", "img2.png"]
-    assert all(r["class"] in evaluate.data_lib.CLASS_NAMES for r in rows)
+    assert all(r["class"] in CLASS_NAMES for r in rows)
     np.testing.assert_allclose([float(r["probability"]) for r in rows], pk[:3].max(1), atol=1e-5)
 
 
@@ -279,7 +287,8 @@ def test_predict_npy_csv_folder_and_savedmodel_agree(finished_run, cifar_dir, tm
 def test_predict_rejects_bad_arrays(array, message, tmp_path, capsys):
     path = tmp_path / "bad.npy"
     np.save(path, array)
-    code = predict.main(["--model", str(tmp_path / "none.keras"), "--images", str(path), "--out", str(tmp_path / "o.npy")])
+    code = predict.main(["--model", str(tmp_path / "none.keras"), "--images", str(path),
+                         "--out", str(tmp_path / "o.npy")])
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o.npy").exists()
@@ -288,7 +297,8 @@ def test_predict_rejects_bad_arrays(array, message, tmp_path, capsys):
 def test_predict_rejects_a_missing_model(tmp_path, capsys):
     path = tmp_path / "x.npy"
     np.save(path, np.zeros((1, 32, 32, 3), np.uint8))
-    assert predict.main(["--model", str(tmp_path / "none.keras"), "--images", str(path), "--out", str(tmp_path / "o.csv")]) == 2
+    assert predict.main(["--model", str(tmp_path / "none.keras"), "--images", str(path),
+                         "--out", str(tmp_path / "o.csv")]) == 2
     assert "no such file" in capsys.readouterr().err
 
 

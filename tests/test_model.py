@@ -2,14 +2,16 @@
 
 import math
 
+import keras
 import numpy as np
 import pytest
 
-import keras
-from nfnet_keras import PRESETS, NFBlock, WSConv2D, build_model, count_macs
-from nfnet_keras.model import nf_blocks
+from nfnet_keras import GAMMAS, PRESETS, NFBlock, ScaledActivation, SqueezeExcite, WSConv2D, build_model, count_macs
+from nfnet_keras.blocks import NormActivation
+from nfnet_keras.model import model_convs, nf_blocks, resolve_config
+from nfnet_keras.presets import PRESET_ALIASES, canonical_preset, get_preset
 
-from conftest import assert_same_weights, keras_roundtrip
+from conftest import assert_same_weights, keras_roundtrip, run_layer_test
 
 
 def to_np(x):
@@ -17,22 +19,105 @@ def to_np(x):
 
 
 @pytest.fixture(scope="module")
-def seed_model():
+def report_model():
     keras.utils.set_random_seed(0)
-    return build_model("seed")
+    return build_model("report_resnet")
 
 
-# === The seed preset ===
+# === Parameter counts, by hand ===
 
 
-def test_seed_parameter_count(seed_model):
+def ws_conv_params(kernel_size, in_channels, out_channels, groups=1, bias=True):
+    """A WS conv's weights: kernel, bias (if any) and one gain per output channel."""
+    kernel = kernel_size * kernel_size * (in_channels // groups) * out_channels
+    return kernel + (out_channels if bias else 0) + out_channels
+
+
+def hand_params(preset, num_classes=10, channels=3):
+    """Parameters of the NF network from the preset's numbers alone (no model)."""
+    bias, gw, ratio = preset["conv_bias"], preset["group_width"], preset["bottleneck_ratio"]
+    total, c = 0, channels
+    for width in preset["stem_widths"]:
+        total += ws_conv_params(3, c, width, bias=bias)
+        c = width
+    for filters, depth in zip(preset["widths"], preset["depths"]):
+        for j in range(depth):
+            width = round(filters * ratio)
+            groups = width // gw if gw else 1
+            total += ws_conv_params(1, c, width, bias=bias)  # conv0
+            total += 2 * ws_conv_params(3, width, width, groups, bias)  # conv1, conv1b
+            total += ws_conv_params(1, width, filters, bias=bias)  # conv2
+            if j == 0:
+                total += ws_conv_params(1, c, filters, bias=bias)  # the shortcut conv
+            if preset["se_ratio"]:
+                hidden = int(filters * preset["se_ratio"])
+                total += 2 * filters * hidden + hidden + filters  # SE: two dense layers
+            total += 1  # skip gain
+            c = filters
+    if preset["final_conv_multiplier"]:
+        total += ws_conv_params(1, c, c * preset["final_conv_multiplier"], bias=bias)
+        c *= preset["final_conv_multiplier"]
+    return total + c * num_classes + num_classes
+
+
+def test_report_resnet_parameter_count_by_hand(report_model):
+    # Stem 3x3 3 -> 16; per stage (filters, 3x3 width): (64, 16), (128, 32),
+    # (256, 64); the first block of a stage also has a 1x1 shortcut conv.
+    stem = ws_conv_params(3, 3, 16)
+    stage1 = (ws_conv_params(1, 16, 16) + 2 * ws_conv_params(3, 16, 16) + ws_conv_params(1, 16, 64)
+              + ws_conv_params(1, 16, 64) + 1)
+    stage1 += 4 * (ws_conv_params(1, 64, 16) + 2 * ws_conv_params(3, 16, 16) + ws_conv_params(1, 16, 64) + 1)
+    stage2 = (ws_conv_params(1, 64, 32) + 2 * ws_conv_params(3, 32, 32) + ws_conv_params(1, 32, 128)
+              + ws_conv_params(1, 64, 128) + 1)
+    stage2 += 4 * (ws_conv_params(1, 128, 32) + 2 * ws_conv_params(3, 32, 32) + ws_conv_params(1, 32, 128) + 1)
+    stage3 = (ws_conv_params(1, 128, 64) + 2 * ws_conv_params(3, 64, 64) + ws_conv_params(1, 64, 256)
+              + ws_conv_params(1, 128, 256) + 1)
+    stage3 += 4 * (ws_conv_params(1, 256, 64) + 2 * ws_conv_params(3, 64, 64) + ws_conv_params(1, 64, 256) + 1)
+    classifier = 256 * 10 + 10
+    assert (stem, stage1, stage2, stage3, classifier) == (464, 34_789, 141_765, 562_053, 2_570)
+    assert report_model.count_params() == stem + stage1 + stage2 + stage3 + classifier
+    assert report_model.count_params() == hand_params(PRESETS["report_resnet"])
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_grouped", "cifar_wide"])
+def test_parameter_count_matches_the_hand_formula(preset):
+    assert build_model(preset).count_params() == hand_params(PRESETS[preset])
+
+
+# NFNet-F0 ... F6 at 1000 classes, millions of parameters (Brock et al. 2021,
+# arXiv 2102.06171, Table 3), as rounded there.
+PAPER_NFNET_F_PARAMS_M = (71.5, 132.6, 193.8, 254.9, 316.1, 377.2, 438.4)
+
+
+@pytest.mark.parametrize("k", range(7))
+def test_nfnet_f_preset_parameter_counts_match_the_paper(k):
+    # From the preset's numbers by the hand formula, which the built F0 (below)
+    # and the CIFAR presets (above) match exactly; the slow test builds F1-F6.
+    params = hand_params(PRESETS[f"nfnet_f{k}"], num_classes=1000)
+    assert abs(params / 1e6 - PAPER_NFNET_F_PARAMS_M[k]) <= 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", range(1, 7))
+def test_built_nfnet_f_parameter_counts_match_the_paper(k):
+    model = build_model(f"nfnet_f{k}", num_classes=1000, input_shape=(None, None, 3))
+    params = model.count_params()
+    del model
+    keras.backend.clear_session()
+    assert abs(params / 1e6 - PAPER_NFNET_F_PARAMS_M[k]) <= 0.05
+
+
+# === The report's network ===
+
+
+def test_report_resnet_parameter_count(report_model):
     # The figure we report. Weights only: no optimizer, no non-trainable state.
-    assert seed_model.count_params() == 741_641
-    assert sum(math.prod(v.shape) for v in seed_model.trainable_weights) == 741_641
+    assert report_model.count_params() == 741_641
+    assert sum(math.prod(v.shape) for v in report_model.trainable_weights) == 741_641
 
 
-def test_seed_block_names_and_variance_schedule(seed_model):
-    blocks = nf_blocks(seed_model)
+def test_report_resnet_block_names_and_variance_schedule(report_model):
+    blocks = nf_blocks(report_model)
     assert [b.name for b in blocks] == [f"stage{s}_block{j}" for s in (1, 2, 3) for j in range(1, 6)]
     assert [b.transition for b in blocks] == [j == 0 for _ in range(3) for j in range(5)]
     assert [b.strides for b in blocks[::5]] == [1, 2, 2]
@@ -42,12 +127,12 @@ def test_seed_block_names_and_variance_schedule(seed_model):
     assert [b.expected_var for b in blocks] == pytest.approx(expected_in)
     assert all(b.alpha == 0.2 and b.activation == "relu" and b.se is None for b in blocks)
     assert [b.filters for b in blocks[::5]] == [64, 128, 256] and blocks[0].width == 16
-    assert seed_model.get_layer("stem_conv1").filters == 16
-    assert seed_model.output_shape == (None, 10)
+    assert report_model.get_layer("stem_conv1").filters == 16
+    assert report_model.output_shape == (None, 10)
 
 
-def test_classifier_init(seed_model):
-    classifier = seed_model.get_layer("classifier")
+def test_classifier_init(report_model):
+    classifier = report_model.get_layer("classifier")
     kernel = to_np(classifier.kernel)
     assert kernel.shape == (256, 10)
     # 2,560 draws of N(0, 0.01): the sample std is within ~1.4% of 0.01 (1 sd).
@@ -56,9 +141,9 @@ def test_classifier_init(seed_model):
     np.testing.assert_array_equal(to_np(classifier.bias), 0.0)
 
 
-def test_seed_macs(seed_model):
-    assert count_macs(seed_model) == 109_234_688  # ~109.23 M multiply-adds per image
-    assert count_macs(seed_model) == hand_macs(PRESETS["seed"])
+def test_report_resnet_macs(report_model):
+    assert count_macs(report_model) == 109_234_688  # ~109.23 M multiply-adds per image
+    assert count_macs(report_model) == hand_macs(PRESETS["report_resnet"])
 
 
 # === MAC counts, by hand ===
@@ -118,6 +203,8 @@ def test_nfnet_f0_builds_at_64x64():
     assert model.input_shape == (None, 64, 64, 3)
     # NFNet-F0 has 71.5 M parameters (Brock et al. 2021, 2102.06171, Table 3).
     assert model.count_params() == pytest.approx(71.5e6, rel=0.002)
+    assert abs(model.count_params() / 1e6 - PAPER_NFNET_F_PARAMS_M[0]) <= 0.05
+    assert model.count_params() == hand_params(PRESETS["nfnet_f0"], num_classes=1000)
     blocks = nf_blocks(model)
     assert len(blocks) == 12 and blocks[-1].name == "stage4_block3"
     assert blocks[0].groups == 1 and blocks[-1].groups == 6  # group width 128
@@ -144,6 +231,11 @@ def test_unknown_preset_names_the_presets():
         build_model("resnet50")
     for name in ("seed", "tiny", "tiny_grouped", "cifar_wide", "nfnet_f0", "nfnet_f6"):
         assert name in str(info.value)
+    assert str(info.value) == (
+        "Unknown preset 'resnet50'. Use one of: report_resnet, cifar_wide, tiny, tiny_grouped, "
+        "nfnet_f0, nfnet_f1, nfnet_f2, nfnet_f3, nfnet_f4, nfnet_f5, nfnet_f6 "
+        "(aliases: 'seed' for 'report_resnet')."
+    )
 
 
 def test_unknown_override_names_the_allowed_keys():
@@ -238,10 +330,10 @@ def test_keras_roundtrip_of_trained_model(trained, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def live_seed_features():
-    """The seed model with skip gains 1 (residual branches on), returning (pooled features, logits)."""
+def live_report_features():
+    """The report's model with skip gains 1 (residual branches on), returning (pooled features, logits)."""
     keras.utils.set_random_seed(2)
-    model = build_model("seed")
+    model = build_model("report_resnet")
     for block in nf_blocks(model):
         block.skip_gain.assign(1.0)
     return keras.Model(model.input, [model.get_layer("pool").output, model.output])
@@ -265,8 +357,8 @@ def _assert_batch_independent(model, training):
 
 
 @pytest.mark.parametrize("training", [False, True])
-def test_predictions_do_not_depend_on_the_batch(live_seed_features, training):
-    features, logits = _assert_batch_independent(live_seed_features, training)
+def test_predictions_do_not_depend_on_the_batch(live_report_features, training):
+    features, logits = _assert_batch_independent(live_report_features, training)
     assert np.abs(features).mean() > 0.01  # a non-trivial signal was compared
 
 
@@ -308,11 +400,372 @@ def test_tiny_learns_on_real_cifar10(cifar_dir):
 
 def test_conv_bias_false_drops_every_conv_bias_and_round_trips(tmp_path):
     # The benchmarks' fastest float32 variant (README, Benchmarks): 4,384 fewer
-    # parameters than `seed`, one bias vector per WS conv.
+    # parameters than `report_resnet`, one bias vector per WS conv.
     model = build_model("tiny_grouped", conv_bias=False)
     convs = [layer for layer in model._flatten_layers() if isinstance(layer, WSConv2D)]
     assert convs and all(not conv.use_bias for conv in convs)
-    assert build_model("seed", conv_bias=False).count_params() == 737_257
+    assert build_model("report_resnet", conv_bias=False).count_params() == 737_257
     x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype("float32")
     reloaded = keras_roundtrip(model, tmp_path)
     np.testing.assert_allclose(reloaded(x), model(x), atol=1e-6)
+
+
+# === Preset names ===
+
+
+def test_seed_is_an_alias_of_report_resnet():
+    assert PRESET_ALIASES == {"seed": "report_resnet"}
+    assert "seed" not in PRESETS and all(target in PRESETS for target in PRESET_ALIASES.values())
+    assert canonical_preset("seed") == canonical_preset("report_resnet") == "report_resnet"
+    assert get_preset("seed") == get_preset("report_resnet") == PRESETS["report_resnet"]
+    overrides = {"depths": (1, 2, 1), "shortcut_pool": True}
+    assert resolve_config("seed", overrides) == resolve_config("report_resnet", overrides)
+    models = []
+    for name in ("seed", "report_resnet"):
+        keras.utils.set_random_seed(5)
+        models.append(build_model(name, depths=(1, 1, 1)))
+    aliased, canonical = models
+    assert aliased.name == canonical.name == "report_resnet"  # named after the canonical preset
+    assert_same_weights(aliased, canonical)
+    x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype("float32")
+    np.testing.assert_array_equal(to_np(aliased(x)), to_np(canonical(x)))
+
+
+def test_model_name_argument():
+    assert build_model("tiny", name="my_net").name == "my_net"
+
+
+# === Every preset key checked in resolve_config ===
+
+_ACTIVATIONS = ", ".join(sorted(GAMMAS))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(group_width=0), "group_width must be a positive int or None, got 0."),
+        (dict(group_width=2.0), "group_width must be a positive int or None, got 2.0."),
+        (dict(group_width=True), "group_width must be a positive int or None, got True."),
+        (dict(group_width=3), "group_width 3 does not divide the 3x3 conv width 4 of stage 1 (16 x "
+                              "bottleneck_ratio 0.25); use None or a divisor of every stage's 3x3 conv width."),
+        (dict(widths=(16, 24), group_width=4), "group_width 4 does not divide the 3x3 conv width 6 of stage 2 "
+                                              "(24 x bottleneck_ratio 0.25); use None or a divisor of every "
+                                              "stage's 3x3 conv width."),
+        (dict(final_conv_multiplier=-1), "final_conv_multiplier must be a number >= 0 (0: no final conv), got -1."),
+        (dict(final_conv_multiplier="2"), "final_conv_multiplier must be a number >= 0 (0: no final conv), got '2'."),
+        (dict(final_conv_multiplier=0.01), "final_conv_multiplier 0.01 gives the final conv 0 channels (32 x 0.01); "
+                                           "use 0 (no final conv) or a value giving at least 1."),
+        (dict(bottleneck_ratio=0.01), "bottleneck_ratio 0.01 rounds the 3x3 conv width of stage 1 (16 x 0.01) to 0; "
+                                      "it must give at least 1 channel."),
+        (dict(bottleneck_ratio=0), "bottleneck_ratio must be a number in (0, 1], got 0."),
+        (dict(bottleneck_ratio=1.5), "bottleneck_ratio must be a number in (0, 1], got 1.5."),
+        (dict(conv_bias="yes"), "conv_bias must be True or False, got 'yes'."),
+        (dict(shortcut_pool=1), "shortcut_pool must be True or False, got 1."),
+        (dict(head_activation=None), "head_activation must be True or False, got None."),
+        (dict(alpha="0.2"), "alpha must be a number > 0, got '0.2'."),
+        (dict(alpha=0.0), "alpha must be a number > 0, got 0.0."),
+        (dict(alpha=True), "alpha must be a number > 0, got True."),
+        (dict(alpha=float("nan")), "alpha must be a number > 0, got nan."),
+        (dict(se_ratio=-0.1), "se_ratio must be a number in [0, 1] (0: no Squeeze-Excite), got -0.1."),
+        (dict(stochastic_depth_rate=1.0), "stochastic_depth_rate must be a number in [0, 1), got 1.0."),
+        (dict(dropout="0.1"), "dropout must be a number in [0, 1), got '0.1'."),
+        (dict(activation="rleu"), f"Unknown activation 'rleu'. Use one of: {_ACTIVATIONS}."),
+        (dict(activation=3), f"Unknown activation 3. Use one of: {_ACTIVATIONS}."),
+        (dict(widths=(16, 0)), "widths must be a non-empty sequence of positive ints, got (16, 0)."),
+        (dict(widths=()), "widths must be a non-empty sequence of positive ints, got ()."),
+        (dict(depths=(1, 1.5)), "depths must be a non-empty sequence of positive ints, got (1, 1.5)."),
+        (dict(depths=(True, 1)), "depths must be a non-empty sequence of positive ints, got (True, 1)."),
+        (dict(stem_widths="8"), "stem_widths must be a non-empty sequence of positive ints, got '8'."),
+        (dict(strides=(1, 3)), "strides must be 1 or 2 each, got (1, 3)."),
+        (dict(stem_strides=(4,)), "stem_strides must be 1 or 2 each, got (4,)."),
+        (dict(widths=(16,)), "widths, depths and strides must have the same length (one per stage), got "
+                             "widths (16,), depths (1, 1) and strides (1, 2)."),
+        (dict(stem_widths=(8, 8)), "stem_widths and stem_strides must have the same length (one per stem conv), "
+                                   "got stem_widths (8, 8) and stem_strides (1,)."),
+    ],
+    ids=lambda v: ",".join(f"{k}={x!r}" for k, x in v.items()) if isinstance(v, dict) else "message",
+)
+def test_resolve_config_names_the_bad_key_value_and_allowed(overrides, message):
+    with pytest.raises(ValueError) as info:
+        resolve_config("tiny", overrides)
+    assert str(info.value) == message
+    with pytest.raises(ValueError) as info:
+        build_model("tiny", **overrides)
+    assert str(info.value) == message
+
+
+def test_resolve_config_returns_tuples_and_accepts_lists():
+    config = resolve_config("seed", {"widths": [32, 64, 128], "depths": [2, 2, 2]})
+    assert config["widths"] == (32, 64, 128) and config["depths"] == (2, 2, 2)
+    assert resolve_config("tiny", {"widths": 16, "depths": 1, "strides": 1})["widths"] == (16,)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(conv_layer=keras.layers.Dense), "conv_layer must be a keras.layers.Conv2D subclass or its registered "
+                                              "name, got <class 'keras.src.layers.core.dense.Dense'>."),
+        (dict(conv_layer="NoSuchConv"), "conv_layer must be a keras.layers.Conv2D subclass or its registered name, "
+                                        "got 'NoSuchConv'."),
+        (dict(norm_layer="batchnorm"), "norm_layer must be a keras.layers.Layer subclass or its registered name, "
+                                       "got 'batchnorm'."),
+        (dict(num_classes=True), "num_classes must be a positive int, got True."),
+    ],
+)
+def test_bad_layer_classes_raise(kwargs, message):
+    with pytest.raises(ValueError) as info:
+        build_model("tiny", **kwargs)
+    assert str(info.value) == message
+
+
+# === The head, and cifar_wide as built ===
+
+
+def _features_and_head(model, last_block):
+    """(the last block's output, the classifier's kernel and bias) of `model` on a batch."""
+    for block in nf_blocks(model):
+        block.skip_gain.assign(1.0)
+    x = np.random.default_rng(6).standard_normal((3, 32, 32, 3)).astype("float32")
+    features = to_np(keras.Model(model.input, model.get_layer(last_block).output)(x)).astype("float64")
+    classifier = model.get_layer("classifier")
+    return x, features, to_np(classifier.kernel).astype("float64"), to_np(classifier.bias).astype("float64")
+
+
+def test_head_activation_false_pools_the_last_block_output():
+    keras.utils.set_random_seed(7)
+    with_act = build_model("tiny")
+    keras.utils.set_random_seed(7)
+    without = build_model("tiny", head_activation=False)
+    assert isinstance(with_act.get_layer("final_act"), ScaledActivation)
+    assert "final_act" not in [layer.name for layer in without.layers]
+    assert len(without.layers) == len(with_act.layers) - 1
+    assert_same_weights(with_act, without)  # the head activation has no weights
+    x, features, kernel, bias = _features_and_head(without, "stage2_block1")
+    _, same_features, _, _ = _features_and_head(with_act, "stage2_block1")
+    np.testing.assert_allclose(features, same_features, rtol=1e-6, atol=1e-6)
+    assert (features < 0).any()  # so the activation matters
+    expected_without = features.mean(axis=(1, 2)) @ kernel + bias
+    expected_with = (np.maximum(features, 0) * GAMMAS["relu"]).mean(axis=(1, 2)) @ kernel + bias
+    np.testing.assert_allclose(to_np(without(x)), expected_without, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(to_np(with_act(x)), expected_with, rtol=1e-4, atol=1e-6)
+    assert np.abs(expected_with - expected_without).max() > 1e-3
+
+
+def test_cifar_wide_as_built():
+    model = build_model("cifar_wide")
+    assert [layer.name for layer in model.layers if isinstance(layer, WSConv2D)] == ["stem_conv1"]
+    assert model.get_layer("stem_conv1").filters == 32
+    blocks = nf_blocks(model)
+    assert [b.name for b in blocks] == [f"stage{s}_block{j}" for s, d in ((1, 3), (2, 4), (3, 3))
+                                        for j in range(1, d + 1)]
+    assert [b.filters for b in blocks] == [128] * 3 + [256] * 4 + [512] * 3
+    assert [b.width for b in blocks] == [64] * 3 + [128] * 4 + [256] * 3  # bottleneck ratio 0.5
+    assert [b.strides for b in blocks] == [1, 1, 1, 2, 1, 1, 1, 2, 1, 1]
+    assert all(b.groups == 1 and b.activation == "gelu" and b.act1.activation == "gelu" for b in blocks)
+    # Squeeze-Excite in every block, hidden width a quarter of the block's output.
+    assert all(isinstance(b.se, SqueezeExcite) and b.se.activation == "gelu" for b in blocks)
+    assert [b.se.squeeze.units for b in blocks] == [32] * 3 + [64] * 4 + [128] * 3
+    # Stochastic depth from 0 to 0.1 x 9/10 over the ten blocks.
+    assert [b.drop_path.rate for b in blocks] == pytest.approx([0.1 * i / 10 for i in range(10)])
+    assert model.get_layer("dropout").rate == 0.2
+    assert model.get_layer("final_act").activation == "gelu"
+    assert "final_conv" not in [layer.name for layer in model.layers]
+    assert model.get_layer("stage3_block3").output.shape == (None, 8, 8, 512)
+    assert model.get_layer("classifier").kernel.shape == (512, 10)
+    assert model.count_params() == hand_params(PRESETS["cifar_wide"])
+
+
+# === Swappable layers: the twins ===
+
+
+def _twin_params(preset, num_classes=10, channels=3):
+    """Parameters of the BatchNorm twin: bias- and gain-free kernels, 4 per BatchNorm channel."""
+    gw, ratio = preset["group_width"], preset["bottleneck_ratio"]
+    total, c = 0, channels
+    for i, width in enumerate(preset["stem_widths"]):
+        total += (4 * c if i else 0) + 9 * c * width  # BN + act between stem convs
+        c = width
+    for filters, depth in zip(preset["widths"], preset["depths"]):
+        for j in range(depth):
+            width = round(filters * ratio)
+            groups = width // gw if gw else 1
+            total += 4 * (c + 3 * width)  # the four BatchNorms
+            total += c * width + 2 * 9 * (width // groups) * width + width * filters
+            total += c * filters if j == 0 else 0
+            if preset["se_ratio"]:
+                hidden = int(filters * preset["se_ratio"])
+                total += 2 * filters * hidden + hidden + filters
+            c = filters
+    if preset["final_conv_multiplier"]:
+        total += c * c * preset["final_conv_multiplier"]
+        c *= preset["final_conv_multiplier"]
+    return total + 4 * c * preset["head_activation"] + c * num_classes + num_classes
+
+
+def _bn_twin(preset, **kwargs):
+    return build_model(preset, conv_layer=keras.layers.Conv2D, norm_layer=keras.layers.BatchNormalization,
+                       conv_bias=False, **kwargs)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_grouped", "report_resnet"])
+def test_conv_and_norm_layers_build_the_twins(preset):
+    nf = build_model(preset)
+    plain = build_model(preset, conv_layer=keras.layers.Conv2D)
+    bn = _bn_twin(preset)
+    shapes = [(tuple(c.kernel.shape), c.strides, c.groups) for c in model_convs(nf)]
+    for twin in (plain, bn):
+        convs = model_convs(twin)
+        assert all(type(conv) is keras.layers.Conv2D for conv in convs)
+        assert [(tuple(c.kernel.shape), c.strides, c.groups) for c in convs] == shapes
+        assert not any(isinstance(layer, WSConv2D) for layer in twin._flatten_layers())
+        assert count_macs(twin) == count_macs(nf)
+    # Without WS: every conv loses its gain, nothing else changes.
+    assert plain.count_params() == hand_params(PRESETS[preset]) - sum(shape[0][-1] for shape in shapes)
+    assert all(block.skip_gain is not None for block in nf_blocks(plain))
+    # The BatchNorm twin: BN -> act where NF has its scaled activations, no skip gains.
+    assert bn.count_params() == _twin_params(PRESETS[preset])
+    norms = [layer for layer in bn._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(norms) == 4 * len(nf_blocks(bn)) + 1 + len(PRESETS[preset]["stem_widths"]) - 1
+    # The only scaled activations left are the Squeeze-Excites' hidden ones.
+    scaled = [layer for layer in bn._flatten_layers() if isinstance(layer, ScaledActivation)]
+    assert len(scaled) == sum(block.se is not None for block in nf_blocks(bn))
+    assert isinstance(bn.get_layer("final_act"), NormActivation)
+    assert all(block.skip_gain is None for block in nf_blocks(bn))
+    assert all(not conv.use_bias for conv in model_convs(bn))
+
+
+def test_report_resnet_twin_parameter_counts():
+    # The figures of benchmarks/results/bn_baseline.json.
+    assert _bn_twin("report_resnet").count_params() == 748_602
+    assert build_model("report_resnet", conv_layer=keras.layers.Conv2D).count_params() == 737_257
+
+
+def test_plain_conv_twin_computes_the_nf_function_with_standardized_kernels():
+    # The scales a plain Conv2D cannot fold are applied to the feature maps:
+    # given WSConv2D's standardized kernels, the twin is the same function.
+    keras.utils.set_random_seed(8)
+    nf = build_model("tiny_grouped")
+    for i, block in enumerate(nf_blocks(nf)):
+        block.skip_gain.assign(0.5 + i)
+    plain = build_model("tiny_grouped", conv_layer=keras.layers.Conv2D)
+    nf_weights = {v.path: v for v in nf.weights}
+    for v in plain.weights:
+        v.assign(nf_weights[v.path])
+    for ws, conv in zip(model_convs(nf), model_convs(plain)):
+        conv.kernel.assign(ws.standardized_kernel())
+    x = np.random.default_rng(9).standard_normal((2, 32, 32, 3)).astype("float32")
+    expected = to_np(nf(x))
+    assert np.abs(expected).max() > 1e-3
+    np.testing.assert_allclose(to_np(plain(x)), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("twin", ["plain_conv", "bn"])
+def test_keras_roundtrip_with_other_layer_classes(twin, tmp_path):
+    keras.utils.set_random_seed(10)
+    if twin == "bn":
+        model = _bn_twin("tiny_grouped")
+    else:
+        model = build_model("tiny_grouped", conv_layer=keras.layers.Conv2D)
+    x = np.random.default_rng(11).standard_normal((4, 32, 32, 3)).astype("float32")
+    rng = np.random.default_rng(12)
+    for v in model.trainable_weights:  # "trained": nothing at its initial value
+        v.assign(to_np(v) + rng.normal(0, 0.1, v.shape).astype("float32"))
+    model(x, training=True)  # moves the BatchNorms' statistics
+    config = nf_blocks(model)[0].get_config()
+    assert config["conv_layer"] == "Conv2D"
+    assert config["norm_layer"] == ("BatchNormalization" if twin == "bn" else None)
+    reloaded = keras_roundtrip(model, tmp_path)
+    assert_same_weights(model, reloaded)
+    assert all(type(conv) is keras.layers.Conv2D for conv in model_convs(reloaded))
+    np.testing.assert_array_equal(to_np(reloaded(x)), to_np(model(x)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, output_shape",
+    [
+        (dict(filters=8, conv_layer=keras.layers.Conv2D, se_ratio=0.5, skip_gain_init=0.5), (2, 6, 6, 8)),
+        (dict(filters=16, strides=2, transition=True, conv_layer="Conv2D", use_bias=False,
+              norm_layer=keras.layers.BatchNormalization), (2, 3, 3, 16)),
+    ],
+    ids=["plain_conv", "bn_twin"],
+)
+def test_nfblock_with_other_layer_classes_layer_harness(kwargs, output_shape, tmp_path):
+    block = run_layer_test(NFBlock, kwargs, (2, 6, 6, 8), tmp_path, expected_output_shape=output_shape)
+    assert all(type(conv) is keras.layers.Conv2D for conv in block.conv_sublayers())
+
+
+def test_norm_activation_layer_harness(tmp_path):
+    layer = run_layer_test(NormActivation, dict(norm_layer="BatchNormalization", activation="gelu"),
+                           (2, 3, 3, 4), tmp_path, expected_output_shape=(2, 3, 3, 4))
+    assert isinstance(layer.norm, keras.layers.BatchNormalization)
+
+
+def test_nfblock_config_names_its_layer_classes():
+    block = NFBlock(8, conv_layer="Conv2D", norm_layer=keras.layers.BatchNormalization)
+    config = block.get_config()
+    assert (config["conv_layer"], config["norm_layer"]) == ("Conv2D", "BatchNormalization")
+    assert NFBlock.from_config(config).conv_layer is keras.layers.Conv2D
+    assert NFBlock(8).get_config()["conv_layer"] == "nfnet_keras>WSConv2D"
+    assert NFBlock.from_config(NFBlock(8).get_config()).conv_layer is WSConv2D
+
+
+def test_unregistered_conv_layer_cannot_be_serialized():
+    class LocalConv(keras.layers.Conv2D):
+        pass
+
+    model = build_model("tiny", conv_layer=LocalConv)
+    with pytest.raises(ValueError) as info:
+        nf_blocks(model)[0].get_config()
+    assert str(info.value) == (
+        "conv_layer test_unregistered_conv_layer_cannot_be_serialized.<locals>.LocalConv cannot be "
+        "serialized: register it with `keras.saving.register_keras_serializable` or use a Keras layer."
+    )
+
+
+# === Block MACs ===
+
+
+def test_block_macs_by_hand():
+    # 8x8x8 in, 16 out, 3x3 width 8 in 2 groups, stride 2, SE hidden 8, pooled shortcut.
+    block = NFBlock(16, strides=2, transition=True, bottleneck_ratio=0.5, group_width=4, se_ratio=0.5)
+    block.build((None, 8, 8, 8))
+    conv0 = 8 * 8 * 8 * 8
+    conv1 = conv1b = 4 * 4 * 9 * 4 * 8
+    conv2 = 4 * 4 * 8 * 16
+    se = 2 * 16 * 8
+    shortcut = 4 * 4 * 8 * 16
+    assert block.macs((8, 8, 8)) == (conv0 + conv1 + conv1b + conv2 + se + shortcut, (4, 4, 16))
+    assert block.macs((8, 8, 8))[0] == 17_664
+    strided = NFBlock(16, strides=2, transition=True, bottleneck_ratio=0.5, group_width=4, shortcut_pool=False)
+    strided.build((None, 7, 7, 8))  # a 1x1 conv of stride 2 on 7x7: 4x4 out
+    assert strided.macs((7, 7, 8)) == (7 * 7 * 8 * 8 + 2 * 4 * 4 * 9 * 4 * 8 + 2 * 4 * 4 * 8 * 16, (4, 4, 16))
+    with pytest.raises(ValueError, match="must be built before counting its MACs"):
+        NFBlock(8).macs((4, 4, 8))
+
+
+def test_skip_gain_init_and_beta_keys_reach_every_block():
+    """The keys behind the report's lr-0.1 experiment: SkipInit off, beta = Var(x) as in the report's code."""
+    plain = build_model("tiny")
+    varied = build_model("tiny", skip_gain_init=1.0, beta="var")
+    blocks = [layer for layer in varied.layers if isinstance(layer, NFBlock)]
+    assert blocks and all(float(b.skip_gain.numpy()) == 1.0 for b in blocks)
+    assert all(float(b.skip_gain.numpy()) == 0.0 for b in plain.layers if isinstance(b, NFBlock))
+    for block in blocks:
+        assert block.beta == pytest.approx(block.expected_var)  # not its square root
+    assert all(b.get_config()["beta"] == "var" for b in blocks)
+    with pytest.raises(ValueError, match=r"^beta must be one of 'std', 'var', got 'mean'\.$"):
+        build_model("tiny", beta="mean")
+    with pytest.raises(ValueError, match=r"^skip_gain_init must be a number >= 0 \(0: SkipInit\), got -1\.$"):
+        build_model("tiny", skip_gain_init=-1)
+
+
+def test_beta_var_divides_by_the_variance():
+    Block = NFBlock
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 16)).astype("float32")
+    std = Block(16, expected_var=1.44, skip_gain_init=1.0)
+    var = Block.from_config({**std.get_config(), "beta": "var"})
+    std(x), var(x)
+    var.set_weights(std.get_weights())
+    assert std.beta == pytest.approx(1.2) and var.beta == pytest.approx(1.44)
+    # act(x) * gamma / 1.44 = (act(x) * gamma / 1.2) / 1.2
+    np.testing.assert_allclose(np.asarray(var._scaled_input(x)), np.asarray(std._scaled_input(x)) / 1.2, rtol=1e-5)

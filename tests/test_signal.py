@@ -22,10 +22,10 @@ so the pool barely changes theirs. `test_pool_shortcut_quarters_white_noise`
 pins that down.
 """
 
+import keras
 import numpy as np
 import pytest
 
-import keras
 from nfnet_keras import build_model, signal_propagation
 from nfnet_keras.model import nf_blocks
 
@@ -46,19 +46,12 @@ def stage(stats, s):
     return [row for row in stats if row["block"].startswith(f"stage{s}_")]
 
 
-def test_report_shape_and_expected_var(stats, record_property):
+def test_report_shape_and_expected_var(stats):
     assert [row["block"] for row in stats] == [f"stage{s}_block{j}" for s in (1, 2, 3) for j in range(1, 6)]
     assert set(stats[0]) == {"block", "avg_sq_mean", "avg_var", "residual_var", "expected_var"}
     # 1 + k alpha^2 within a stage, k = 1 at each stage's first block.
     expected = [1 + k * ALPHA**2 for _ in range(3) for k in range(1, 6)]
     assert [row["expected_var"] for row in stats] == pytest.approx(expected)
-    table = [
-        f"{r['block']:14s} avg_var {r['avg_var']:.4f} expected {r['expected_var']:.2f} "
-        f"residual_var {r['residual_var']:.4f} avg_sq_mean {r['avg_sq_mean']:.5f}"
-        for r in stats
-    ]
-    print("\n".join(table))
-    record_property("signal_propagation", table)
 
 
 def test_every_block_follows_expected_var(stats):
@@ -139,7 +132,8 @@ def test_model_without_blocks_raises():
 def test_statistics_match_their_definitions():
     # On a tiny net, with a mean-shifted, unequal-variance input so that every
     # choice of axes gives a different number: per channel over (batch, h, w),
-    # then averaged over channels.
+    # then averaged over channels. The residual branch is taken from the
+    # block's own output: f = (block(x) at skip gain s - block(x) at 0) / (alpha s).
     keras.utils.set_random_seed(1)
     model = build_model("tiny", depths=(2, 1))
     blocks = nf_blocks(model)
@@ -156,9 +150,67 @@ def test_statistics_match_their_definitions():
         assert row["block"] == block.name
         assert row["avg_var"] == pytest.approx(y.var(axis=(0, 1, 2)).mean(), rel=1e-4)
         assert row["avg_sq_mean"] == pytest.approx((y.mean(axis=(0, 1, 2)) ** 2).mean(), rel=1e-3)
-        branch = keras.ops.convert_to_numpy(block.residual_branch(x.astype("float32"))).astype("float64")
-        assert row["residual_var"] == pytest.approx(branch.var(axis=(0, 1, 2)).mean(), rel=1e-4)
+        x32 = x.astype("float32")
+        with_branch = keras.ops.convert_to_numpy(block(x32)).astype("float64")
+        block.skip_gain.assign(0.0)
+        shortcut = keras.ops.convert_to_numpy(block(x32)).astype("float64")
+        block.skip_gain.assign(0.5)
+        branch = (with_branch - shortcut) / (block.alpha * 0.5)
+        # float32 cancellation in the difference: ~1e-6 of the output, 1e-3 of the branch.
+        assert row["residual_var"] == pytest.approx(branch.var(axis=(0, 1, 2)).mean(), rel=1e-3)
         assert row["expected_var"] == block.expected_output_var
-        # The residual branch really is the output minus the shortcut, over alpha * skip gain.
-        if not block.transition:
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(block.residual_branch(x32)), branch, rtol=1e-3, atol=1e-4
+        )
+        if not block.transition:  # the shortcut of a non-transition block is its input
+            np.testing.assert_allclose(shortcut, x, rtol=1e-6, atol=1e-6)
             np.testing.assert_allclose(y - x, 0.2 * 0.5 * branch, rtol=1e-4, atol=1e-5)
+
+
+def _np_ws_conv(conv, x):
+    """A stride-1 WSConv2D ('same' or 1x1) computed in NumPy from its raw weights."""
+    kernel = keras.ops.convert_to_numpy(conv.kernel).astype("float64")
+    kh, kw, cin, _ = kernel.shape
+    mean = kernel.mean(axis=(0, 1, 2), keepdims=True)
+    var = kernel.var(axis=(0, 1, 2), keepdims=True)
+    kernel = (kernel - mean) / np.sqrt(np.maximum(kh * kw * cin * var, conv.eps))
+    kernel = kernel * keras.ops.convert_to_numpy(conv.gain)
+    ph, pw = kh // 2, kw // 2
+    padded = np.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    n, h, w, _ = x.shape
+    out = np.zeros((n, h, w, kernel.shape[-1]))
+    for i in range(kh):
+        for j in range(kw):
+            out += np.einsum("nhwc,co->nhwo", padded[:, i : i + h, j : j + w, :], kernel[i, j])
+    return out + keras.ops.convert_to_numpy(conv.bias)
+
+
+def test_statistics_of_a_hand_computed_block():
+    # One block, every weight random, its residual branch written out in NumPy:
+    # f = conv2(g relu(conv1b(g relu(conv1(g relu(conv0(g relu(x) / beta)))))))
+    # with g = gamma_relu and every conv weight-standardized.
+    from nfnet_keras import GAMMAS, NFBlock
+
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((5, 5, 4))
+    block = NFBlock(4, expected_var=1.3, alpha=0.3, bottleneck_ratio=0.5, skip_gain_init=0.7, name="only")
+    model = keras.Model(inputs, block(inputs))
+    rng = np.random.default_rng(4)
+    for v in block.weights:
+        if v.path.endswith(("gain", "bias")) and len(v.shape) == 1:
+            v.assign(rng.uniform(0.5, 1.5, v.shape).astype("float32"))
+    x = (rng.standard_normal((8, 5, 5, 4)) * 1.2 + 0.3).astype("float32")
+    [row] = signal_propagation(model, x)
+
+    g, relu = GAMMAS["relu"], lambda t: np.maximum(t, 0.0)
+    xd = x.astype("float64")
+    f = _np_ws_conv(block.conv0, g * relu(xd) / np.sqrt(1.3))
+    f = _np_ws_conv(block.conv1, g * relu(f))
+    f = _np_ws_conv(block.conv1b, g * relu(f))
+    f = _np_ws_conv(block.conv2, g * relu(f))
+    y = xd + 0.3 * 0.7 * f
+    assert row["block"] == "only"
+    assert row["residual_var"] == pytest.approx(f.var(axis=(0, 1, 2)).mean(), rel=1e-4)
+    assert row["avg_var"] == pytest.approx(y.var(axis=(0, 1, 2)).mean(), rel=1e-4)
+    assert row["avg_sq_mean"] == pytest.approx((y.mean(axis=(0, 1, 2)) ** 2).mean(), rel=1e-3)
+    assert row["expected_var"] == pytest.approx(1.3 + 0.3**2)

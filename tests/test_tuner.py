@@ -6,6 +6,7 @@ CIFAR-10 (written in the official `cifar-10-batches-py` format), so they need no
 download and no `NFNET_DATA_DIR`; they are about the tuner, not the data.
 """
 
+import dataclasses
 import glob
 import json
 import os
@@ -23,10 +24,10 @@ import pytest
 from keras_tuner.src.engine import trial as trial_module
 
 from nfnet_keras import fit as fit_cli
-from nfnet_keras.training import TrainConfig
-from tuner import results as results_lib
-from tuner.hypermodel import NFNetHyperModel
-from tuner.oracle import DIVERGED, NFNetGridSearch, ResumableGridSearchOracle, is_diverged
+from nfnet_keras.config import TrainConfig
+from nfnet_keras.tuner import results as results_lib
+from nfnet_keras.tuner.hypermodel import NFNetHyperModel
+from nfnet_keras.tuner.oracle import DIVERGED, NFNetGridSearch, ResumableGridSearchOracle, is_diverged
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LRS = [0.001, 0.01, 0.1]
@@ -80,9 +81,9 @@ def _env(**extra):
     return env
 
 
-def _start(args, log_path, **env):
+def _start(args, log_path, module="nfnet_keras.tuner.grid", **env):
     log = open(log_path, "w")
-    return subprocess.Popen([sys.executable, "-m", "tuner.grid", *args], cwd=REPO, env=_env(**env),
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=_env(**env),
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -294,7 +295,7 @@ def test_diverged_trial_stops_at_once_and_reports_no_accuracy(tmp_path):
     assert result["diverged"] and result["diverged_at"]["epoch"] == 1
     assert len(result["history"]["loss"]) == 1  # no second epoch
     cells = results_lib.collect(tuner.oracle, [1e4], [16])
-    assert cells[(16, 1e4)].status == "diverged" and cells[(16, 1e4)].val_accuracy is None
+    assert cells[(16, 1e4, None)].status == "diverged" and cells[(16, 1e4, None)].val_accuracy is None
     assert "diverged" in results_lib.markdown_table(cells, [1e4], [16])
 
 
@@ -330,7 +331,7 @@ def test_table_has_the_report_shape_marks_diverged_and_best_hparams_feed_fit(tmp
         scores.update({(0.001, b): low, (0.01, b): mid, (0.1, b): "diverged"})
     scores[(0.1, 256)] = None  # still running
     cells = results_lib.collect(_fake_oracle(scores), LRS, BATCH_SIZES)
-    config = TrainConfig(preset="seed", epochs=40, schedule="constant", agc=0.01)
+    config = TrainConfig(preset="report_resnet", epochs=40, schedule="constant", agc=0.01)
     paths, table, best = results_lib.write_outputs(cells, LRS, BATCH_SIZES, config, str(tmp_path), "grid")
 
     assert table.splitlines() == [
@@ -353,20 +354,82 @@ def test_table_has_the_report_shape_marks_diverged_and_best_hparams_feed_fit(tmp
     assert os.path.dirname(paths["markdown"]) == str(tmp_path)  # beside the project folder
     assert (best.lr, best.batch_size) == (0.01, 64)
     hparams = json.loads(_read(paths["best"]))
-    assert hparams == {"lr": 0.01, "batch_size": 64, "preset": "seed", "agc": 0.01}
+    assert hparams == {"lr": 0.01, "batch_size": 64, "preset": "report_resnet", "agc": 0.01}
     fit_config, _ = fit_cli.parse_config(["--hparams", paths["best"]])
     assert (fit_config.lr, fit_config.batch_size, fit_config.agc, fit_config.epochs) == (0.01, 64, 0.01, 200)
 
 
+def test_agc_axis_table_rows_csv_and_best_hparams(tmp_path):
+    space = keras_tuner.HyperParameters()
+    space.Choice("lr", [0.1, 0.4])
+    space.Choice("batch_size", [128])
+    space.Choice("agc", [0.0, 0.01])
+    outcomes = {(0.1, 0.0): 0.52, (0.1, 0.01): 0.55, (0.4, 0.0): "diverged", (0.4, 0.01): 0.61}
+    trials = {}
+    for i, ((lr, agc), score) in enumerate(outcomes.items()):
+        hp = space.copy()
+        hp.values = {"lr": lr, "batch_size": 128, "agc": agc}
+        trial = trial_module.Trial(hp, trial_id=f"{i:02d}", status="COMPLETED")
+        if score == "diverged":
+            trial.status = "FAILED"
+            trial.metrics.update(DIVERGED, 1.0)
+            trial.metrics.update("diverged_epoch", 2.0)
+        else:
+            trial.score = score
+        trials[trial.trial_id] = trial
+    oracle = type("FakeOracle", (), {"trials": trials})()
+    agcs = (0.0, 0.01)
+    cells = results_lib.collect(oracle, [0.1, 0.4], [128], agcs)
+    config = TrainConfig(epochs=3, schedule="constant")
+    paths, table, best = results_lib.write_outputs(cells, [0.1, 0.4], [128], config, str(tmp_path), "agc",
+                                                   agcs=agcs)
+    assert table.splitlines() == [
+        "| batch | AGC | lr 0.1 | lr 0.4 |",
+        "|---|---|---|---|",
+        "| 128 | off | 52.00 | diverged (epoch 2) |",
+        "| 128 | 0.01 | 55.00 | **61.00** |",
+    ]
+    assert _read(paths["csv"]).splitlines() == ["batch_size,agc,lr=0.1,lr=0.4", "128,0,52.00,diverged",
+                                                "128,0.01,55.00,61.00"]
+    assert json.loads(_read(paths["best"])) == {"lr": 0.4, "batch_size": 128, "preset": "report_resnet",
+                                                "agc": 0.01}
+
+
+def test_agc_axis_enters_the_trial_config_and_the_study_record():
+    from nfnet_keras.tuner import grid
+
+    config, args = grid.parse_config(["--lrs", "0.1", "--batch-sizes", "64", "--agcs", "0,0.01", "--epochs", "1"])
+    record = grid.study_record(config, args)
+    assert record["grid"] == {"lr": [0.1], "batch_size": [64], "agc": [0.0, 0.01]}
+    assert "agc" not in record["config"]
+    model = NFNetHyperModel(config, args.lrs, args.batch_sizes, agcs=args.agcs)
+    hp = keras_tuner.HyperParameters()
+    hp.values = {"lr": 0.1, "batch_size": 64, "agc": 0.01}
+    assert model.trial_config(hp).agc == 0.01
+    hp.values = {"lr": 0.1, "batch_size": 64, "agc": 0.0}
+    assert model.trial_config(hp).agc == 0.0
+    fixed = NFNetHyperModel(dataclasses.replace(config, agc=0.02), args.lrs, args.batch_sizes)
+    assert fixed.trial_config(hp).agc == 0.02  # not an axis: the fixed --agc
+
+
 def test_cli_rejects_bad_flags_and_changed_settings_on_resume(tmp_path, capsys):
-    from tuner import grid
+    from nfnet_keras.tuner import grid
 
     with pytest.raises(SystemExit):
         grid.parse_config(["--lrs", "0.1,abc"])
     assert "--lrs takes comma-separated numbers" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         grid.parse_config(["--batch-sizes", "32,32"])
-    assert "distinct positive numbers" in capsys.readouterr().err
+    assert "distinct positive finite numbers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        grid.parse_config(["--lrs", "nan"])
+    assert "--lrs takes distinct positive finite numbers, got 'nan'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        grid.parse_config(["--lrs", "-0.1,0.1"])
+    assert "--lrs takes distinct positive finite numbers, got '-0.1,0.1'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        grid.parse_config(["--agcs", "0,-1"])
+    assert "--agcs takes distinct non-negative finite numbers" in capsys.readouterr().err
 
     config, args = grid.parse_config(["--epochs", "2"])
     project = tmp_path / "grid"
@@ -380,7 +443,7 @@ def test_cli_rejects_bad_flags_and_changed_settings_on_resume(tmp_path, capsys):
 
 def test_cli_shares_fits_flags_and_defaults_but_the_grids(capsys):
     from nfnet_keras import fit
-    from tuner import grid
+    from nfnet_keras.tuner import grid
 
     config, _ = grid.parse_config(["--override", "depths=(1,1,1)", "--override", "activation=gelu", "--nesterov"])
     assert config.overrides == {"depths": (1, 1, 1), "activation": "gelu"} and config.nesterov
@@ -419,7 +482,7 @@ def test_cli_kill_and_resume_then_table_hparams_and_tensorboard(tmp_path, tiny_c
     args = [*TINY, "--lrs", "0.01,1000", "--data-dir", tiny_cifar, "--directory", str(tmp_path),
             "--project-name", "grid"]
     project = tmp_path / "grid"
-    first = _start(args, tmp_path / "first.log")
+    first = _start(args, tmp_path / "first.log", module="tuner.grid")  # the checkout's command
     try:
         deadline = time.time() + TIMEOUT
         while time.time() < deadline and first.poll() is None:

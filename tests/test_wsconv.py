@@ -1,14 +1,14 @@
 """WSConv2D: scaled weight standardization (nfnet_keras/wsconv.py)."""
 
+import keras
 import numpy as np
 import pytest
-
-import keras
 import tensorflow as tf
+
 from nfnet_keras import WSConv2D
 from nfnet_keras.wsconv import add_channel_bias
 
-from conftest import assert_same_weights, keras_roundtrip
+from conftest import assert_same_weights, keras_roundtrip, run_layer_test
 
 
 def np_standardize(kernel, gain, eps=1e-4):
@@ -49,6 +49,22 @@ def randomize(layer, seed):
             v.assign(rng.standard_normal(v.shape).astype("float32"))
 
 
+@pytest.mark.parametrize(
+    "kwargs, output_shape",
+    [
+        (dict(filters=4, kernel_size=3, padding="same"), (2, 6, 6, 4)),
+        (dict(filters=6, kernel_size=3, strides=2, padding="same", groups=2), (2, 3, 3, 6)),
+        (dict(filters=4, kernel_size=1, use_bias=False, eps=1e-3), (2, 6, 6, 4)),
+    ],
+    ids=["plain", "grouped", "no_bias"],
+)
+def test_layer_harness(kwargs, output_shape, tmp_path):
+    conv = run_layer_test(WSConv2D, kwargs, (2, 6, 6, 4), tmp_path, expected_output_shape=output_shape)
+    assert [v.path.split("/")[-1] for v in conv.weights] == (
+        ["kernel", "bias", "gain"] if conv.use_bias else ["kernel", "gain"]
+    )
+
+
 def test_gain_is_a_per_channel_weight_initialised_to_one():
     conv = WSConv2D(6, 3)
     conv.build((None, 8, 8, 4))
@@ -87,7 +103,12 @@ def test_eps_floors_a_tiny_variance_kernel():
 
 @pytest.mark.parametrize(
     "kernel_size, strides, padding, shape",
-    [(3, 1, "same", (2, 7, 7, 5)), (3, 2, "same", (2, 8, 9, 5)), (1, 1, "valid", (2, 4, 4, 5)), (3, 2, "valid", (1, 9, 9, 5))],
+    [
+        (3, 1, "same", (2, 7, 7, 5)),
+        (3, 2, "same", (2, 8, 9, 5)),
+        (1, 1, "valid", (2, 4, 4, 5)),
+        (3, 2, "valid", (1, 9, 9, 5)),
+    ],
 )
 def test_output_matches_manual_conv(kernel_size, strides, padding, shape):
     conv = WSConv2D(7, kernel_size, strides=strides, padding=padding)

@@ -34,6 +34,8 @@ from keras_tuner.src import utils as kt_utils
 from keras_tuner.src.engine import metrics_tracking
 from keras_tuner.src.engine import trial as trial_module
 
+from nfnet_keras import fileio
+
 DIVERGED = "diverged"  # metric set to 1.0 by a trial whose loss became NaN/inf
 
 _FINISHED = (trial_module.TrialStatus.COMPLETED, trial_module.TrialStatus.FAILED)
@@ -43,10 +45,8 @@ def save_json_atomically(path, state):
     """Writes `state` as JSON to `path` through a temporary file, so a kill never leaves half a file."""
     if "://" in str(path):  # a remote filesystem (gs://...): KerasTuner's own writer
         return kt_utils.save_json(path, state)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    with fileio.atomic_write(path) as f:
         f.write(json.dumps(state))
-    os.replace(tmp, path)
 
 
 def is_diverged(trial):

@@ -11,8 +11,9 @@ import os
 
 from keras_tuner.src.engine import trial as trial_module
 
-from nfnet_keras.training import TrainConfig
-from tuner.oracle import is_diverged
+from nfnet_keras import fileio
+from nfnet_keras.config import TrainConfig
+from nfnet_keras.tuner.oracle import is_diverged
 
 # Fixed training settings that change which lr / batch size is best: carried into
 # best_hparams.json when the study used a non-default value. (Not epochs, schedule
@@ -31,17 +32,21 @@ class Cell:
     val_accuracy: float | None = None
     trial_id: str | None = None
     diverged_epoch: int | None = None
+    agc: float | None = None  # the trial's AGC factor when AGC is a grid axis
 
 
-def collect(oracle, lrs, batch_sizes):
-    """{(batch_size, lr): Cell} from the oracle's trials (the chief's in a distributed search)."""
-    cells = {(b, lr): Cell(lr, b, "not run") for b in batch_sizes for lr in lrs}
+def collect(oracle, lrs, batch_sizes, agcs=(None,)):
+    """{(batch_size, lr, agc): Cell} from the oracle's trials (the chief's in a distributed search).
+
+    `agcs` is `(None,)` unless AGC is an axis of the grid.
+    """
+    cells = {(b, lr, a): Cell(lr, b, "not run", agc=a) for b in batch_sizes for lr in lrs for a in agcs}
     for trial in oracle.trials.values():
         values = trial.hyperparameters.values
-        key = (values.get("batch_size"), values.get("lr"))
+        key = (values.get("batch_size"), values.get("lr"), values.get("agc"))
         if key not in cells:
             continue
-        cell = Cell(key[1], key[0], "running", trial_id=trial.trial_id)
+        cell = Cell(key[1], key[0], "running", trial_id=trial.trial_id, agc=key[2])
         if is_diverged(trial):
             cell.status = "diverged"
             if trial.metrics.exists("diverged_epoch"):
@@ -73,27 +78,41 @@ def _lr_label(lr):
     return f"lr {lr:g}"
 
 
-def markdown_table(cells, lrs, batch_sizes):
-    """The report's table: one row per batch size, one column per lr, best validation accuracy in %."""
+def _agc_label(agc):
+    return "off" if not agc else f"{agc:g}"
+
+
+def _rows(batch_sizes, agcs):
+    """(batch, agc) per table row: AGC values side by side within each batch size."""
+    return [(b, a) for b in batch_sizes for a in agcs]
+
+
+def markdown_table(cells, lrs, batch_sizes, agcs=(None,)):
+    """The report's table: one row per batch size (and AGC factor, when it is a grid axis), one
+    column per lr, best validation accuracy in %."""
     best = best_cell(cells)
-    lines = ["| batch | " + " | ".join(_lr_label(lr) for lr in lrs) + " |",
-             "|---|" + "---|" * len(lrs)]
-    for b in batch_sizes:
-        lines.append(f"| {b} | " + " | ".join(_text(cells[(b, lr)], best) for lr in lrs) + " |")
+    with_agc = agcs != (None,)
+    head = "| batch | " + ("AGC | " if with_agc else "")
+    lines = [head + " | ".join(_lr_label(lr) for lr in lrs) + " |",
+             "|---|" + ("---|" if with_agc else "") + "---|" * len(lrs)]
+    for b, a in _rows(batch_sizes, agcs):
+        agc_text = f"{_agc_label(a)} | " if with_agc else ""
+        lines.append(f"| {b} | {agc_text}" + " | ".join(_text(cells[(b, lr, a)], best) for lr in lrs) + " |")
     return "\n".join(lines)
 
 
-def csv_table(cells, lrs, batch_sizes):
+def csv_table(cells, lrs, batch_sizes, agcs=(None,)):
     """The same table as CSV: accuracy in % (2 decimals), or the status (`diverged`, `failed`, ...)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["batch_size"] + [f"lr={lr:g}" for lr in lrs])
-    for b in batch_sizes:
+    with_agc = agcs != (None,)
+    writer.writerow(["batch_size"] + (["agc"] if with_agc else []) + [f"lr={lr:g}" for lr in lrs])
+    for b, a in _rows(batch_sizes, agcs):
         row = []
         for lr in lrs:
-            cell = cells[(b, lr)]
+            cell = cells[(b, lr, a)]
             row.append(f"{100 * cell.val_accuracy:.2f}" if cell.status == "ok" else cell.status)
-        writer.writerow([b] + row)
+        writer.writerow([b] + ([f"{a:g}"] if with_agc else []) + row)
     return out.getvalue()
 
 
@@ -105,6 +124,8 @@ def best_hparams(cell, config):
     for key in CARRIED_SETTINGS:
         if getattr(config, key) != getattr(defaults, key):
             hparams[key] = getattr(config, key)
+    if cell.agc is not None:
+        hparams["agc"] = cell.agc
     return hparams
 
 
@@ -114,24 +135,23 @@ def output_paths(directory, project_name):
     return dict(markdown=f"{stem}_results.md", csv=f"{stem}_results.csv", best=f"{stem}_best_hparams.json")
 
 
-def write_outputs(cells, lrs, batch_sizes, config, directory, project_name, title=""):
+def write_outputs(cells, lrs, batch_sizes, config, directory, project_name, title="", agcs=(None,)):
     """Writes the Markdown and CSV tables and (if any trial finished) best_hparams.json.
 
     Returns:
         (paths dict, markdown text, best Cell or None).
     """
     paths = output_paths(directory, project_name)
-    table = markdown_table(cells, lrs, batch_sizes)
+    table = markdown_table(cells, lrs, batch_sizes, agcs)
     best = best_cell(cells)
-    _atomic_write(paths["markdown"], (f"{title}\n\n" if title else "") + table + "\n")
-    _atomic_write(paths["csv"], csv_table(cells, lrs, batch_sizes))
+    _write_text(paths["markdown"], (f"{title}\n\n" if title else "") + table + "\n")
+    _write_text(paths["csv"], csv_table(cells, lrs, batch_sizes, agcs))
     if best is not None:
-        _atomic_write(paths["best"], json.dumps(best_hparams(best, config), indent=2) + "\n")
+        _write_text(paths["best"], json.dumps(best_hparams(best, config), indent=2) + "\n")
     return paths, table, best
 
 
-def _atomic_write(path, text):
+def _write_text(path, text):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
+    with fileio.atomic_write(path) as f:
         f.write(text)
-    os.replace(path + ".tmp", path)

@@ -1,0 +1,176 @@
+"""The Keras callbacks of a training run.
+
+`DivergenceMonitor` stops at the first NaN/inf loss and says where;
+`EpochCheckpoint` saves every epoch atomically and restores the newest
+readable one; `EpochTimer` times epochs and estimates the rest of the run.
+What a run shows in TensorBoard is in `nfnet_keras.tensorboard`.
+"""
+
+import glob
+import json
+import os
+import shutil
+import time
+
+import keras
+import numpy as np
+
+from nfnet_keras import fileio
+
+
+class DivergenceMonitor(keras.callbacks.TerminateOnNaN):
+    """Stops training at the first NaN/inf loss and remembers where (`diverged_at`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.diverged_at = None
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(loss) and self.diverged_at is None:
+            self.diverged_at = dict(epoch=self._epoch + 1, step=batch + 1)
+        super().on_batch_end(batch, logs)
+
+    @property
+    def diverged(self):
+        return self.diverged_at is not None
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of the run could be read; the message names the files and what to do."""
+
+
+class EpochCheckpoint(keras.callbacks.BackupAndRestore):
+    """`BackupAndRestore`, written atomically, with a fallback to the previous epoch.
+
+    Keras writes the weights and then the epoch counter in place, so a kill
+    during the save leaves a corrupt file or a counter that disagrees with the
+    weights. Here every epoch's state (weights with optimizer state + epoch)
+    goes to a temporary folder renamed to `epoch-NNNN` only when complete; the
+    newest `keep` complete ones are kept. On start the newest one that loads is
+    restored (a truncated file falls back to the one before, with a note).
+
+    The class relies on `BackupAndRestore`'s private `_save_model`,
+    `_load_model` and `_current_epoch` and sets `model._initial_epoch`
+    (Keras 3.15); `tests/test_fit.py` fails if those change.
+
+    Args:
+        backup_dir: str. The checkpoint folder.
+        keep: int. Complete checkpoints kept. Defaults to `2`.
+    """
+
+    def __init__(self, backup_dir, keep=2):
+        super().__init__(backup_dir, save_freq="epoch", delete_checkpoint=False)
+        self.keep = keep
+        self.restored_epoch = 0
+
+    def complete(self):
+        """[(epoch, folder)] of the complete checkpoints, oldest first."""
+        found = []
+        for path in glob.glob(os.path.join(self.backup_dir, "epoch-*")):
+            meta = os.path.join(path, "state.json")
+            try:
+                with open(meta) as f:
+                    found.append((int(json.load(f)["epoch"]), path))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # incomplete or unreadable: not a checkpoint
+        return sorted(found)
+
+    def latest_epoch(self):
+        found = self.complete()
+        return found[-1][0] if found else 0
+
+    def _load_model(self):
+        found = self.complete()
+        if not found:
+            return
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        failures = []
+        for epoch, path in reversed(found):
+            weights = os.path.join(path, "model.weights.h5")
+            try:
+                self.model.load_weights(weights)
+            except Exception as e:  # truncated or corrupt h5
+                failures.append(f"{weights} ({type(e).__name__})")
+                print(f"note: checkpoint {weights} is unreadable; trying the one before.", flush=True)
+                continue
+            self.model._initial_epoch = epoch
+            self.restored_epoch = epoch
+            print(f"Resuming from {path} (epoch {epoch} complete).", flush=True)
+            return
+        raise CheckpointError(
+            f"no readable checkpoint in {self.backup_dir}: {'; '.join(failures)}. Delete that folder to "
+            "start the run from epoch 1, or restore the files from a backup."
+        )
+
+    def _save_model(self):
+        os.makedirs(self.backup_dir, exist_ok=True)
+        tmp = os.path.join(self.backup_dir, f"{fileio.TMP_MARK}{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        final = os.path.join(self.backup_dir, f"epoch-{self._current_epoch:04d}")
+        fileio.check_free_space(self.backup_dir, _state_bytes(self.model), final)
+        try:
+            os.makedirs(tmp)
+            self.model.save_weights(os.path.join(tmp, "model.weights.h5"))
+            with open(os.path.join(tmp, "state.json"), "w") as f:
+                json.dump({"epoch": self._current_epoch}, f)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise fileio.describe_write_error(e, final) from e
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for _, path in self.complete()[: -self.keep]:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _state_bytes(model):
+    """About what a checkpoint of `model` takes: its weights and its optimizer's, plus headroom."""
+    variables = list(model.weights) + (list(model.optimizer.variables) if model.optimizer is not None else [])
+    raw = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables)
+    return int(raw * 1.1) + (1 << 20)
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Wall seconds of each epoch of this process; prints the estimate for the rest of the run.
+
+    Args:
+        total_epochs: int or None. The run's epochs, for the estimate. Defaults
+            to `None` (no estimate).
+    """
+
+    def __init__(self, total_epochs=None):
+        super().__init__()
+        self.total_epochs = total_epochs
+        self.times = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.times.append(time.time() - self._t)
+        left = (self.total_epochs or 0) - (epoch + 1)
+        if left > 0:
+            eta = left * float(np.median(self.times))
+            print(f"Epoch {epoch + 1} of {self.total_epochs} done; about {_duration(eta)} left "
+                  f"({left} epoch(s) at {_duration(np.median(self.times))} each).", flush=True)
+
+    @property
+    def seconds_per_epoch(self):
+        return list(self.times)
+
+
+def _duration(seconds):
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    if seconds >= 60:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds} s"

@@ -1,0 +1,67 @@
+"""Quiet start-up: TensorFlow's C++ start-up lines kept out of the user's terminal.
+
+Importing TensorFlow prints half a dozen lines from its C++ core (absl's
+"log messages before absl::InitializeLog()", oneDNN, CUDA probing, and on a
+machine without a GPU driver `E0000 ... failed call to cuInit`) straight to
+file descriptor 2, before any Python logging setting can apply. `quiet_startup`
+sends descriptor 2 to a temporary file for the duration of the import and the
+first device query, then restores it; if the block raises, the captured text
+is written back so nothing that explains a failure is lost.
+
+Set `NFNET_VERBOSE=1` to see the lines.
+"""
+
+import contextlib
+import os
+import sys
+import tempfile
+
+VERBOSE_ENV = "NFNET_VERBOSE"
+
+
+def verbose():
+    """Whether the user asked to see TensorFlow's start-up lines (`NFNET_VERBOSE=1`)."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false", "False")
+
+
+@contextlib.contextmanager
+def quiet_startup():
+    """Redirects file descriptor 2 to a temporary file for the block (unless `NFNET_VERBOSE=1`)."""
+    if verbose() or "tensorflow" in sys.modules:
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real descriptor 2 (e.g. some notebooks)
+        yield
+        return
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            _restore(saved)
+            captured.seek(0)
+            os.write(2, captured.read())
+            raise
+        else:
+            _restore(saved)
+
+
+def _restore(saved):
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
+def import_backend_quietly():
+    """Imports Keras (and TensorFlow, under that backend) and queries the devices once, quietly."""
+    with quiet_startup():
+        import keras
+
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()

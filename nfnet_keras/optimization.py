@@ -1,0 +1,90 @@
+"""The optimizer of a training run: SGD, the learning-rate schedules, weight decay, AGC, the loss."""
+
+import math
+
+import keras
+
+from nfnet_keras.agc import with_agc
+
+# Variables that get no weight decay: WS gains, skip gains and biases.
+NO_DECAY_NAMES = ("bias", "gain", "skip_gain")
+
+
+@keras.saving.register_keras_serializable(package="nfnet_keras")
+class OneCycle(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up from `peak / div` to `peak` over `pct` of the steps, then cosine to ~0.
+
+    Args:
+        peak: float. The highest learning rate.
+        total_steps: int. Steps of the whole run.
+        pct: float. Fraction of the steps spent warming up. Defaults to `0.25`.
+        div: float. The first step's lr is `peak / div`. Defaults to `25.0`.
+    """
+
+    def __init__(self, peak, total_steps, pct=0.25, div=25.0):
+        self.peak, self.total_steps, self.pct, self.div = float(peak), int(total_steps), float(pct), float(div)
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        up = max(1.0, self.pct * self.total_steps)
+        down = max(1.0, self.total_steps - up)
+        start = self.peak / self.div
+        warm = start + (self.peak - start) * step / up
+        t = keras.ops.clip((step - up) / down, 0.0, 1.0)
+        cool = self.peak * 0.5 * (1.0 + keras.ops.cos(math.pi * t))
+        return keras.ops.where(step < up, warm, cool)
+
+    def get_config(self):
+        return dict(peak=self.peak, total_steps=self.total_steps, pct=self.pct, div=self.div)
+
+
+def make_schedule(config, steps_per_epoch):
+    """The learning-rate schedule over `config.epochs` epochs of `steps_per_epoch` steps.
+
+    `step` divides the lr by 10 at 25%, 50% and 75% of the epochs (epochs
+    50/100/150 of the report's 200); `cosine` decays to 0 after an optional linear
+    warm-up; `onecycle` ramps up for 25% of the steps then anneals; `constant`
+    keeps `config.lr`.
+    """
+    total = config.epochs * steps_per_epoch
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+    if config.schedule == "constant":
+        return config.lr
+    if config.schedule == "step":
+        boundaries = [int(config.epochs * f) * steps_per_epoch for f in (0.25, 0.5, 0.75)]
+        boundaries = sorted(set(b for b in boundaries if 0 < b < total))
+        if not boundaries:
+            return config.lr
+        values = [config.lr * 0.1**i for i in range(len(boundaries) + 1)]
+        return keras.optimizers.schedules.PiecewiseConstantDecay(boundaries, values)
+    if config.schedule == "cosine":
+        if warmup:
+            return keras.optimizers.schedules.CosineDecay(
+                0.0, total - warmup, alpha=0.0, warmup_target=config.lr, warmup_steps=warmup
+            )
+        return keras.optimizers.schedules.CosineDecay(config.lr, total, alpha=0.0)
+    if config.schedule == "onecycle":
+        return OneCycle(config.lr, total)
+    raise ValueError(f"Unknown schedule {config.schedule!r}.")
+
+
+def make_optimizer(config, steps_per_epoch):
+    """SGD with momentum, the schedule, decoupled weight decay (not on gains or biases), AGC."""
+    optimizer = keras.optimizers.SGD(
+        learning_rate=make_schedule(config, steps_per_epoch),
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+        weight_decay=config.weight_decay or None,
+    )
+    if config.weight_decay:
+        optimizer.exclude_from_weight_decay(var_names=list(NO_DECAY_NAMES))
+    if config.agc:
+        optimizer = with_agc(optimizer, clipping=config.agc)
+    return optimizer
+
+
+def make_loss(config):
+    """Cross-entropy on logits; one-hot labels when label smoothing is on (see `data.labels_for_loss`)."""
+    if config.label_smoothing:
+        return keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing)
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)

@@ -1,0 +1,290 @@
+"""The report's grid search: `python -m nfnet_keras.tuner.grid [flags]` (or `nfnet-grid`).
+
+With no flags: `keras_tuner.GridSearch` over lr {0.001, 0.01, 0.1} x batch size
+{32, 64, 128, 256} (12 trials, each combination once), preset `seed`, 40 epochs
+per trial at a constant lr (the report's schedule, lr / 10 every 50 epochs,
+never fires within 40), objective: best validation accuracy. At the end it
+prints the table in the report's shape and writes, beside the tuner's project
+folder, `<project>_results.md`, `<project>_results.csv` and
+`<project>_best_hparams.json` (for `python -m nfnet_keras.fit --hparams FILE`).
+`--agcs 0,0.01` adds adaptive gradient clipping as a third axis of the grid.
+
+Rerunning the same command after a kill resumes: finished trials are kept,
+the interrupted one runs again, the rest follow (keras-tuner#1055 is fixed in
+`nfnet_keras.tuner.oracle`). One chief per project folder: a second search
+started on the same folder exits with status 5 and names the process. With
+`KERASTUNER_TUNER_ID`, `KERASTUNER_ORACLE_IP` and `KERASTUNER_ORACLE_PORT`
+set, the same command is a chief (`chief`: serves the oracle, prints the table
+at the end) or a worker (`tuner0`, `tuner1`, ...: runs trials) of a
+distributed search.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+
+from nfnet_keras import cli, fileio, rundir, training
+from nfnet_keras.config import LOCATION_FIELDS, TrainConfig
+from nfnet_keras.data import DataError
+from nfnet_keras.tuner import results as results_lib
+from nfnet_keras.tuner.hypermodel import OBJECTIVE, NFNetHyperModel, hparams_experiment, tensorboard_callback
+from nfnet_keras.tuner.oracle import NFNetGridSearch
+
+EXIT_FAILED_TRIALS = 1
+EXIT_BAD_INPUT = 2
+EXIT_ENVIRONMENT = 5
+EXIT_INTERRUPTED = 130
+
+DEFAULT_LRS = (0.001, 0.01, 0.1)
+DEFAULT_BATCH_SIZES = (32, 64, 128, 256)
+def _number_list(kind, name, allow_zero=False):
+    def parse(text):
+        try:
+            values = [kind(v) for v in text.replace(" ", "").split(",") if v]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} takes comma-separated numbers, got {text!r}") from None
+        low_ok = (lambda v: v >= 0) if allow_zero else (lambda v: v > 0)
+        if (not values or not all(v == v and v not in (float("inf"),) and low_ok(v) for v in values)
+                or len(set(values)) != len(values)):
+            what = "non-negative" if allow_zero else "positive"
+            raise argparse.ArgumentTypeError(f"{name} takes distinct {what} finite numbers, got {text!r}")
+        return values
+
+    return parse
+
+
+def build_parser():
+    d = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m nfnet_keras.tuner.grid",
+        description="Grid search of lr x batch size for an NF-ResNet on CIFAR-10 (defaults: the report's study).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("grid")
+    g.add_argument("--lrs", type=_number_list(float, "--lrs"), default=list(DEFAULT_LRS),
+                   metavar="LR,LR,...", help="learning rates")
+    g.add_argument("--batch-sizes", type=_number_list(int, "--batch-sizes"), default=list(DEFAULT_BATCH_SIZES),
+                   metavar="B,B,...", help="batch sizes")
+    g.add_argument("--agcs", type=_number_list(float, "--agcs", allow_zero=True), default=None,
+                   metavar="L,L,...", help="AGC clipping factors as a third grid axis, 0 for none "
+                   "(e.g. 0,0.01); default: --agc for every trial")
+    g.add_argument("--executions-per-trial", type=int, default=1,
+                   help="trainings per grid point (seeds seed, seed+1, ...); the objective is their mean")
+    g.add_argument("--max-retries-per-trial", type=int, default=0,
+                   help="reruns of a trial that crashed (a diverged trial is never rerun)")
+    g = p.add_argument_group("trial")
+    cli.add_model_flags(g, d)
+    g.add_argument("--epochs", type=int, default=40, help="epochs per trial")
+    cli.add_optimisation_flags(
+        g, dataclasses.replace(d, schedule="constant"),
+        "lr schedule within a trial (the report's step schedule never fires in 40 epochs)",
+    )
+    cli.add_runtime_flags(g, d)
+    cli.add_data_flags(p.add_argument_group("data"), d)
+    g = p.add_argument_group("output")
+    g.add_argument("--directory", default="tuner_runs", help="the tuner's directory; the tables go here too")
+    g.add_argument("--project-name", default="nfnet_grid")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh instead of resuming (ignored by distributed workers)")
+    g.add_argument("--tensorboard-dir", help="default: <directory>/<project-name>/logs")
+    g.add_argument("--quiet", action="store_true", help="one line per epoch, no progress bar")
+    return p
+
+
+_LIST_FLAGS = ("--lrs", "--batch-sizes", "--agcs")
+
+
+def _join_list_values(argv):
+    """`--lrs -0.1,0.1` -> `--lrs=-0.1,0.1`: argparse reads a value starting with '-' as a flag."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in _LIST_FLAGS and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1][1:2].isdigit():
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+def parse_config(argv=None):
+    """(TrainConfig of the fixed settings, args); exits with a one-line error on bad input."""
+    parser = build_parser()
+    args = parser.parse_args(_join_list_values(argv))
+    config = TrainConfig(**cli.config_values(args), batch_size=args.batch_sizes[0], lr=args.lrs[0])
+    try:
+        config.validate()
+        if args.executions_per_trial < 1:
+            raise ValueError(f"--executions-per-trial must be >= 1, got {args.executions_per_trial}.")
+        if args.max_retries_per_trial < 0:
+            raise ValueError(f"--max-retries-per-trial must be >= 0, got {args.max_retries_per_trial}.")
+    except ValueError as e:
+        parser.error(str(e))
+    return config, args
+
+
+def role():
+    """"single", "chief" or "worker", from KerasTuner's distributed-tuning environment variables."""
+    from keras_tuner.src.distribute import utils as dist_utils
+
+    if not dist_utils.has_chief_oracle():  # raises if only some of the variables are set
+        return "single"
+    return "chief" if dist_utils.is_chief_oracle() else "worker"
+
+
+def study_record(config, args):
+    """What a resumed (or joined) search must agree on."""
+    axes = ("lr", "batch_size") + (("agc",) if args.agcs is not None else ())
+    fixed = {k: v for k, v in config.to_dict().items() if k not in axes + LOCATION_FIELDS}
+    grid = dict(lr=args.lrs, batch_size=args.batch_sizes)
+    if args.agcs is not None:
+        grid["agc"] = args.agcs
+    return dict(grid=grid, config=fixed, executions_per_trial=args.executions_per_trial)
+
+
+def check_study(project_dir, study):
+    """Raises ValueError if `project_dir` holds a search with other settings."""
+    path = os.path.join(project_dir, "study.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        previous = json.load(f)
+    current = json.loads(json.dumps(study))
+    if previous == current:
+        return
+    flat_prev = {**previous.get("config", {}), **previous.get("grid", {}),
+                 "executions_per_trial": previous.get("executions_per_trial")}
+    flat_cur = {**current["config"], **current["grid"], "executions_per_trial": current["executions_per_trial"]}
+    changed = sorted(k for k in set(flat_prev) | set(flat_cur) if flat_prev.get(k) != flat_cur.get(k))
+    raise ValueError(
+        f"{project_dir} holds a search with other settings ({', '.join(changed)} differ). Rerun with the "
+        "same flags to resume, or pass --overwrite or another --project-name to start a new one."
+    )
+
+
+def main(argv=None):
+    config, args = parse_config(argv)
+    try:
+        who = role()
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    overwrite = args.overwrite
+    if who == "worker" and overwrite:
+        print("note: --overwrite is ignored by a worker (only the chief may clear the shared project).")
+        overwrite = False
+    project_dir = os.path.join(args.directory, args.project_name)
+    log_dir = args.tensorboard_dir or os.path.join(project_dir, "logs")
+    study = study_record(config, args)
+    grid_size = len(args.lrs) * len(args.batch_sizes) * len(args.agcs or [None])
+    try:
+        if not overwrite:
+            check_study(project_dir, study)
+        train = val = None
+        if who != "chief":  # the chief only serves the oracle
+            train, val, _ = training.load_splits(config)
+    except (ValueError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    # One chief (or single search) per project folder; workers share it with their chief.
+    lock = contextlib.nullcontext() if who == "worker" else rundir.locked(project_dir, what="--project-name")
+    try:
+        with lock:
+            return _search(config, args, who, overwrite, project_dir, log_dir, study, grid_size, train, val)
+    except (rundir.RunBusy, fileio.WriteError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
+
+
+def _search(config, args, who, overwrite, project_dir, log_dir, study, grid_size, train, val):
+    train_size = None if train is None else len(train[0])
+    hypermodel = NFNetHyperModel(config, args.lrs, args.batch_sizes, train_size=train_size, project_dir=project_dir,
+                                 agcs=args.agcs)
+    tuner = NFNetGridSearch(
+        hypermodel,
+        objective=OBJECTIVE,
+        max_trials=grid_size,
+        seed=config.seed + 1,  # the oracle's; a grid draws nothing at random
+        max_retries_per_trial=args.max_retries_per_trial,
+        directory=args.directory,
+        project_name=args.project_name,
+        overwrite=overwrite,
+        executions_per_trial=args.executions_per_trial,
+    )
+    if who != "worker":
+        fileio.write_json(os.path.join(project_dir, "study.json"), study)
+    tuner.search_space_summary()
+    if who != "worker":
+        left = tuner.oracle.unfinished_values()
+        agc_axis = f" x {len(args.agcs)} AGC factors" if args.agcs is not None else ""
+        print(f"Grid: {len(args.lrs)} lrs x {len(args.batch_sizes)} batch sizes{agc_axis} = {grid_size} trials of "
+              f"{config.epochs} epoch(s), preset {config.preset}; {grid_size - len(left)} finished, "
+              f"{len(left)} to run. Project: {project_dir}")
+    if who != "chief":
+        experiment = hparams_experiment(args.lrs, args.batch_sizes, args.agcs)
+        print(f"TensorBoard: tensorboard --logdir {log_dir}")
+
+    verbose = 2 if args.quiet else "auto"
+    try:
+        if who == "chief":
+            print("Chief: serving the oracle until every trial has finished.", flush=True)
+            tuner.search(verbose=verbose)
+        else:
+            tuner.search(train=train, val=val, callbacks=[tensorboard_callback(log_dir, experiment)], verbose=verbose)
+    except KeyboardInterrupt:
+        print("\nInterrupted. Rerun the same command to resume.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if who == "worker":
+        print(f"[{tuner.tuner_id}] no trials left; done.")
+        return 0
+    return report(tuner, config, args)
+
+
+def report(tuner, config, args):
+    """Prints the table, writes the outputs; returns the exit code."""
+    agcs = tuple(args.agcs) if args.agcs is not None else (None,)
+    cells = results_lib.collect(tuner.oracle, args.lrs, args.batch_sizes, agcs)
+    title = (f"Best validation accuracy (%) of `python -m nfnet_keras.tuner.grid`: preset `{config.preset}`, "
+             f"{config.epochs} epoch(s) per trial, {config.schedule} lr schedule, "
+             f"{config.val_size} validation images, {config.precision}"
+             + (f", AGC {config.agc:g}" if config.agc and args.agcs is None else "")
+             + (f", {config.train_limit} training images" if config.train_limit else "") + ".")
+    paths, table, best = results_lib.write_outputs(
+        cells, args.lrs, args.batch_sizes, config, args.directory, args.project_name, title=title, agcs=agcs)
+    counts = {}
+    for cell in cells.values():
+        counts[cell.status] = counts.get(cell.status, 0) + 1
+    print()
+    print(title)
+    print()
+    print(table)
+    print()
+    finished = counts.get("ok", 0) + counts.get("diverged", 0) + counts.get("failed", 0)
+    print(f"{finished} of {len(cells)} trials finished ({counts.get('diverged', 0)} diverged, "
+          f"{counts.get('failed', 0)} failed).")
+    if best is not None:
+        agc_text = f", AGC {_agc_text(best.agc)}" if best.agc is not None else ""
+        print(f"Best: lr {best.lr:g}, batch size {best.batch_size}{agc_text}: {100 * best.val_accuracy:.2f}% "
+              f"(trial {best.trial_id}).")
+        print(f"Wrote {paths['markdown']}, {paths['csv']} and {paths['best']} "
+              f"(python -m nfnet_keras.fit --hparams {paths['best']}).")
+    else:
+        print(f"Wrote {paths['markdown']} and {paths['csv']}; no trial finished, so no best hyperparameters.")
+    if counts.get("failed"):
+        print(f"error: {counts['failed']} trial(s) crashed; see trial.json under {tuner.project_dir}.",
+              file=sys.stderr)
+        return EXIT_FAILED_TRIALS
+    return 0
+
+
+def _agc_text(agc):
+    return "off" if not agc else f"{agc:g}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
