@@ -375,13 +375,13 @@ def benchmark_run(name, args):
 
 def write_json(name, payload, out_dir=RESULTS_DIR):
     """Writes `payload` to `<out_dir>/<name>.json` atomically; returns the path."""
+    from nfnet_keras import fileio
+
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{name}.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with fileio.atomic_write(path) as f:
         json.dump(payload, f, indent=2, default=str)
         f.write("\n")
-    os.replace(tmp, path)
     return path
 
 

@@ -10,6 +10,9 @@ variant:
 - `no_skipinit`: skip gains start at 1 (`skip_gain_init=1`);
 - `beta_var`: blocks divide by the expected variance, as the report's code did;
 - `report_code`: both of the above;
+- `ws_no_fan_in`: weight standardization without its fan-in scaling
+  (`(W - mean) / std`, sqrt(N) times the standardized kernel), SkipInit kept;
+- `ws_no_fan_in_no_skipinit`: the same with skip gains at 1;
 - `plain_conv`: no weight standardization (He-initialised `Conv2D`), SkipInit kept;
 - `plain_conv_no_skipinit`: no weight standardization and skip gains at 1.
 
@@ -34,6 +37,17 @@ from nfnet_keras import training
 from nfnet_keras.config import TrainConfig
 from nfnet_keras.model import build_model
 from nfnet_keras.signal import signal_propagation
+from nfnet_keras.wsconv import WSConv2D
+
+
+@keras.saving.register_keras_serializable(package="nfnet_keras_benchmarks")
+class WSConv2DNoFanIn(WSConv2D):
+    """Weight standardization without the fan-in scaling: `gain * (W - mean) / std` (benchmark only)."""
+
+    def standardized_kernel(self, kernel=None, scale=None):
+        shape = (self._kernel if kernel is None else kernel).shape
+        return super().standardized_kernel(kernel, scale) * math.sqrt(shape[0] * shape[1] * shape[2])
+
 
 # variant -> (preset overrides, conv layer)
 VARIANTS = {
@@ -41,6 +55,8 @@ VARIANTS = {
     "no_skipinit": ({"skip_gain_init": 1.0}, None),
     "beta_var": ({"beta": "var"}, None),
     "report_code": ({"skip_gain_init": 1.0, "beta": "var"}, None),
+    "ws_no_fan_in": ({}, WSConv2DNoFanIn),
+    "ws_no_fan_in_no_skipinit": ({"skip_gain_init": 1.0}, WSConv2DNoFanIn),
     "plain_conv": ({}, keras.layers.Conv2D),
     "plain_conv_no_skipinit": ({"skip_gain_init": 1.0}, keras.layers.Conv2D),
 }

@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks.bn_baseline import build_variant  # noqa: E402
 from nfnet_keras import data as data_lib  # noqa: E402
+from nfnet_keras.contract import IMAGE_SHAPE  # noqa: E402
 
 TARGET_RATIO = 0.95
 DEFAULTS = dict(preset="report_resnet", batch_sizes=[64], repeats=3, steps=10, warmup=1, pipeline_batches=40,
@@ -48,7 +49,7 @@ def load_images(args):
     """The training split (uint8 NHWC, int64 labels) and a description of its source."""
     if args.synthetic:
         rng = np.random.default_rng(0)
-        x = rng.integers(0, 256, (args.synthetic,) + data_lib.IMAGE_SHAPE, dtype=np.uint8)
+        x = rng.integers(0, 256, (args.synthetic,) + IMAGE_SHAPE, dtype=np.uint8)
         return (x, rng.integers(0, 10, args.synthetic).astype(np.int64)), f"{args.synthetic} random uint8 images"
     (x, y), _ = data_lib.load_cifar10(args.data_dir)
     train, _ = data_lib.split(x, y)

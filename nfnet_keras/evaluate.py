@@ -10,7 +10,7 @@ import numpy as np
 
 from nfnet_keras import data as data_lib
 from nfnet_keras import fileio
-from nfnet_keras.contract import NUM_CLASSES
+from nfnet_keras.contract import CLASS_NAMES, NUM_CLASSES
 from nfnet_keras.inference import InputError, load_predictor, with_flip_tta
 
 
@@ -21,7 +21,7 @@ def confusion_matrix(labels, predictions, num_classes=NUM_CLASSES):
     return m
 
 
-def format_report(matrix, names=data_lib.CLASS_NAMES):
+def format_report(matrix, names=CLASS_NAMES):
     """The confusion matrix and per-class accuracy as text."""
     short = [n[:5] for n in names]
     lines = ["confusion matrix (rows: true class, columns: predicted)", " " * 11 + "".join(f"{s:>6}" for s in short)]

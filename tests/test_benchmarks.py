@@ -114,7 +114,8 @@ def test_bn_twin_has_the_nf_convolutions():
 
 
 def test_synthetic_cifar_dir_reads_as_cifar10_with_learnable_classes(synthetic_cifar_dir):
-    from nfnet_keras.data import CLASS_NAMES, load_cifar10, preprocess
+    from nfnet_keras.contract import CLASS_NAMES
+    from nfnet_keras.data import load_cifar10, preprocess
 
     folder = os.path.join(synthetic_cifar_dir, "cifar-10-batches-py")
     assert sorted(os.listdir(folder)) == sorted(

@@ -30,13 +30,13 @@ def test_real_cifar10_loads_with_known_pixels(cifar_dir):
     assert x.shape == (50000, 32, 32, 3) and xt.shape == (10000, 32, 32, 3)
     assert x.dtype == np.uint8 and y.dtype == np.int64
     assert np.bincount(y).tolist() == [5000] * 10 and np.bincount(yt).tolist() == [1000] * 10
-    # SOURCE.md: data_batch_1 row 0 starts [59, 43, 50] in the channels-first layout
+    # The data set's published checks: data_batch_1 row 0 starts [59, 43, 50] in the channels-first layout
     # (red plane), i.e. red of pixels (0,0), (0,1), (0,2).
     assert x[0, 0, :3, 0].tolist() == [59, 43, 50]
     assert xt[0, 0, :4, 0].tolist() == [158, 159, 165, 166]
 
 
-def test_split_is_deterministic_disjoint_and_limited(cifar_dir):
+def test_split_is_deterministic_disjoint_and_limited():
     x = np.arange(1000)[:, None]
     y = np.arange(1000)
     (a, ya), (b, yb) = data.split(x, y, val_size=100)
@@ -70,10 +70,10 @@ def test_official_tarball_is_read(tmp_path):
     assert np.array_equal(x[0], first)
 
 
-def test_truncated_batch_file_is_named(tmp_path, cifar_dir):
+def test_truncated_batch_file_is_named(tmp_path, synthetic_cifar_dir):
     folder = tmp_path / data.BATCHES_DIR
     folder.mkdir()
-    src = os.path.join(cifar_dir, data.BATCHES_DIR)
+    src = os.path.join(synthetic_cifar_dir, data.BATCHES_DIR)
     for name in data.TRAIN_FILES:
         os.symlink(os.path.join(src, name), folder / name)
     with open(os.path.join(src, data.TEST_FILE), "rb") as f:

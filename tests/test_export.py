@@ -14,7 +14,8 @@ import tensorflow as tf
 
 import nfnet_keras
 from nfnet_keras import export
-from nfnet_keras.data import CLASS_NAMES, load_cifar10, preprocess
+from nfnet_keras.contract import CLASS_NAMES
+from nfnet_keras.data import load_cifar10, preprocess
 
 # The SavedModel and the Keras model run the same float32 ops on the same CPU;
 # measured differences are <= 7e-7. Probabilities must agree to this (absolute).

@@ -75,10 +75,10 @@ def test_same_command_on_a_finished_run_dir_refuses(finished_run, cifar_dir):
 
 
 @pytest.mark.slow
-def test_kill_mid_epoch_then_resume(tmp_path, cifar_dir):
+def test_kill_mid_epoch_then_resume(tmp_path, synthetic_cifar_dir):
     run_dir = tmp_path / "run"
-    args = [*TINY, "--epochs", "4", "--batch-size", "32", "--train-limit", "1536", "--run-dir", str(run_dir),
-            "--no-export"]
+    args = [*TINY, "--epochs", "4", "--batch-size", "16", "--train-limit", "800", "--run-dir", str(run_dir),
+            "--no-export", "--data-dir", synthetic_cifar_dir]
     proc = subprocess.Popen([sys.executable, "-m", "nfnet_keras.fit", *args], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
@@ -104,9 +104,10 @@ def test_kill_mid_epoch_then_resume(tmp_path, cifar_dir):
 
 
 @pytest.mark.slow
-def test_divergence_stops_records_and_exits_nonzero(tmp_path, cifar_dir):
+def test_divergence_stops_records_and_exits_nonzero(tmp_path, synthetic_cifar_dir):
     run_dir = tmp_path / "run"
-    result = run_fit([*TINY, "--epochs", "3", "--lr", "1e6", "--train-limit", "512", "--run-dir", str(run_dir)])
+    result = run_fit([*TINY, "--epochs", "3", "--lr", "1e6", "--train-limit", "512", "--run-dir", str(run_dir),
+                      "--data-dir", synthetic_cifar_dir])
     assert result.returncode == fit.EXIT_DIVERGED
     assert "diverged" in result.stderr and "--agc" in result.stderr and "lower --lr" in result.stderr
     metrics = read_json(run_dir / "metrics.json")
@@ -116,12 +117,12 @@ def test_divergence_stops_records_and_exits_nonzero(tmp_path, cifar_dir):
 
 
 @pytest.mark.slow
-def test_deterministic_runs_give_bitwise_identical_weights(tmp_path, cifar_dir):
+def test_deterministic_runs_give_bitwise_identical_weights(tmp_path, synthetic_cifar_dir):
     weights = []
     for name in ("a", "b"):
         run_dir = tmp_path / name
         result = run_fit([*TINY, "--epochs", "1", "--train-limit", "256", "--deterministic", "--seed", "7",
-                          "--run-dir", str(run_dir), "--no-export"])
+                          "--run-dir", str(run_dir), "--no-export", "--data-dir", synthetic_cifar_dir])
         assert result.returncode == 0, result.stderr[-3000:]
         model = keras.saving.load_model(run_dir / "model.keras", compile=False)
         weights.append([np.asarray(w) for w in model.weights])
@@ -131,11 +132,12 @@ def test_deterministic_runs_give_bitwise_identical_weights(tmp_path, cifar_dir):
 
 
 @pytest.mark.slow
-def test_mirrored_strategy_trains_on_two_logical_cpus(tmp_path, cifar_dir):
+def test_mirrored_strategy_trains_on_two_logical_cpus(tmp_path, synthetic_cifar_dir):
     run_dir = tmp_path / "run"
     # Also the one-hot label path of --label-smoothing, under the strategy.
     result = run_fit([*TINY, "--epochs", "1", "--train-limit", "256", "--strategy", "mirrored", "--jit",
-                      "--label-smoothing", "0.1", "--run-dir", str(run_dir), "--no-export"])
+                      "--label-smoothing", "0.1", "--run-dir", str(run_dir), "--no-export",
+                      "--data-dir", synthetic_cifar_dir])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "keras#19005" in result.stdout  # --jit is dropped under the strategy, with a note
     assert read_json(run_dir / "metrics.json")["test_accuracy"] is not None
@@ -303,11 +305,11 @@ def test_predict_rejects_a_missing_model(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_failed_export_keeps_the_training_results_and_exits_4(tmp_path, cifar_dir):
+def test_failed_export_keeps_the_training_results_and_exits_4(tmp_path, synthetic_cifar_dir):
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("a file where the export folder should be")
     run_dir = tmp_path / "run"
-    result = run_fit([*TINY, "--epochs", "1", "--train-limit", "256", "--data-dir", cifar_dir,
+    result = run_fit([*TINY, "--epochs", "1", "--train-limit", "256", "--data-dir", synthetic_cifar_dir,
                       "--run-dir", str(run_dir), "--export-dir", str(blocker)])
     assert result.returncode == 4, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]

@@ -29,7 +29,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 import nfnet_keras
 from nfnet_keras import serving
-from nfnet_keras.data import CLASS_NAMES
+from nfnet_keras.contract import CLASS_NAMES
 from nfnet_keras.export import export_saved_model
 
 MODEL_NAME = "nfnet"

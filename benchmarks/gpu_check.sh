@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The checks that need a GPU, as one script: run it on a machine with an NVIDIA GPU from the
+# repository root. Results go to $OUT (default: gpu_check_out/); each step logs to its own file
+# and the script goes on after a failed step, so one run shows everything.
+#
+#   NFNET_DATA_DIR=/path/to/cifar10 bash benchmarks/gpu_check.sh [quick|grid40]
+#
+# quick (default, ~10 min on one modern GPU):
+#   1. the GPU is visible to TensorFlow;
+#   2. an XLA-compiled fit of the tiny and report_resnet presets for 2 epochs in float32,
+#      mixed_float16 and mixed_bfloat16 (the test accuracy and seconds per epoch land in
+#      metrics.json), each exported and checked as for TF Serving (no XLA in the graph);
+#   3. training throughput of the NF net and its BatchNorm twin, XLA on and off;
+#   4. the GPU-only tests (XLA and mixed precision paths of the test suite).
+# grid40: the report's study at its own 40 epochs per trial (12 trials), XLA on.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+MODE="${1:-quick}"
+OUT="${OUT:-gpu_check_out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+if [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
+status=0
+
+step() {  # step NAME COMMAND...: runs COMMAND, logs to $OUT/NAME.log, records the exit status
+  local name="$1"; shift
+  local start; start=$(date +%s)
+  "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name: exit $rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"
+  [ $rc -eq 0 ] || status=1
+}
+
+: > "$OUT/summary.txt"
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+step devices "$PY" -c "import tensorflow as tf; g = tf.config.list_physical_devices('GPU'); print(g); assert g"
+
+if [ "$MODE" = "quick" ]; then
+  for preset in tiny report_resnet; do
+    for precision in float32 mixed_float16 mixed_bfloat16; do
+      name="fit_${preset}_${precision}"
+      step "$name" "$PY" -m nfnet_keras.fit --preset "$preset" --epochs 2 --jit --precision "$precision" \
+        --recipe fast --run-dir "$OUT/runs/$name" --export-name "$name" --export-dir "$OUT/saved_models" --quiet
+    done
+  done
+  step throughput "$PY" -m benchmarks.throughput --variants nf,bn --batch-sizes 128,512 --xla on,off \
+    --out-dir "$OUT" --tag gpu
+  step gpu_tests "$PY" -m pytest -q -p no:cacheprovider tests/test_precision.py tests/test_wsconv.py \
+    tests/test_export.py
+elif [ "$MODE" = "grid40" ]; then
+  step grid40 "$PY" -m nfnet_keras.tuner.grid --epochs 40 --jit --directory "$OUT/tuner_runs" \
+    --project-name report_grid_40ep --quiet
+else
+  echo "usage: bash benchmarks/gpu_check.sh [quick|grid40]" >&2
+  exit 2
+fi
+cat "$OUT/summary.txt"
+exit $status
