@@ -13,7 +13,7 @@
    memory, memory, real, ...), each after `--lead-in` untimed steps.
 
 Reported: images/s min / median of each, the real/memory ratio (median and min
-of the per-round ratios; target >= 0.95, issue 6), and how many cores the
+of the per-round ratios; target >= 0.95), and how many cores the
 pipeline needs to keep up with training (training img/s x the pipeline's
 CPU-seconds per image). Every rate is also given per CPU-second of this
 process (robust to other load on a shared machine).
