@@ -133,13 +133,19 @@ def _dead_pid():
     return process.pid
 
 
-def test_lock_admits_one_holder_and_names_it(tmp_path):
+def _hold_lock(folder):
+    """A process holding `rundir.locked(folder)` until killed."""
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; sys.path.insert(0, sys.argv[1]); from nfnet_keras import rundir\n"
         "with rundir.locked(sys.argv[2]):\n    print('locked', flush=True); time.sleep(60)"),
-        ROOT, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        ROOT, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_lock_admits_one_holder_and_names_it(tmp_path):
+    holder = _hold_lock(tmp_path)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(rundir.RunBusy, match=rf"is in use by process {holder.pid}; wait for it"):
             with rundir.locked(str(tmp_path)):
                 pass
@@ -382,3 +388,84 @@ def test_too_little_free_space_is_refused_before_writing(tmp_path, monkeypatch):
     with pytest.raises(fileio.WriteError, match=r"MB free\); free space and rerun to resume$"):
         export.export_saved_model(build_model("tiny"), "tiny", base_dir=str(tmp_path))
     assert os.listdir(tmp_path / "tiny") == []
+
+
+# === What a user reads ===
+
+
+def test_help_shows_every_default_and_the_presets_without_tensorflow_noise():
+    result = subprocess.run([sys.executable, "-m", "nfnet_keras.fit", "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, env={k: v for k, v in os.environ.items() if k != "NFNET_VERBOSE"})
+    assert result.returncode == 0
+    assert result.stderr == ""  # no absl / oneDNN / cuInit lines
+    text = " ".join(result.stdout.split())
+    for default in ("training epochs (default: 200)", "images per step (default: 64)", "SGD momentum (default: 0.9)",
+                    "(default: float32)", "(default: 0)", "report_resnet, cifar_wide, tiny"):
+        assert default in text, default
+
+
+def test_epoch_timer_estimates_the_rest_of_the_run(capsys):
+    from nfnet_keras.callbacks import EpochTimer
+
+    model = _tiny_model()
+    model.fit(*DATA, batch_size=8, epochs=3, callbacks=[EpochTimer(total_epochs=3)], verbose=0)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Epoch ")]
+    assert [line.split(";")[0] for line in lines] == ["Epoch 1 of 3 done", "Epoch 2 of 3 done"]
+    assert "left (2 epoch(s) at" in lines[0] and "left (1 epoch(s) at" in lines[1]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--override", "group_width=0"], "group_width must be a positive int or None, got 0."),
+        (["--override", "final_conv_multiplier=-1"], "final_conv_multiplier must be a number >= 0"),
+        (["--override", "beta=mean"], "beta must be one of 'std', 'var', got 'mean'."),
+    ],
+)
+def test_bad_preset_overrides_exit_2_before_anything_is_written(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        fit.parse_config([*argv, "--run-dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    assert message in _last_line(capsys.readouterr().err)
+    assert os.listdir(tmp_path) == []
+
+
+def test_missing_data_exits_2_without_creating_the_run_dir(tmp_path, monkeypatch, capsys):
+    from nfnet_keras import data
+
+    monkeypatch.setattr(data, "_reachable", lambda host, timeout=5.0: False)
+    code = fit.main([*TINY, "--data-dir", str(tmp_path / "nowhere"), "--tfds-dir", str(tmp_path / "tfds"),
+                     "--run-dir", str(tmp_path / "run")])
+    captured = capsys.readouterr()
+    assert code == 2 and "CIFAR-10 not found" in _last_line(captured.err)
+    assert "Run directory" not in captured.out and not (tmp_path / "run").exists()
+
+
+def test_export_names_a_savedmodel_given_as_model(tmp_path, capsys):
+    from nfnet_keras import export
+
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "saved_model.pb").write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_info:
+        export.main(["--model", str(tmp_path / "1"), "--name", "nfnet", "--base-dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "is a SavedModel already; export takes the .keras file written by fit" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_second_grid_search_on_the_same_project_exits_5(tmp_path, synthetic_cifar_dir, capsys):
+    from nfnet_keras.tuner import grid
+
+    project = tmp_path / "grid"
+    holder = _hold_lock(project)
+    try:
+        code = grid.main(["--preset", "tiny", "--epochs", "1", "--lrs", "0.01", "--batch-sizes", "32",
+                          "--train-limit", "64", "--val-size", "32", "--data-dir", synthetic_cifar_dir,
+                          "--directory", str(tmp_path), "--project-name", "grid", "--quiet"])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == grid.EXIT_ENVIRONMENT
+    assert _last_line(capsys.readouterr().err) == (f"error: {project} is in use by process {holder.pid}; wait for "
+                                                   "it to finish (or stop it), or use another --project-name.")
+    assert sorted(os.listdir(project)) == [".lock"]  # no study, no trials
