@@ -14,7 +14,6 @@ from nfnet_keras.activations import GAMMAS, ScaledActivation
 from nfnet_keras.agc import clip_gradient, unitwise_norm, with_agc
 from nfnet_keras.blocks import NFBlock, SqueezeExcite, StochasticDepth
 from nfnet_keras.contract import CLASS_NAMES
-from nfnet_keras.data import preprocess
 from nfnet_keras.flops import count_macs
 from nfnet_keras.model import build_model
 from nfnet_keras.presets import PRESETS
@@ -22,6 +21,16 @@ from nfnet_keras.signal import signal_propagation
 from nfnet_keras.wsconv import WSConv2D
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # `preprocess` lives in the TensorFlow data pipeline: imported on first use, so that
+    # `import nfnet_keras` loads no TensorFlow under the JAX and PyTorch backends.
+    if name == "preprocess":
+        from nfnet_keras.data import preprocess
+
+        return preprocess
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "CLASS_NAMES",
