@@ -52,9 +52,16 @@ def read_record(run_dir):
 
 
 def _identity(config_dict):
-    from nfnet_keras.config import LOCATION_FIELDS
+    """A recorded config's identity, with aliases (e.g. preset `seed`) under their canonical names."""
+    from nfnet_keras.config import LOCATION_FIELDS, canonical_augmentation
+    from nfnet_keras.presets import PRESET_ALIASES
 
-    return {k: v for k, v in config_dict.items() if k not in LOCATION_FIELDS}
+    identity = {k: v for k, v in config_dict.items() if k not in LOCATION_FIELDS}
+    if isinstance(identity.get("preset"), str):
+        identity["preset"] = PRESET_ALIASES.get(identity["preset"], identity["preset"])
+    if isinstance(identity.get("augment"), str):
+        identity["augment"] = canonical_augmentation(identity["augment"])
+    return identity
 
 
 def _json_roundtrip(obj):
