@@ -216,12 +216,8 @@ def stale_exports(model_dir):
     if not os.path.isdir(model_dir):
         return found
     for name in os.listdir(model_dir):
-        if not name.startswith(_TMP_PREFIX):
-            continue
-        pid = name[len(_TMP_PREFIX):].split("-", 1)[0]
-        if not pid.isdigit():
-            found.append(os.path.join(model_dir, name))  # no owner recorded: nobody can be writing it
-        elif int(pid) != os.getpid() and not fileio.pid_alive(int(pid)):
+        # No owner recorded: nobody can be writing it.
+        if fileio.left_by_dead_process(name, _TMP_PREFIX, unowned_is_stale=True):
             found.append(os.path.join(model_dir, name))
     return found
 

@@ -105,6 +105,19 @@ def read_json(path, default=None):
         return json.load(f)
 
 
+def left_by_dead_process(name, prefix, unowned_is_stale=False):
+    """Whether `name` is a temporary `<prefix><pid>-...` whose writing process is no longer alive.
+
+    A name with the prefix but no pid counts as stale only with `unowned_is_stale`.
+    """
+    if not name.startswith(prefix):
+        return False
+    pid = name[len(prefix):].split("-", 1)[0]
+    if not pid.isdigit():
+        return unowned_is_stale
+    return int(pid) != os.getpid() and not pid_alive(int(pid))
+
+
 def pid_alive(pid):
     """Whether a process `pid` exists (on this machine)."""
     try:

@@ -167,10 +167,7 @@ def stale_temporaries(folder, recursive=True):
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
         for name in dirnames + filenames:
-            if not name.startswith(fileio.TMP_MARK):
-                continue
-            pid_text = name[len(fileio.TMP_MARK):].split("-", 1)[0]
-            if pid_text.isdigit() and int(pid_text) != os.getpid() and not fileio.pid_alive(int(pid_text)):
+            if fileio.left_by_dead_process(name, fileio.TMP_MARK):
                 found.append(os.path.join(dirpath, name))
         dirnames[:] = [d for d in dirnames if not d.startswith(fileio.TMP_MARK)]
         if not recursive:
