@@ -32,7 +32,7 @@ import keras  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from nfnet_keras.flops import count_macs  # noqa: E402
-from nfnet_keras.model import build_model, model_convs  # noqa: E402
+from nfnet_keras.model import BATCHNORM_TWIN, build_model, model_convs  # noqa: E402
 from nfnet_keras.presets import canonical_preset  # noqa: E402
 from nfnet_keras.wsconv import WSConv2D  # noqa: E402
 
@@ -60,10 +60,7 @@ class PlainConv2D(WSConv2D):
 # variant -> (build_model arguments, suffix of the model's name)
 TWINS = {
     "nf": (dict(), ""),
-    "bn": (
-        dict(conv_layer=keras.layers.Conv2D, norm_layer=keras.layers.BatchNormalization, conv_bias=False),
-        "_bn",
-    ),
+    "bn": (BATCHNORM_TWIN, "_bn"),
     "nf_plain_conv": (dict(conv_layer=PlainConv2D), "_plain_conv"),
     "nf_no_bias": (dict(conv_bias=False), "_no_bias"),
 }

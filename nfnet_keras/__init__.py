@@ -15,9 +15,11 @@ from nfnet_keras.agc import clip_gradient, unitwise_norm, with_agc
 from nfnet_keras.blocks import NFBlock, SqueezeExcite, StochasticDepth
 from nfnet_keras.contract import CLASS_NAMES
 from nfnet_keras.flops import count_macs
-from nfnet_keras.model import build_model
+from nfnet_keras.model import adapt_model, build_model
 from nfnet_keras.presets import PRESETS
 from nfnet_keras.signal import signal_propagation
+from nfnet_keras.speed import ConvGroup
+from nfnet_keras.whitening import PatchWhitening
 from nfnet_keras.wsconv import WSConv2D
 
 __version__ = "0.1.0"
@@ -34,13 +36,16 @@ def __getattr__(name):
 
 __all__ = [
     "CLASS_NAMES",
+    "ConvGroup",
     "GAMMAS",
     "PRESETS",
     "NFBlock",
+    "PatchWhitening",
     "ScaledActivation",
     "SqueezeExcite",
     "StochasticDepth",
     "WSConv2D",
+    "adapt_model",
     "build_model",
     "clip_gradient",
     "count_macs",

@@ -11,6 +11,7 @@ from nfnet_keras.config import (
     AUGMENTATION_ALIASES,
     AUGMENTATIONS,
     CONFIG_FIELDS,
+    NORMS,
     PRECISIONS,
     SCHEDULES,
 )
@@ -34,6 +35,8 @@ def add_model_flags(group, defaults):
                        help=f"model preset: {', '.join(PRESETS)} (aliases: {aliases})")
     group.add_argument("--override", type=parse_override, action="append", default=[], metavar="KEY=VALUE",
                        help="replace a preset key, e.g. --override 'widths=(96,192,384)'; repeatable")
+    group.add_argument("--norm", choices=NORMS, default=defaults.norm,
+                       help="none: Normalizer-Free; batch: the BatchNorm twin of the same network")
 
 
 def add_optimisation_flags(group, defaults, schedule_help):
@@ -49,9 +52,11 @@ def add_optimisation_flags(group, defaults, schedule_help):
     group.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="label smoothing factor")
     group.add_argument("--agc", type=float, default=d.agc, metavar="LAMBDA",
                        help="adaptive gradient clipping factor (e.g. 0.01); 0 disables it")
+    group.add_argument("--ema", type=float, default=d.ema, metavar="MOMENTUM",
+                       help="evaluate and keep an exponential moving average of the weights (e.g. 0.99); 0: off")
     group.add_argument("--augment", choices=AUGMENTATIONS + tuple(AUGMENTATION_ALIASES), default=d.augment,
                        help="noise_rotate_flip (alias seed): the report's per-image policy; "
-                       "standard: pad-4 crop + flip; none")
+                       "standard: pad-4 crop + flip; translate_flip: +-2 px reflect-padded shift + flip; none")
 
 
 def add_data_flags(group, defaults):

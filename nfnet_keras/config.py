@@ -11,13 +11,18 @@ import math
 
 from nfnet_keras.presets import canonical_preset
 
-SCHEDULES = ("step", "cosine", "onecycle", "constant")
+SCHEDULES = ("step", "cosine", "onecycle", "triangle", "constant")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
-STRATEGIES = ("none", "mirrored")
+STRATEGIES = ("none", "mirrored", "data_parallel")
 # Augmentation policies (implemented in `nfnet_keras.data`): the report's
-# per-image policy, pad-4 crop + flip, and none.
-AUGMENTATIONS = ("noise_rotate_flip", "standard", "none")
+# per-image policy, pad-4 crop + flip, +-2 px reflect-padded translation + flip, and none.
+AUGMENTATIONS = ("noise_rotate_flip", "standard", "translate_flip", "none")
 AUGMENTATION_ALIASES = {"seed": "noise_rotate_flip"}
+# What normalizes the network: nothing (Normalizer-Free), or BatchNorm where the NF
+# network has its scaled activations (the BatchNorm twin, for comparisons).
+NORMS = ("none", "batch")
+# Test-time augmentation of fit's final report and `evaluate --tta` (views in nfnet_keras.inference).
+TTA_POLICIES = ("none", "flip", "flip_translate")
 # Fields that say where things are, not what the experiment is: they may
 # differ between the runs of one experiment (e.g. on resume, after moving the data).
 LOCATION_FIELDS = ("data_dir", "tfds_dir")
@@ -33,6 +38,12 @@ RECIPES = {
     # positions and trained 4-10 points behind in the first epochs). 89.42% test after 20 epochs.
     "fast": dict(epochs=20, batch_size=128, lr=0.1, schedule="onecycle", nesterov=True, weight_decay=5e-4,
                  label_smoothing=0.1, augment="standard", val_size=1000, overrides={"shortcut_pool": True}),
+    # The CIFAR speed network (`cifar_speed`: whitening stem, three conv-pool groups) for 10 epochs
+    # at batch 1024: Nesterov SGD, a triangular lr, label smoothing 0.2, an EMA of the weights for
+    # evaluation, +-2 px translation and flips, AGC, and six-view test-time augmentation.
+    "speed": dict(preset="cifar_speed", epochs=10, batch_size=1024, lr=0.4, momentum=0.9, nesterov=True,
+                  schedule="triangle", weight_decay=5e-4, label_smoothing=0.2, agc=0.04, ema=0.98,
+                  augment="translate_flip", tta="flip_translate", val_size=1000, precision="mixed_bfloat16"),
 }
 
 
@@ -56,6 +67,7 @@ class TrainConfig:
     weight_decay: float = 2e-4
     label_smoothing: float = 0.0
     agc: float = 0.0  # AGC clipping factor; 0 disables it
+    ema: float = 0.0  # momentum of an exponential moving average of the weights; 0 disables it
     augment: str = "noise_rotate_flip"
     jit: bool | None = None  # None: True on GPU, False on CPU (measured faster there)
     precision: str = "float32"
@@ -66,6 +78,8 @@ class TrainConfig:
     data_dir: str | None = None
     tfds_dir: str | None = None
     strategy: str = "none"
+    norm: str = "none"
+    tta: str = "flip"
     overrides: dict = dataclasses.field(default_factory=dict)  # preset overrides
 
     def validate(self):
@@ -91,6 +105,9 @@ class TrainConfig:
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}."),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}."),
             (self.agc >= 0, f"--agc must be >= 0 (0 disables it), got {self.agc}."),
+            (0 <= self.ema < 1, f"--ema must be in [0, 1) (0 disables it), got {self.ema}."),
+            (self.norm in NORMS, f"--norm must be one of {', '.join(NORMS)}, got {self.norm!r}."),
+            (self.tta in TTA_POLICIES, f"--tta must be one of {', '.join(TTA_POLICIES)}, got {self.tta!r}."),
             (self.augment in AUGMENTATIONS,
              f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}."),
             (self.precision in PRECISIONS,
@@ -139,11 +156,21 @@ class TrainConfig:
         return {k: v for k, v in self.to_dict().items() if k not in LOCATION_FIELDS}
 
 
+def with_defaults(recorded):
+    """A recorded config dict with the fields it lacks at their defaults.
+
+    A run or search recorded before a field existed ran with what is now that
+    field's default, so it compares equal to a config that sets the default.
+    """
+    defaults = TrainConfig().to_dict()
+    return {**{k: v for k, v in defaults.items() if k not in recorded}, **recorded}
+
+
 _FIELD_KINDS = dict(
     preset=str, epochs=int, batch_size=int, lr=float, momentum=float, nesterov=bool, schedule=str,
-    warmup_epochs=float, weight_decay=float, label_smoothing=float, agc=float, augment=str, jit=bool,
+    warmup_epochs=float, weight_decay=float, label_smoothing=float, agc=float, ema=float, augment=str, jit=bool,
     precision=str, seed=int, deterministic=bool, train_limit=int, val_size=int, data_dir=str, tfds_dir=str,
-    strategy=str, overrides=dict,
+    strategy=str, norm=str, tta=str, overrides=dict,
 )
 _OPTIONAL = ("jit", "train_limit", "data_dir", "tfds_dir")
 CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))

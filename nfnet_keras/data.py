@@ -12,6 +12,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+# Keras' base of its tf.data-safe layers (not exported; its docstring shows this import).
+from keras.src.layers.preprocessing.data_layer import DataLayer
+
 from nfnet_keras.config import AUGMENTATION_ALIASES, AUGMENTATIONS, canonical_augmentation
 from nfnet_keras.contract import NUM_CLASSES
 
@@ -231,12 +234,17 @@ def split(x, y, val_size=5000, train_limit=None):
 # === Augmentation (on normalised float batches) ===
 
 
-class NoiseRotateFlip(keras.layers.Layer):
+class NoiseRotateFlip(DataLayer):
     """The report's per-image policy, vectorised over a batch.
 
     Each image independently: 40% untouched, 20% additive Gaussian noise
     (`noise_stddev`, in normalised units), 20% rotation by a uniform angle in
     +-`max_degrees`, 20% horizontal flip.
+
+    A Keras `DataLayer` (as Keras' own random image layers are): inside a
+    `tf.data` pipeline it computes with TensorFlow and a TensorFlow seed
+    generator whatever `KERAS_BACKEND` is, so the JAX backend trains from the
+    same pipeline.
     """
 
     def __init__(self, noise_stddev=0.2, max_degrees=15.0, seed=None, **kwargs):
@@ -253,8 +261,9 @@ class NoiseRotateFlip(keras.layers.Layer):
 
     def call(self, images):
         batch = tf.shape(images)[0]
-        choice = keras.random.uniform((batch,), seed=self.generator)
-        noise = keras.random.normal(tf.shape(images), stddev=self.noise_stddev, seed=self.generator)
+        generator = self._get_seed_generator(self.backend.name)
+        choice = self.backend.random.uniform((batch,), seed=generator)
+        noise = self.backend.random.normal(tf.shape(images), stddev=self.noise_stddev, seed=generator)
         rotated = self.rotate(images, training=True)
         # Branch per image: [0, 0.4) untouched, [0.4, 0.6) noise, [0.6, 0.8)
         # rotation, [0.8, 1) horizontal flip; selected in place, no stacked copies.
@@ -264,22 +273,30 @@ class NoiseRotateFlip(keras.layers.Layer):
         return tf.where(branch == 3, tf.reverse(images, axis=[2]), out)
 
 
+def _translate_flip(pixels, fill_mode, seed):
+    """A random translation of up to `pixels` in each direction (nearest pixel), then a random mirror."""
+    shift = keras.layers.RandomTranslation(
+        pixels / 32, pixels / 32, fill_mode=fill_mode, interpolation="nearest", seed=seed, dtype="float32"
+    )
+    flip = keras.layers.RandomFlip("horizontal", seed=None if seed is None else seed + 1, dtype="float32")
+    return lambda x: flip(shift(x, training=True), training=True)
+
+
 def make_augmenter(policy, seed=None):
     """Returns a callable on normalised float batches for a policy of `config.AUGMENTATIONS`.
 
     `noise_rotate_flip` (alias `seed`): the report's per-image policy;
-    `standard`: pad-4 random crop + horizontal flip; `none`: None.
+    `standard`: pad-4 random crop + horizontal flip; `translate_flip`: a
+    random translation of up to 2 px with reflected borders + horizontal
+    flip; `none`: None.
     """
     policy = canonical_augmentation(policy)
     if policy == "noise_rotate_flip":
         return NoiseRotateFlip(seed=seed)
-    if policy == "standard":
-        # Pad-4 random crop (zero = mean padding in normalised space) + flip.
-        shift = keras.layers.RandomTranslation(
-            4 / 32, 4 / 32, fill_mode="constant", interpolation="nearest", seed=seed, dtype="float32"
-        )
-        flip = keras.layers.RandomFlip("horizontal", seed=None if seed is None else seed + 1, dtype="float32")
-        return lambda x: flip(shift(x, training=True), training=True)
+    if policy == "standard":  # pad-4 random crop (zero = mean padding in normalised space) + flip
+        return _translate_flip(4, "constant", seed)
+    if policy == "translate_flip":  # +-2 px, reflected borders (no flat padding at the edges) + flip
+        return _translate_flip(2, "reflect", seed)
     if policy == "none":
         return None
     raise ValueError(

@@ -11,7 +11,7 @@ import numpy as np
 from nfnet_keras import data as data_lib
 from nfnet_keras import fileio
 from nfnet_keras.contract import CLASS_NAMES, NUM_CLASSES
-from nfnet_keras.inference import InputError, load_predictor, with_flip_tta
+from nfnet_keras.inference import TTA_POLICY_VIEWS, InputError, load_predictor, with_tta
 
 
 def confusion_matrix(labels, predictions, num_classes=NUM_CLASSES):
@@ -39,8 +39,9 @@ def main(argv=None):
     p.add_argument("--data-dir", help="folder with cifar-10-batches-py/ (default: $NFNET_DATA_DIR, then TFDS)")
     p.add_argument("--tfds-dir")
     p.add_argument("--limit", type=int, help="evaluate on the first N test images")
-    p.add_argument("--tta", choices=["none", "flip"], default="none",
-                   help="test-time augmentation: flip averages each image's and its mirror's probabilities")
+    p.add_argument("--tta", choices=list(TTA_POLICY_VIEWS), default="none",
+                   help="test-time augmentation: flip averages each image's and its mirror's probabilities; "
+                        "flip_translate adds both moved by one pixel up-left and down-right (6 views)")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:
@@ -57,8 +58,7 @@ def main(argv=None):
         return 2
     if args.limit:
         x, y = x[: args.limit], y[: args.limit]
-    if args.tta == "flip":
-        predict = with_flip_tta(predict)
+    predict = with_tta(predict, args.tta)
     predictions = predict(x).argmax(axis=1)
     matrix = confusion_matrix(y, predictions)
     accuracy = float(np.trace(matrix) / matrix.sum())
@@ -67,7 +67,8 @@ def main(argv=None):
     print(format_report(matrix))
     if args.json:
         fileio.write_json(args.json, dict(
-            test_accuracy=accuracy, tta=args.tta, images=int(matrix.sum()), confusion_matrix=matrix.tolist(),
+            test_accuracy=accuracy, tta=args.tta, tta_views=list(TTA_POLICY_VIEWS[args.tta]),
+            images=int(matrix.sum()), confusion_matrix=matrix.tolist(),
             per_class_accuracy=(np.diag(matrix) / np.maximum(matrix.sum(1), 1)).tolist()))
     return 0
 

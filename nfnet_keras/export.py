@@ -20,9 +20,11 @@ Usage:
 """
 
 import argparse
+import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -158,6 +160,8 @@ def export_saved_model(
     """
     check_model_name(name)
     _check_model(model, class_names)
+    if keras.backend.backend() != "tensorflow":
+        return _export_with_tensorflow(model, name, version, base_dir, class_names, verify)
     model = float32_twin(model)
     model_dir = os.path.join(base_dir, name)
     if version is None:
@@ -208,6 +212,68 @@ def export_saved_model(
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return final_dir
+
+
+# === Other Keras backends ===
+
+# Under JAX, Keras exports through jax2tf, and jax2tf (JAX 0.10) writes the
+# whole model as one `XlaCallModule` op, which a TF Serving model server (XLA
+# off by default) cannot run and `servability_problems` refuses. A model of
+# another backend is therefore saved as a .keras file and exported by this
+# same code in a child process under the TensorFlow backend: the same graph,
+# the same checks.
+_CHILD = "import sys\nfrom nfnet_keras.export import _export_request\nsys.exit(_export_request(sys.argv[1]))\n"
+_CHILD_ERRORS = {cls.__name__: cls for cls in (ValueError, FileExistsError, ExportError, fileio.WriteError, OSError)}
+
+
+def _export_with_tensorflow(model, name, version, base_dir, class_names, verify):
+    """`export_saved_model` of a non-TensorFlow backend's model, run under `KERAS_BACKEND=tensorflow`."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, KERAS_BACKEND="tensorflow",
+               PYTHONPATH=os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p))
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with tempfile.TemporaryDirectory(prefix="nfnet-export-") as tmp:
+        request = dict(model=os.path.join(tmp, "model.keras"), result=os.path.join(tmp, "result.json"), name=name,
+                       version=None if version is None else _plain_version(version), base_dir=base_dir,
+                       class_names=list(class_names), verify=bool(verify))
+        model.save(request["model"])
+        request_path = os.path.join(tmp, "request.json")
+        with open(request_path, "w") as f:
+            json.dump(request, f)
+        proc = subprocess.run([sys.executable, "-c", _CHILD, request_path], env=env, capture_output=True, text=True)
+        if proc.stdout:
+            print(proc.stdout, end="", flush=True)
+        result = fileio.read_json(request["result"], default=None) or {}
+    if "path" in result:
+        return result["path"]
+    if "error" in result:
+        raise _CHILD_ERRORS.get(result["error"], ExportError)(result["message"])
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    raise ExportError(f"the export under the TensorFlow backend failed (exit status {proc.returncode}: "
+                      f"{lines[-1] if lines else 'no message'}); export the saved .keras file with "
+                      f"KERAS_BACKEND=tensorflow python -m nfnet_keras.export --model MODEL.keras --name {name}.")
+
+
+def _plain_version(version):
+    if isinstance(version, (int, np.integer)) and not isinstance(version, bool):
+        return int(version)
+    raise ValueError(f"The version must be a positive integer, got {version!r}.")
+
+
+def _export_request(request_path):
+    """The child process of `_export_with_tensorflow`: exports and writes the path or the error."""
+    with open(request_path) as f:
+        request = json.load(f)
+    try:
+        model = keras.saving.load_model(request["model"], compile=False)
+        path = export_saved_model(model, request["name"], request["version"], request["base_dir"],
+                                  tuple(request["class_names"]), request["verify"])
+        result = dict(path=path)
+    except tuple(_CHILD_ERRORS.values()) as e:
+        kind = next(cls.__name__ for cls in type(e).__mro__ if cls.__name__ in _CHILD_ERRORS)
+        result = dict(error=kind, message=str(e))
+    fileio.write_json(request["result"], result)
+    return 0
 
 
 def stale_exports(model_dir):

@@ -18,7 +18,7 @@ import os
 import sys
 
 from nfnet_keras import cli, rundir
-from nfnet_keras.config import RECIPES, STRATEGIES, TrainConfig
+from nfnet_keras.config import RECIPES, STRATEGIES, TTA_POLICIES, TrainConfig
 from nfnet_keras.export import check_model_name
 
 EXIT_BAD_INPUT = 2
@@ -39,14 +39,16 @@ def build_parser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--recipe", choices=sorted(RECIPES), default="report",
-                   help="a named set of defaults: report (the report's final run) or fast (20 epochs, "
-                   "see docs/training.md); explicit flags and --hparams win")
+                   help="a named set of defaults: report (the report's final run), fast (20 epochs) or "
+                   "speed (the cifar_speed network, 10 epochs); see docs/training.md. Explicit flags and "
+                   "--hparams win")
     cli.add_model_flags(p.add_argument_group("model"), d)
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
     g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    cli.add_optimisation_flags(g, d, "step: lr/10 at 25/50/75%% of the epochs; cosine; onecycle; constant")
+    cli.add_optimisation_flags(g, d, "step: lr/10 at 25/50/75%% of the epochs; cosine; onecycle; "
+                               "triangle: 0.2x -> 1x at 23%% -> 0.07x; constant")
     g.add_argument("--hparams", metavar="FILE",
                    help="JSON of hyperparameters (e.g. the tuner's best_hparams.json); explicit flags win")
     cli.add_data_flags(p.add_argument_group("data"), d)
@@ -62,6 +64,9 @@ def build_parser():
     g.add_argument("--export-name", default="nfnet", help="SavedModel name under --export-dir")
     g.add_argument("--export-dir", default="saved_models", help="the folder TF Serving watches")
     g.add_argument("--no-export", action="store_true", help="skip the SavedModel export")
+    g.add_argument("--tta", choices=TTA_POLICIES, default=d.tta,
+                   help="the test-time augmentation reported at the end besides flip: none, flip, or "
+                   "flip_translate (6 views)")
     g.add_argument("--quiet", action="store_true", help="no per-step progress bar (one line per epoch)")
     return p
 

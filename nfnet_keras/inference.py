@@ -24,17 +24,61 @@ def keras_predictor(model, batch_size=256):
     return predict
 
 
-def with_flip_tta(predict):
-    """Test-time augmentation: the mean of the probabilities of each image and its mirror.
+def _translate(images, dy, dx):
+    """`images` moved by `dy` rows and `dx` columns, the uncovered border filled by reflection."""
+    height, width = images.shape[1:3]
+    padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    return padded[:, 1 - dy:1 - dy + height, 1 - dx:1 - dx + width]
 
-    CIFAR-10's classes are mirror-symmetric and the models train with random
-    flips, so averaging over the flip is a free ensemble of two views. The
-    result is flip-invariant: an image and its mirror get the same prediction.
+
+def _mirror(images):
+    return images[:, :, ::-1]
+
+
+# Each view: a name and a function of a uint8 batch (N, H, W, C).
+TTA_VIEWS = {
+    "identity": lambda x: x,
+    "mirror": _mirror,
+    "translate(-1,-1)": lambda x: _translate(x, -1, -1),
+    "translate(+1,+1)": lambda x: _translate(x, 1, 1),
+    "mirror+translate(-1,-1)": lambda x: _translate(_mirror(x), -1, -1),
+    "mirror+translate(+1,+1)": lambda x: _translate(_mirror(x), 1, 1),
+}
+# The views of each policy of `config.TTA_POLICIES`.
+TTA_POLICY_VIEWS = {
+    "none": ("identity",),
+    "flip": ("identity", "mirror"),
+    "flip_translate": tuple(TTA_VIEWS),
+}
+
+
+def with_tta(predict, policy="flip"):
+    """Test-time augmentation: the mean of the probabilities over the views of `policy`.
+
+    `flip` averages each image and its mirror: CIFAR-10's classes are
+    mirror-symmetric and the models train with random flips, so this is a free
+    ensemble of two views, and its prediction is the same for an image and its
+    mirror. `flip_translate` adds the image and its mirror moved by one pixel
+    up-left and down-right (reflected borders): six views, each weighted alike.
+    `none` returns `predict` itself.
+
+    Args:
+        predict: `predict(uint8 images) -> probabilities`.
+        policy: str. A key of `TTA_POLICY_VIEWS`. Defaults to `"flip"`.
+
+    Returns:
+        A function of the same signature.
     """
+    if policy not in TTA_POLICY_VIEWS:
+        raise ValueError(f"Unknown test-time augmentation {policy!r}. Use one of: {', '.join(TTA_POLICY_VIEWS)}.")
+    views = TTA_POLICY_VIEWS[policy]
+    if views == ("identity",):
+        return predict
 
     def predict_tta(images):
         images = np.asarray(images)
-        return 0.5 * (predict(images) + predict(np.ascontiguousarray(images[:, :, ::-1])))
+        total = sum(predict(np.ascontiguousarray(TTA_VIEWS[view](images))) for view in views)
+        return total / len(views)
 
     return predict_tta
 

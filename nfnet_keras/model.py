@@ -7,7 +7,8 @@ import keras
 
 from nfnet_keras.activations import GAMMAS, ScaledActivation
 from nfnet_keras.blocks import NFBlock, NormActivation, bottleneck_width, resolve_layer_class
-from nfnet_keras.presets import canonical_preset, get_preset
+from nfnet_keras.presets import architecture, canonical_preset, get_preset
+from nfnet_keras.speed import ConvGroup, build_conv_groups_model
 from nfnet_keras.wsconv import WSConv2D
 
 _SEQUENCE_KEYS = ("stem_widths", "stem_strides", "widths", "depths", "strides")
@@ -23,6 +24,9 @@ _NUMBER_KEYS = {
     "skip_gain_init": (lambda v: v >= 0, ">= 0 (0: SkipInit)"),
 }
 BETAS = ("std", "var")
+# `build_model` arguments that give a network's BatchNorm twin: BatchNorm -> activation where the
+# Normalizer-Free network has its scaled activations, plain convolutions without biases.
+BATCHNORM_TWIN = dict(conv_layer=keras.layers.Conv2D, norm_layer=keras.layers.BatchNormalization, conv_bias=False)
 
 
 def _is_int(value):
@@ -65,6 +69,8 @@ def resolve_config(preset, overrides=None):
             f"Allowed: {', '.join(sorted(config))}."
         )
     config.update(overrides)
+    if architecture(config) == "conv_groups":
+        return _resolve_conv_groups(config)
 
     # === One key at a time ===
     for key in _SEQUENCE_KEYS:
@@ -123,6 +129,25 @@ def resolve_config(preset, overrides=None):
             f"{_final_conv_width(config)} channels ({config['widths'][-1]} x "
             f"{config['final_conv_multiplier']!r}); use 0 (no final conv) or a value giving at least 1."
         )
+    return config
+
+
+def _resolve_conv_groups(config):
+    value = config["widths"]
+    if not (isinstance(value, (tuple, list)) and value and all(_is_int(v) and v > 0 for v in value)):
+        raise ValueError(f"widths must be a non-empty sequence of positive ints, got {value!r}.")
+    config["widths"] = tuple(int(v) for v in value)
+    if not (_is_int(config["whitening_patch"]) and 1 <= config["whitening_patch"] <= 4):
+        raise ValueError(f"whitening_patch must be an int in [1, 4], got {config['whitening_patch']!r}.")
+    for key, allowed, in_words in (("whitening_epsilon", lambda v: v > 0, "> 0"),
+                                   ("logit_scale", lambda v: v > 0, "> 0"),
+                                   ("dropout", lambda v: 0 <= v < 1, "in [0, 1)")):
+        if not (_is_number(config[key]) and allowed(config[key])):
+            raise ValueError(f"{key} must be a number {in_words}, got {config[key]!r}.")
+    if not isinstance(config["conv_bias"], bool):
+        raise ValueError(f"conv_bias must be True or False, got {config['conv_bias']!r}.")
+    if not (isinstance(config["activation"], str) and config["activation"] in GAMMAS):
+        raise ValueError(f"Unknown activation {config['activation']!r}. Use one of: {', '.join(sorted(GAMMAS))}.")
     return config
 
 
@@ -185,6 +210,10 @@ def build_model(
     conv_layer = resolve_layer_class(conv_layer, keras.layers.Conv2D, "conv_layer")
     if norm_layer is not None:
         norm_layer = resolve_layer_class(norm_layer, keras.layers.Layer, "norm_layer")
+
+    if architecture(config) == "conv_groups":
+        return build_conv_groups_model(config, num_classes, input_shape, conv_layer, norm_layer,
+                                       preset if name is None else name)
 
     # === Layers ===
     act = config["activation"]
@@ -255,15 +284,33 @@ def build_model(
 
 
 def nf_blocks(model):
-    """Returns the model's NFBlocks in order."""
-    return [layer for layer in model.layers if isinstance(layer, NFBlock)]
+    """Returns the model's blocks in order: its NFBlocks, or the ConvGroups of a speed network."""
+    return [layer for layer in model.layers if isinstance(layer, (NFBlock, ConvGroup))]
+
+
+def adapt_model(model, images):
+    """Adapts every layer of `model` that has an `adapt` method (the whitening stem) to `images`.
+
+    Args:
+        model: keras.Model.
+        images: float array `(n, h, w, c)` of preprocessed training images.
+
+    Returns:
+        The names of the layers adapted.
+    """
+    adapted = []
+    for layer in model.layers:
+        if callable(getattr(layer, "adapt", None)):
+            layer.adapt(images)
+            adapted.append(layer.name)
+    return adapted
 
 
 def model_convs(model):
     """Returns every convolution of the model in order, those inside its NFBlocks included."""
     convs = []
     for layer in model.layers:
-        if isinstance(layer, NFBlock):
+        if isinstance(layer, (NFBlock, ConvGroup)):
             convs += layer.conv_sublayers()
         elif isinstance(layer, keras.layers.Conv2D):
             convs.append(layer)

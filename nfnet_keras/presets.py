@@ -28,6 +28,13 @@ Keys:
     beta: what a block divides its input by: "std", the expected standard
         deviation (the papers), or "var", the expected variance (the
         report's code; kept for the experiment that reproduces it).
+
+The `conv_groups` presets (`architecture="conv_groups"`, `nfnet_keras.speed`)
+are a different network, the shape of the CIFAR-10 speed runs, with keys:
+    whitening_patch / whitening_epsilon: the `PatchWhitening` stem.
+    widths: output channels of the three (or more) conv-pool groups.
+    activation, conv_bias, dropout: as above.
+    logit_scale: the logits are the classifier's output times this.
 """
 
 import copy
@@ -117,6 +124,29 @@ for _k, _dropout in enumerate(_NFNET_F_DROPOUT):
         skip_gain_init=0.0,
         beta="std",
     )
+
+
+# The CIFAR speed network (nfnet_keras.speed): a 2x2 patch-whitening stem (24 channels),
+# three conv-pool groups, no residuals, logits x 1/9. The size of airbench94 (widths 64/256/256)
+# and of airbench95 (128/384/384).
+_CONV_GROUPS = dict(
+    architecture="conv_groups",
+    whitening_patch=2,
+    whitening_epsilon=5e-4,
+    widths=(64, 256, 256),
+    activation="gelu",
+    conv_bias=True,
+    dropout=0.0,
+    logit_scale=1 / 9,
+)
+PRESETS["cifar_speed"] = dict(_CONV_GROUPS)
+PRESETS["cifar_speed_wide"] = dict(_CONV_GROUPS, widths=(128, 384, 384))
+PRESETS["tiny_speed"] = dict(_CONV_GROUPS, widths=(8, 16, 16))  # for tests
+
+
+def architecture(config):
+    """The network family of a preset config: `"resnet"` (`NFBlock`s) or `"conv_groups"`."""
+    return config.get("architecture", "resnet")
 
 
 # Other names a preset answers to: alias -> canonical name.

@@ -16,11 +16,11 @@ import numpy as np
 import tensorflow as tf
 
 from nfnet_keras import data as data_lib
-from nfnet_keras import rundir
+from nfnet_keras import distribution, rundir
 from nfnet_keras.callbacks import DivergenceMonitor, EpochCheckpoint, EpochTimer
 from nfnet_keras.config import PRECISIONS, RECIPES, SCHEDULES, STRATEGIES, TrainConfig  # noqa: F401  (re-exported)
-from nfnet_keras.inference import keras_predictor, with_flip_tta
-from nfnet_keras.model import build_model
+from nfnet_keras.inference import TTA_POLICY_VIEWS, keras_predictor, with_tta
+from nfnet_keras.model import BATCHNORM_TWIN, adapt_model, build_model
 from nfnet_keras.optimization import make_loss, make_optimizer
 from nfnet_keras.tensorboard import SignalPropagationLogger, TensorBoard, log_hparams, log_test_metrics, session_dir
 
@@ -28,11 +28,21 @@ from nfnet_keras.tensorboard import SignalPropagationLogger, TensorBoard, log_hp
 
 
 def setup_runtime(config):
-    """Seeds every generator, sets determinism, precision and (for mirrored) devices.
+    """Seeds every generator, sets determinism, precision and the distribution.
 
-    Returns the `tf.distribute` strategy to build under (the default one when
-    `config.strategy == "none"`).
+    Returns what to build the model under (`with ...scope():`): the
+    `tf.distribute` strategy (the default one for `config.strategy == "none"`,
+    `MirroredStrategy` for `mirrored`), or for `data_parallel` the
+    `keras.distribution.DataParallel` set for the process (`nfnet_keras.distribution`).
+
+    Raises:
+        ValueError: the strategy does not run on the Keras backend, or the
+            batch does not split across the data-parallel devices.
     """
+    distribution.check_backend(config.strategy)
+    data_parallel = None
+    if config.strategy == "data_parallel":  # joins the processes first: before any JAX computation
+        data_parallel = distribution.data_parallel(config.batch_size)
     if config.strategy == "mirrored" and not tf.config.list_physical_devices("GPU"):
         # No GPU: mirror over logical CPU devices (for testing the code path).
         cpus = tf.config.list_physical_devices("CPU")
@@ -44,16 +54,26 @@ def setup_runtime(config):
             pass  # already initialised (e.g. a second run in one process)
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
-        tf.config.experimental.enable_op_determinism()
+        tf.config.experimental.enable_op_determinism()  # the tf.data pipeline's ops, on every backend
     keras.mixed_precision.set_global_policy(config.precision)
+    if data_parallel is not None:
+        return data_parallel
     if config.strategy == "mirrored":
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
 
 
-def resolve_jit(config, has_gpu=None):
-    """XLA on GPU, off on CPU (slower there), off under a strategy (keras#19005)."""
-    if config.strategy != "none":
+def resolve_jit(config, has_gpu=None, backend=None):
+    """Whether to XLA-compile the train step.
+
+    TensorFlow: on with a GPU, off on CPU (slower there), off under `mirrored`
+    (keras#19005). JAX: on unless `--no-jit` (XLA is JAX's compiler; without it
+    every op runs on its own).
+    """
+    backend = backend or keras.backend.backend()
+    if backend == "jax":
+        return True if config.jit is None else config.jit
+    if config.strategy == "mirrored":
         if config.jit:
             print("note: --jit is ignored under --strategy mirrored (keras#19005: XLA under "
                   "MirroredStrategy fails to place resources).")
@@ -74,6 +94,21 @@ def compile_model(model, config, steps_per_epoch):
         jit_compile=resolve_jit(config),
     )
     return model
+
+
+def build_for(config):
+    """The model of `config`: its preset and overrides, or their BatchNorm twin (`norm="batch"`)."""
+    twin = BATCHNORM_TWIN if config.norm == "batch" else {}
+    return build_model(config.preset, **{**twin, **config.overrides})
+
+
+# Training images a data-dependent layer (the whitening stem) is adapted to.
+ADAPT_IMAGES = 5000
+
+
+def adapt_to(model, train_images):
+    """Adapts the model's data-dependent layers to the first `ADAPT_IMAGES` training images (uint8)."""
+    return adapt_model(model, np.asarray(data_lib.preprocess(train_images[:ADAPT_IMAGES])))
 
 
 # === Data ===
@@ -143,11 +178,17 @@ def fit_model(model, config, train_ds, val_ds, callbacks=(), verbose="auto"):
     """
     monitor = DivergenceMonitor()
     timer = EpochTimer(total_epochs=config.epochs)
+    callbacks = [monitor, timer, *callbacks]
+    if config.ema:
+        # Validation sees the moving average; after a checkpoint (which keeps the raw weights, and
+        # the average in the optimizer) the epoch ends with the average in the model, for the
+        # callbacks after this one, and the model ends training with it.
+        callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
     history = model.fit(
         train_ds,
         validation_data=val_ds,
         epochs=config.epochs,
-        callbacks=[monitor, timer, *callbacks],
+        callbacks=callbacks,
         shuffle=False,  # the tf.data pipeline shuffles
         verbose=verbose,
     )
@@ -156,6 +197,11 @@ def fit_model(model, config, train_ds, val_ds, callbacks=(), verbose="auto"):
         diverged_at=monitor.diverged_at,
         seconds_per_epoch=timer.seconds_per_epoch,
     )
+
+
+def _accuracy(predict, split):
+    images, labels = split
+    return float((predict(images).argmax(1) == labels).mean())
 
 
 class TrainingDiverged(RuntimeError):
@@ -217,8 +263,11 @@ def _train_locked(config, run_dir, strategy, splits, fingerprint, export_name, e
     steps_per_epoch = math.ceil(len(train_arr[0]) / config.batch_size)
     train_ds, val_ds = make_datasets(config, train_arr, val_arr)
     with strategy.scope():
-        model = build_model(config.preset, **config.overrides)
+        model = build_for(config)
         compile_model(model, config, steps_per_epoch)
+    adapted = adapt_to(model, train_arr[0])  # a resumed run then restores the same values
+    if adapted:
+        print(f"Adapted {', '.join(adapted)} to {min(len(train_arr[0]), ADAPT_IMAGES)} training images.")
 
     log_dir = os.path.join(run_dir, "logs")
     checkpoint = EpochCheckpoint(os.path.join(run_dir, "checkpoints"))
@@ -255,16 +304,24 @@ def _train_locked(config, run_dir, strategy, splits, fingerprint, export_name, e
     test_loss, test_accuracy = model.evaluate(test_ds, verbose=0)
     log_test_metrics(session, metrics["epochs_completed"] - 1, test_loss, test_accuracy)
     print(f"Test accuracy: {test_accuracy:.4f} (loss {test_loss:.4f}) on {len(test_arr[0])} images.")
-    tta_probabilities = with_flip_tta(keras_predictor(model))(test_arr[0])
-    test_accuracy_flip_tta = float((tta_probabilities.argmax(1) == test_arr[1]).mean())
+    predict = keras_predictor(model)
+    test_accuracy_flip_tta = _accuracy(with_tta(predict, "flip"), test_arr)
     print(f"Test accuracy with flip test-time augmentation: {test_accuracy_flip_tta:.4f}.")
+    tta = dict(none=float(test_accuracy), flip=test_accuracy_flip_tta)
+    if config.tta not in tta:
+        tta[config.tta] = _accuracy(with_tta(predict, config.tta), test_arr)
+        views = TTA_POLICY_VIEWS[config.tta]
+        print(f"Test accuracy with {config.tta} test-time augmentation ({len(views)} views: {', '.join(views)}): "
+              f"{tta[config.tta]:.4f}.")
     model_path = os.path.join(run_dir, "model.keras")
     from nfnet_keras import fileio
 
     with fileio.atomic_path(model_path) as tmp:
         model.save(tmp)
     metrics.update(diverged=False, test_accuracy=float(test_accuracy), test_loss=float(test_loss),
-                   test_accuracy_flip_tta=test_accuracy_flip_tta, model_path=model_path)
+                   test_accuracy_flip_tta=test_accuracy_flip_tta, tta=config.tta,
+                   tta_views=list(TTA_POLICY_VIEWS[config.tta]), test_accuracy_tta=tta[config.tta],
+                   model_path=model_path)
     if export_name:
         from nfnet_keras.export import export_saved_model
 

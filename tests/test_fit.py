@@ -222,13 +222,13 @@ def test_evaluate_prints_accuracy_and_confusion_matrix(finished_run, cifar_dir, 
 
 @pytest.mark.slow
 def test_flip_tta_is_the_mean_over_the_mirror_and_flip_invariant(finished_run, cifar_dir, capsys, tmp_path):
-    from nfnet_keras.inference import load_predictor, with_flip_tta
+    from nfnet_keras.inference import load_predictor, with_tta
 
     run_dir, _, _ = finished_run
     _, (x, y) = load_cifar10(cifar_dir)
     x = x[:64]
     predict = load_predictor(str(run_dir / "model.keras"))
-    tta = with_flip_tta(predict)
+    tta = with_tta(predict, "flip")
     plain, mirrored = predict(x), predict(x[:, :, ::-1])
     assert np.abs(plain - mirrored).max() > 1e-4  # the model itself is not flip-invariant
     np.testing.assert_allclose(tta(x), (plain + mirrored) / 2, atol=1e-6)

@@ -27,7 +27,7 @@ import os
 import sys
 
 from nfnet_keras import cli, fileio, rundir, training
-from nfnet_keras.config import LOCATION_FIELDS, TrainConfig
+from nfnet_keras.config import LOCATION_FIELDS, TrainConfig, with_defaults
 from nfnet_keras.data import DataError
 from nfnet_keras.tuner import results as results_lib
 from nfnet_keras.tuner.hypermodel import OBJECTIVE, NFNetHyperModel, hparams_experiment, tensorboard_callback
@@ -154,6 +154,9 @@ def check_study(project_dir, study):
         return
     with open(path) as f:
         previous = json.load(f)
+    if isinstance(previous.get("config"), dict):  # a search recorded before a config field existed
+        axes = set(previous.get("grid", {})) | set(LOCATION_FIELDS)
+        previous["config"] = {k: v for k, v in with_defaults(previous["config"]).items() if k not in axes}
     current = json.loads(json.dumps(study))
     if previous == current:
         return

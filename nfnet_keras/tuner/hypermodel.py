@@ -17,7 +17,6 @@ import keras_tuner
 import numpy as np
 
 from nfnet_keras import fileio, training
-from nfnet_keras.model import build_model
 from nfnet_keras.tuner.oracle import DIVERGED
 
 OBJECTIVE = "val_accuracy"
@@ -87,7 +86,7 @@ class NFNetHyperModel(keras_tuner.HyperModel):
         config = self.trial_config(hp, self._execution)
         self._trial_config = config
         training.setup_runtime(config)  # seeds, determinism, precision: the same start for every trial
-        model = build_model(config.preset, **config.overrides)
+        model = training.build_for(config)
         steps_per_epoch = math.ceil(self.train_size / config.batch_size) if self.train_size else 1
         return training.compile_model(model, config, steps_per_epoch)
 
@@ -101,6 +100,7 @@ class NFNetHyperModel(keras_tuner.HyperModel):
         config = self._trial_config or self.trial_config(hp)
         self._execution += 1
         train_ds, val_ds = training.make_datasets(config, train, val, batch_size=config.batch_size)
+        training.adapt_to(model, train[0])
         result = training.fit_model(model, config, train_ds, val_ds, callbacks=callbacks or (), verbose=verbose)
         record = dict(
             trial_id=self._trial_id,
