@@ -20,7 +20,12 @@ not move.
 
 Usage:
     python -m benchmarks.throughput [--preset report_resnet] [--batch-sizes 64,256]
-        [--xla off,on] [--variants nf,bn[,nf_no_bias,nf_plain_conv]] [--repeats 3] [--steps 3] [--smoke]
+        [--xla off,on] [--variants nf,bn[,nf_no_bias,nf_plain_conv]] [--precision float32]
+        [--repeats 3] [--steps 3] [--smoke]
+
+The CIFAR speed network against its twin, as trained by `--recipe speed`:
+    python -m benchmarks.throughput --preset cifar_speed --batch-sizes 1024 --xla off \
+        --precision mixed_bfloat16 --tag cifar_speed_bf16
 """
 
 import os
@@ -96,11 +101,14 @@ def measure_variants(preset, batch_sizes, jit, repeats, steps, warmup, variants=
 def main(argv=None):
     parser = common.base_parser(__doc__)
     parser.add_argument("--xla", type=_xla_list, help="off, on, or off,on (default)")
+    parser.add_argument("--precision", default="float32", choices=("float32", "mixed_bfloat16", "mixed_float16"),
+                        help="Keras dtype policy of both models (default float32)")
     parser.add_argument("--variants", type=common.str_list,
                         help=f"models, from {', '.join(VARIANTS)} (default nf,bn; must include nf and bn)")
     args = common.resolve_args(parser.parse_args(argv), DEFAULTS, SMOKE)
     if not {"nf", "bn"} <= set(args.variants) or set(args.variants) - set(VARIANTS):
         raise SystemExit(f"--variants must include nf and bn, from {', '.join(VARIANTS)}; got {args.variants}.")
+    keras.mixed_precision.set_global_policy(args.precision)
     results = []
     with common.benchmark_run("throughput", args) as payload:
         for xla in args.xla:
@@ -125,8 +133,8 @@ def main(argv=None):
         first=f"{r['first_step_s']['nf']:.0f} / {r['first_step_s']['bn']:.0f}",
         met=r["target_met"],
     ) for r in results]
-    print(f"Training throughput, preset {args.preset!r}, images/s over {args.repeats} interleaved windows "
-          f"of {args.steps} steps (synthetic in-memory batch, SGD momentum 0.9):")
+    print(f"Training throughput, preset {args.preset!r} ({args.precision}), images/s over {args.repeats} "
+          f"interleaved windows of {args.steps} steps (synthetic in-memory batch, SGD momentum 0.9):")
     print(common.format_table(rows, [
         ("xla", "XLA"), ("batch", "batch"), ("nf_min", "NF min"), ("nf_med", "NF median"),
         ("bn_min", "BN min"), ("bn_med", "BN median"), ("ratio", "NF/BN median"),
