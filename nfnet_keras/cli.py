@@ -74,7 +74,8 @@ def add_runtime_flags(group, defaults):
     d = defaults
     jit = group.add_mutually_exclusive_group()
     jit.add_argument("--jit", dest="jit", action="store_true", default=None,
-                     help="XLA-compile the train step (default: on with a GPU, off on CPU where it is slower)")
+                     help="XLA-compile the train step (default: on with a GPU or under KERAS_BACKEND=jax, off for "
+                     "TensorFlow on CPU where it is slower)")
     jit.add_argument("--no-jit", dest="jit", action="store_false")
     group.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                        help="float32, or mixed precision (mixed_bfloat16 on CPUs with native bf16, "

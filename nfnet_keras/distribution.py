@@ -92,12 +92,49 @@ def data_parallel(batch_size, environ=None):
     if batch_size % len(devices):
         raise ValueError(f"--batch-size {batch_size} does not split evenly across the {len(devices)} devices of "
                          f"--strategy data_parallel; use a multiple of {len(devices)}.")
-    distribution = keras.distribution.DataParallel(devices=devices)
+    distribution = EvenDataParallel(devices=devices)
     keras.distribution.set_distribution(distribution)
     print(f"Data parallel over {len(devices)} device(s) in {processes} process(es) "
           f"({', '.join(devices[:4])}{', ...' if len(devices) > 4 else ''}): global batch {batch_size}, "
           f"{batch_size // len(devices)} per device.", flush=True)
     return distribution
+
+
+class EvenDataParallel(keras.distribution.DataParallel):
+    """`DataParallel` whose `tf.data` batches are checked to split evenly across the devices.
+
+    JAX places a batch on the devices by splitting its first axis, which must
+    divide evenly; Keras computes that placement from a dataset's first batch
+    and applies it to every batch. A last batch that does not split (e.g. 15
+    images on 2 devices) would fail deep inside JAX; here it stops the
+    pipeline with an error that names the batch and what to change.
+    """
+
+    def distribute_dataset(self, dataset):
+        dataset = super().distribute_dataset(dataset)
+        import tensorflow as tf
+
+        if not isinstance(dataset, tf.data.Dataset):
+            return dataset
+        devices = int(self.device_mesh.devices.size)
+        per_process = devices // self.num_processes
+
+        def check(*batch):
+            size = tf.shape(tf.nest.flatten(batch)[0])[0]
+            tf.debugging.assert_equal(
+                size % per_process, 0,
+                message=f"{UNEVEN_BATCH}: a batch does not split evenly across the {devices} devices of --strategy "
+                "data_parallel; choose --batch-size, --train-limit and --val-size so that every batch, the last "
+                f"of each split included, holds a multiple of {devices} images (the test set runs in batches "
+                "of 256)",
+            )
+            return batch if len(batch) > 1 else batch[0]
+
+        return dataset.map(check)
+
+
+# Starts the message of the error a batch that does not split raises.
+UNEVEN_BATCH = "uneven batch"
 
 
 def _initialize_processes(environ):

@@ -57,7 +57,9 @@ def build_parser():
     g.add_argument("--mixed-precision", dest="precision", action="store_const", const="mixed_float16",
                    help="shorthand for --precision mixed_float16 (GPU)")
     g.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
-                   help="mirrored: tf.distribute.MirroredStrategy over all GPUs (2 logical CPUs without one)")
+                   help="mirrored: tf.distribute.MirroredStrategy over all GPUs (2 logical CPUs without one; "
+                   "TensorFlow backend); data_parallel: keras.distribution.DataParallel over all devices "
+                   "(KERAS_BACKEND=jax; see docs/backends.md)")
     g = p.add_argument_group("output")
     g.add_argument("--run-dir", help="logs, checkpoints, model.keras, metrics.json (default: the newest "
                    "unfinished run with the same flags under runs/, else runs/<time>)")
@@ -144,6 +146,15 @@ def main(argv=None):
         return EXIT_ENVIRONMENT
     except (ValueError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as e:  # raised inside the tf.data pipeline, wrapped in TensorFlow's error
+        from nfnet_keras.distribution import UNEVEN_BATCH
+
+        message = str(e)
+        if UNEVEN_BATCH not in message:
+            raise
+        reason = message[message.index(UNEVEN_BATCH):].split("]")[0]
+        print(f"error: {reason}. Complete epochs are checkpointed in {run_dir}.", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"Wrote {os.path.join(run_dir, rundir.METRICS_FILE)} (test_accuracy {metrics['test_accuracy']:.4f}).")
     return 0

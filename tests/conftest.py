@@ -11,6 +11,10 @@
 import json
 import os
 import pickle
+import signal
+import subprocess
+import sys
+import time
 
 # Before TensorFlow is imported anywhere: keep its C++ INFO/WARNING logs out of the output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -328,3 +332,36 @@ def run_layer_test(
         error = np.abs(out - y).max()
         assert error <= tolerance[policy] * max(np.abs(y).max(), 1e-6), (policy, error, np.abs(y).max())
     return layer
+
+
+# === Training runs in subprocesses ===
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_fit_under(backend, args, extra_env=None, timeout=420, wait=True):
+    """`python -m nfnet_keras.fit ARGS` under `KERAS_BACKEND=backend`; a `CompletedProcess`, or the `Popen`."""
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra_env or {}))
+    command = [sys.executable, "-m", "nfnet_keras.fit", *args]
+    if wait:
+        return subprocess.run(command, cwd=_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.Popen(command, cwd=_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def interrupt_after_first_epoch(proc, run_dir, timeout=300):
+    """Sends Ctrl-C (SIGINT) once epoch 1 is checkpointed; returns (exit status, output, epochs checkpointed)."""
+    deadline = time.time() + timeout
+    try:
+        while not (run_dir / "checkpoints" / "epoch-0001").exists():
+            assert proc.poll() is None, "the run ended before epoch 1 was checkpointed:\n" + proc.stdout.read()[-3000:]
+            assert time.time() < deadline, f"no checkpoint of epoch 1 within {timeout} s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    done = sorted(int(p.split("-")[1]) for p in os.listdir(run_dir / "checkpoints") if p.startswith("epoch-"))
+    return proc.returncode, output, done[-1]

@@ -1,8 +1,9 @@
-"""The model core on other Keras backends (JAX here; PyTorch where installed), in subprocesses.
+"""The package on other Keras backends (JAX here; PyTorch where installed), in subprocesses.
 
-Each test runs a short script under `KERAS_BACKEND=<backend>` and compares with the TensorFlow
-result of the same script. Skips a backend whose package is not installed
-(`pip install -e '.[jax]'` / `'.[torch]'`).
+The model core: a short script under `KERAS_BACKEND=<backend>` compared with the TensorFlow
+result of the same script. The training command: `python -m nfnet_keras.fit` under JAX,
+interrupted and resumed, with its logs, test evaluation, model and export. Skips a backend
+whose package is not installed (`pip install -e '.[jax]'` / `'.[torch]'`).
 """
 
 import importlib.util
@@ -13,6 +14,8 @@ import sys
 
 import numpy as np
 import pytest
+
+from conftest import interrupt_after_first_epoch, run_fit_under
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKENDS = [
@@ -81,3 +84,51 @@ def test_a_keras_file_saved_under_tensorflow_gives_the_same_logits_agc_step_and_
     assert set(other["after"]) == set(reference["after"])
     for key, value in reference["after"].items():
         assert other["after"][key] == pytest.approx(value, rel=1e-5), key
+
+
+# === python -m nfnet_keras.fit under JAX ===
+
+JAX_FIT = ["--preset", "tiny", "--epochs", "3", "--batch-size", "64", "--train-limit", "256", "--val-size", "64",
+           "--quiet"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax not installed")
+def test_fit_under_jax_checkpoints_resumes_logs_evaluates_and_exports(tmp_path, synthetic_cifar_dir):
+    run_dir, export_dir = tmp_path / "run", tmp_path / "saved_models"
+    args = [*JAX_FIT, "--data-dir", synthetic_cifar_dir, "--run-dir", str(run_dir), "--export-name", "tiny",
+            "--export-dir", str(export_dir)]
+    status, output, done = interrupt_after_first_epoch(run_fit_under("jax", args, wait=False), run_dir)
+    if done < 3:  # Ctrl-C landed during training (not during the test evaluation or export)
+        assert status == 130, output[-3000:]
+        assert "rerun the same command to resume" in output
+        assert not (run_dir / "metrics.json").exists()
+
+        result = run_fit_under("jax", args)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"(epoch {done} complete)" in result.stdout
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["config"]["preset"] == "tiny" and metrics["epochs_completed"] == 3
+    assert metrics["history"]["epoch"] == [0, 1, 2]  # each epoch once
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["diverged"] is False
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["epoch-0002", "epoch-0003"]
+    for sub in ("fit", "fit/train", "fit/validation", "fit/test"):
+        assert any(f.startswith("events.out.tfevents") for f in os.listdir(run_dir / "logs" / sub)), sub
+
+    # model.keras, trained under JAX, loads under TensorFlow; the export (run under TensorFlow, see
+    # nfnet_keras.export) serves the same probabilities with the package's signature.
+    import keras
+    import tensorflow as tf
+
+    from nfnet_keras.contract import CLASS_ID, INPUT, PROBABILITIES, SIGNATURE
+    from nfnet_keras.data import preprocess
+    from nfnet_keras.export import servability_problems
+
+    assert metrics["export_path"] == str(export_dir / "tiny" / "1")
+    assert servability_problems(metrics["export_path"]) == []
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    served = tf.saved_model.load(metrics["export_path"]).signatures[SIGNATURE](**{INPUT: tf.constant(images)})
+    model = keras.saving.load_model(run_dir / "model.keras", compile=False)
+    expected = tf.nn.softmax(model(preprocess(images), training=False)).numpy()
+    np.testing.assert_allclose(served[PROBABILITIES].numpy(), expected, atol=1e-5)
+    assert served[CLASS_ID].numpy().tolist() == expected.argmax(1).tolist()

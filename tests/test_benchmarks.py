@@ -7,6 +7,7 @@ time; each `target_met` agrees with its figure and target; the printed table
 shows the JSON's numbers.
 """
 
+import importlib.util
 import json
 import os
 import pickle
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 import nfnet_keras
-from benchmarks import bn_baseline, common, peak, pipeline, throughput
+from benchmarks import backends, bn_baseline, common, peak, pipeline, throughput
 
 from conftest import write_synthetic_cifar
 
@@ -194,6 +195,33 @@ def test_throughput_smoke(tmp_path, capsys):
     assert float(row["NF median"]) == pytest.approx(ips["nf"]["median"], rel=0.01, abs=0.01)
     assert float(row["BN median"]) == pytest.approx(ips["bn"]["median"], rel=0.01, abs=0.01)
     assert float(row["NF/BN median"]) == pytest.approx(result["ratio"]["median"], abs=0.01)
+
+
+@pytest.mark.slow
+def test_backends_smoke(tmp_path, capsys):
+    expected = ["tensorflow"] + (["jax"] if importlib.util.find_spec("jax") else [])
+    saved = _run(backends, tmp_path, "--backends", ",".join(["tensorflow", "jax", "torch"]))
+    settings = saved["settings"]
+    repeats, steps = settings["repeats"], settings["steps"]
+    assert [r["backend"] for r in saved["results"]] == expected
+    assert [s["backend"] for s in saved["skipped"]] == [b for b in ("jax", "torch") if b not in expected]
+    for result in saved["results"]:
+        assert result["xla"] is (result["backend"] == "jax")  # each backend as fit runs it on a CPU
+        _check_summary(result["step_ms"], repeats)
+        _check_summary(result["images_per_s"], repeats)
+        _check_rate_is_cpu_rate_times_cores(result["images_per_s"], result["images_per_cpu_s"],
+                                            result["cores_used"])
+        # images/s and ms/step are two views of the same windows.
+        for ms, rate in zip(result["step_ms"]["values"], result["images_per_s"]["values"]):
+            assert rate == pytest.approx(1000 * result["batch_size"] / ms, rel=0.02)
+        assert np.isfinite([result["loss_first_step"], result["loss_last_step"]]).all()
+    timed = sum(steps * v / 1000 for r in saved["results"] for v in r["step_ms"]["values"])
+    assert timed < saved["wall_seconds"]
+    printed = {row["backend"]: row for row in _table(capsys.readouterr().out, "backend")}
+    assert set(printed) == set(expected)
+    for result in saved["results"]:
+        assert float(printed[result["backend"]]["ms/step median"]) == pytest.approx(result["step_ms"]["median"],
+                                                                                    rel=0.01, abs=0.1)
 
 
 @pytest.mark.slow

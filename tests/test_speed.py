@@ -305,6 +305,9 @@ def test_speed_fit_adapts_the_stem_reports_tta_and_ends_with_the_average(speed_r
     assert metrics["tta"] == "flip_translate" and metrics["tta_views"] == list(TTA_POLICY_VIEWS["flip_translate"])
     line = "flip_translate test-time augmentation (6 views: identity, mirror, translate(-1,-1)"
     assert line in result.stdout and f"{metrics['test_accuracy_tta']:.4f}" in result.stdout
+    # The signal-propagation profile (TensorBoard's plot) follows the three groups.
+    assert [row["block"] for row in metrics["signal_propagation"]["start"]] == [
+        "stage1_group", "stage2_group", "stage3_group"]
     model = keras.saving.load_model(run_dir / "model.keras", compile=True)
     stem = model.get_layer("stem_whitening")
     assert np.asarray(stem.eigenvalues)[0] > 2 * np.asarray(stem.eigenvalues)[-1]  # adapted, not the identity
