@@ -16,7 +16,7 @@ from nfnet_keras.config import RECIPES, TrainConfig
 from nfnet_keras.data import make_augmenter
 from nfnet_keras.inference import TTA_POLICY_VIEWS, TTA_VIEWS, with_tta
 from nfnet_keras.optimization import Triangle, make_schedule
-from nfnet_keras.speed import ConvGroup, max_of_gaussians
+from nfnet_keras.speed import ConvGroup
 from nfnet_keras.whitening import PatchWhitening, whitening_filters
 from tests.conftest import keras_roundtrip, run_layer_test
 
@@ -100,13 +100,6 @@ def test_adapt_rejects_images_of_the_wrong_shape():
 # === ConvGroup and the cifar_speed presets ===
 
 
-def test_max_of_gaussians_matches_sampling():
-    draws = np.random.default_rng(0).standard_normal((400_000, 4)).max(1)
-    mean, std = max_of_gaussians(4)
-    assert mean == pytest.approx(draws.mean(), abs=5e-3) and std == pytest.approx(draws.std(), abs=5e-3)
-    assert mean == pytest.approx(1.0294, abs=1e-4)
-
-
 @pytest.mark.parametrize("norm_layer", [None, "BatchNormalization"])
 def test_conv_group_contract(norm_layer, tmp_path):
     kwargs = dict(filters=4, activation="gelu", norm_layer=norm_layer)
@@ -120,7 +113,10 @@ def test_conv_group_keeps_unit_gaussian_signal_near_unit_variance():
     group = ConvGroup(256, "gelu")
     x = np.random.default_rng(0).standard_normal((32, 16, 16, 256)).astype("float32")
     y = np.asarray(group(x))
-    assert 0.8 < y.var(axis=(0, 1, 2)).mean() < 1.3
+    # Weight standardization and gamma keep the scale; the max-pool raises it by about a third.
+    assert 1.1 < y.var(axis=(0, 1, 2)).mean() < 1.6
+    plain = ConvGroup(256, "gelu", pool_size=1)
+    assert 0.8 < np.asarray(plain(x)).var(axis=(0, 1, 2)).mean() < 1.25
 
 
 def speed_params(widths, num_classes=10, bn=False):
@@ -175,7 +171,9 @@ def test_signal_propagation_tracks_the_groups(speed_models):
     x = np.random.default_rng(0).standard_normal((16, 32, 32, 3)).astype("float32")
     rows = nk.signal_propagation(speed_models["nf"], x)
     assert [r["block"] for r in rows] == ["stage1_group", "stage2_group", "stage3_group"]
-    assert all(r["expected_var"] == 1.0 and 0.5 < r["avg_var"] < 2.0 for r in rows)
+    variances = [r["avg_var"] for r in rows]
+    assert all(r["expected_var"] == 1.0 for r in rows)
+    assert 1.0 < variances[0] < variances[1] < variances[2] < 4.0  # each max-pool raises it by ~1.3-1.5x
 
 
 @pytest.mark.parametrize("override, message", [
