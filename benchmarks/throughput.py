@@ -24,7 +24,7 @@ Usage:
         [--repeats 3] [--steps 3] [--smoke]
 
 The CIFAR speed network against its twin, as trained by `--recipe speed`:
-    python -m benchmarks.throughput --preset cifar_speed --batch-sizes 1024 --xla off \
+    python -m benchmarks.throughput --preset cifar_speed --batch-sizes 512 --xla off \
         --precision mixed_bfloat16 --tag cifar_speed_bf16
 """
 

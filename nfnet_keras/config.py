@@ -39,9 +39,9 @@ RECIPES = {
     "fast": dict(epochs=20, batch_size=128, lr=0.1, schedule="onecycle", nesterov=True, weight_decay=5e-4,
                  label_smoothing=0.1, augment="standard", val_size=1000, overrides={"shortcut_pool": True}),
     # The CIFAR speed network (`cifar_speed`: whitening stem, three conv-pool groups) for 10 epochs
-    # at batch 1024: Nesterov SGD, a triangular lr, label smoothing 0.2, an EMA of the weights for
+    # at batch 512: Nesterov SGD, a triangular lr, label smoothing 0.2, an EMA of the weights for
     # evaluation, +-2 px translation and flips, AGC, and six-view test-time augmentation.
-    "speed": dict(preset="cifar_speed", epochs=10, batch_size=1024, lr=0.2, momentum=0.9, nesterov=True,
+    "speed": dict(preset="cifar_speed", epochs=10, batch_size=512, lr=0.2, momentum=0.9, nesterov=True,
                   schedule="triangle", weight_decay=5e-4, label_smoothing=0.2, agc=0.04, ema=0.98,
                   augment="translate_flip", tta="flip_translate", val_size=1000, precision="mixed_bfloat16"),
 }

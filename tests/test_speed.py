@@ -209,7 +209,7 @@ def test_triangle_schedule_values():
 
 def test_speed_recipe_sets_its_defaults_and_flags_win():
     config, _ = fit.parse_config(["--recipe", "speed", "--no-export"])
-    assert (config.preset, config.epochs, config.batch_size, config.schedule) == ("cifar_speed", 10, 1024, "triangle")
+    assert (config.preset, config.epochs, config.batch_size, config.schedule) == ("cifar_speed", 10, 512, "triangle")
     assert (config.label_smoothing, config.augment, config.tta, config.norm) == (0.2, "translate_flip",
                                                                                  "flip_translate", "none")
     assert config.ema == RECIPES["speed"]["ema"] > 0 and config.nesterov
