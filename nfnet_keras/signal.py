@@ -10,7 +10,9 @@ def _stats(x):
     x = ops.cast(x, "float32")
     mean = ops.mean(x, axis=(0, 1, 2))  # per channel, over batch and space
     var = ops.var(x, axis=(0, 1, 2))
-    return float(ops.mean(ops.square(mean))), float(ops.mean(var))
+    # convert_to_numpy: a plain float() of a PyTorch tensor that carries a gradient warns.
+    return (float(ops.convert_to_numpy(ops.mean(ops.square(mean)))),
+            float(ops.convert_to_numpy(ops.mean(var))))
 
 
 def signal_propagation(model, images):

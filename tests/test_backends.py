@@ -86,25 +86,26 @@ def test_a_keras_file_saved_under_tensorflow_gives_the_same_logits_agc_step_and_
         assert other["after"][key] == pytest.approx(value, rel=1e-5), key
 
 
-# === python -m nfnet_keras.fit under JAX ===
+# === python -m nfnet_keras.fit under JAX and PyTorch ===
 
-JAX_FIT = ["--preset", "tiny", "--epochs", "3", "--batch-size", "64", "--train-limit", "256", "--val-size", "64",
+OTHER_FIT = ["--preset", "tiny", "--epochs", "3", "--batch-size", "64", "--train-limit", "256", "--val-size", "64",
            "--quiet"]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax not installed")
-def test_fit_under_jax_checkpoints_resumes_logs_evaluates_and_exports(tmp_path, synthetic_cifar_dir):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fit_under_another_backend_checkpoints_resumes_logs_evaluates_and_exports(backend, tmp_path,
+                                                                                  synthetic_cifar_dir):
     run_dir, export_dir = tmp_path / "run", tmp_path / "saved_models"
-    args = [*JAX_FIT, "--data-dir", synthetic_cifar_dir, "--run-dir", str(run_dir), "--export-name", "tiny",
+    args = [*OTHER_FIT, "--data-dir", synthetic_cifar_dir, "--run-dir", str(run_dir), "--export-name", "tiny",
             "--export-dir", str(export_dir)]
-    status, output, done = interrupt_after_first_epoch(run_fit_under("jax", args, wait=False), run_dir)
+    status, output, done = interrupt_after_first_epoch(run_fit_under(backend, args, wait=False), run_dir)
     if done < 3:  # Ctrl-C landed during training (not during the test evaluation or export)
         assert status == 130, output[-3000:]
         assert "rerun the same command to resume" in output
         assert not (run_dir / "metrics.json").exists()
 
-        result = run_fit_under("jax", args)
+        result = run_fit_under(backend, args)
         assert result.returncode == 0, result.stderr[-3000:]
         assert f"(epoch {done} complete)" in result.stdout
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -115,7 +116,7 @@ def test_fit_under_jax_checkpoints_resumes_logs_evaluates_and_exports(tmp_path, 
     for sub in ("fit", "fit/train", "fit/validation", "fit/test"):
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(run_dir / "logs" / sub)), sub
 
-    # model.keras, trained under JAX, loads under TensorFlow; the export (run under TensorFlow, see
+    # model.keras, trained under the other backend, loads under TensorFlow; the export (run under TensorFlow, see
     # nfnet_keras.export) serves the same probabilities with the package's signature.
     import keras
     import tensorflow as tf
@@ -132,3 +133,21 @@ def test_fit_under_jax_checkpoints_resumes_logs_evaluates_and_exports(tmp_path, 
     expected = tf.nn.softmax(model(preprocess(images), training=False)).numpy()
     np.testing.assert_allclose(served[PROBABILITIES].numpy(), expected, atol=1e-5)
     assert served[CLASS_ID].numpy().tolist() == expected.argmax(1).tolist()
+
+
+def _available(backend):
+    return backend == "tensorflow" or importlib.util.find_spec(backend) is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("saver, loader", [("jax", "tensorflow"), ("jax", "torch"), ("torch", "tensorflow"),
+                                           ("torch", "jax")])
+def test_a_keras_file_saved_under_each_backend_loads_under_the_others(saver, loader, tmp_path):
+    if not (_available(saver) and _available(loader)):
+        pytest.skip(f"{saver} or {loader} not installed")
+    path = tmp_path / f"from_{saver}.keras"
+    saved = _run(saver, "save", path)
+    loaded = _run(loader, "load", path)
+    assert (saved["backend"], loaded["backend"]) == (saver, loader)
+    np.testing.assert_allclose(loaded["logits"], saved["logits"], atol=1e-5)
+    np.testing.assert_allclose(loaded["avg_var"], saved["avg_var"], rtol=1e-4)
