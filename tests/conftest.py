@@ -339,6 +339,17 @@ def run_layer_test(
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def ctrl_c_enabled():
+    """A `preexec_fn` that gives a child the default Ctrl-C handling.
+
+    A process started in the background by a non-interactive shell inherits
+    SIGINT ignored, and Python then installs no KeyboardInterrupt handler: a
+    test that sends Ctrl-C to a child needs the child to take it however the
+    test run itself was started.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_fit_under(backend, args, extra_env=None, timeout=420, wait=True):
     """`python -m nfnet_keras.fit ARGS` under `KERAS_BACKEND=backend`; a `CompletedProcess`, or the `Popen`."""
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2",
@@ -346,7 +357,8 @@ def run_fit_under(backend, args, extra_env=None, timeout=420, wait=True):
     command = [sys.executable, "-m", "nfnet_keras.fit", *args]
     if wait:
         return subprocess.run(command, cwd=_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    return subprocess.Popen(command, cwd=_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(command, cwd=_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=ctrl_c_enabled)
 
 
 def interrupt_after_first_epoch(proc, run_dir, timeout=300):

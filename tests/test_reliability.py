@@ -17,6 +17,8 @@ from nfnet_keras.callbacks import CheckpointError, EpochCheckpoint
 from nfnet_keras.config import TrainConfig
 from nfnet_keras.export import stale_exports
 
+from conftest import ctrl_c_enabled
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset", "tiny", "--val-size", "64", "--quiet", "--no-export"]
 
@@ -303,7 +305,7 @@ def test_ctrl_c_exits_130_saying_how_to_resume_then_resumes(tmp_path, synthetic_
     args = [*TINY, "--epochs", "30", "--batch-size", "16", "--data-dir", synthetic_cifar_dir, "--run-dir",
             str(run_dir)]
     proc = subprocess.Popen([sys.executable, "-m", "nfnet_keras.fit", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_enabled)
     deadline = time.time() + 240
     try:
         while not (run_dir / "checkpoints" / "epoch-0001").exists():

@@ -18,7 +18,8 @@ from nfnet_keras.inference import TTA_POLICY_VIEWS, TTA_VIEWS, with_tta
 from nfnet_keras.optimization import Triangle, make_schedule
 from nfnet_keras.speed import ConvGroup
 from nfnet_keras.whitening import PatchWhitening, whitening_filters
-from tests.conftest import keras_roundtrip, run_layer_test
+
+from conftest import keras_roundtrip, run_layer_test
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
