@@ -28,6 +28,10 @@ def scrambled(preset, seed=0):
     keras.utils.set_random_seed(seed)
     model = nfnet_keras.build_model(preset)
     rng = np.random.default_rng(seed)
+    # A whitening stem adapted to images (not its identity start), and logits that the speed
+    # network's 1/9 scale does not flatten.
+    nfnet_keras.adapt_model(model, rng.normal(size=(16, 32, 32, 3)).cumsum(axis=2).astype("float32"))
+    classifier_std = 9.0 if "logit_scale" in [layer.name for layer in model.layers] else 1.0
     for v in model.weights:
         if v.path.endswith("skip_gain"):
             v.assign(np.ones(v.shape, "float32"))
@@ -36,7 +40,7 @@ def scrambled(preset, seed=0):
         elif v.path.endswith("bias"):
             v.assign(rng.normal(0.0, 0.1, v.shape).astype("float32"))
         elif v.path == "classifier/kernel":
-            v.assign(rng.normal(0.0, 1.0, v.shape).astype("float32"))
+            v.assign(rng.normal(0.0, classifier_std, v.shape).astype("float32"))
     return model
 
 
@@ -55,12 +59,12 @@ def cifar_test_images():
 
 @pytest.fixture(scope="module")
 def models():
-    return {preset: scrambled(preset) for preset in ("tiny", "tiny_grouped")}
+    return {preset: scrambled(preset) for preset in ("tiny", "tiny_grouped", "tiny_speed")}
 
 
 @pytest.fixture(scope="module")
 def exports(models, tmp_path_factory):
-    """Both presets exported once: preset -> version directory."""
+    """Every preset of `models` exported once: preset -> version directory."""
     base = tmp_path_factory.mktemp("saved_models")
     return {
         preset: export.export_saved_model(model, preset, base_dir=str(base))
@@ -160,7 +164,7 @@ def test_model_must_output_one_logit_per_class(tmp_path):
 # === The graph ===
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny_grouped"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny_grouped", "tiny_speed"])
 def test_graph_has_no_xla_and_only_standard_ops(exports, preset):
     assert export.servability_problems(exports[preset]) == []
 
@@ -291,7 +295,7 @@ def _load_like_tf_serving(path):
     return session, meta_graph.signature_def["serving_default"]
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny_grouped"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny_grouped", "tiny_speed"])
 def test_cpp_style_session_load_matches_keras(models, exports, preset):
     images = np.random.default_rng(1).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     session, signature = _load_like_tf_serving(exports[preset])
