@@ -6,6 +6,8 @@
 - `run_layer_test`: the checks every public layer passes (config and `.keras`
   round trips, mixed precision, a compiled fit step).
 - `keras_roundtrip`, `assert_same_weights`: `.keras` save/load helpers.
+- `value_and_grad`: a function's value and gradients on whichever Keras backend runs.
+- The `tensorflow_only` marker: skips a test, with its reason, on other backends.
 """
 
 import json
@@ -34,6 +36,20 @@ def pytest_configure(config):
     # Also declared in the project's pytest settings; registering here keeps
     # `--strict-markers` working when the tests run from another root.
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    config.addinivalue_line("markers", "tensorflow_only(reason): tests TensorFlow itself; skipped on other backends")
+
+
+def pytest_collection_modifyitems(config, items):
+    backend = keras.backend.backend()
+    for item in items:
+        marker = item.get_closest_marker("tensorflow_only")
+        if marker is None:
+            continue
+        reason = marker.kwargs.get("reason") or (marker.args[0] if marker.args else None)
+        if not reason:
+            raise pytest.UsageError(f"{item.nodeid}: tensorflow_only needs a reason=... saying why")
+        if backend != "tensorflow":
+            item.add_marker(pytest.mark.skip(reason=f"TensorFlow only, not {backend}: {reason}"))
 
 
 # === CIFAR-10 ===
@@ -180,6 +196,63 @@ def assert_same_weights(a, b):
         np.testing.assert_array_equal(
             keras.ops.convert_to_numpy(va), keras.ops.convert_to_numpy(vb), err_msg=va.path
         )
+
+
+# === Gradients on any backend ===
+
+
+def value_and_grad(fn, variables, inputs=()):
+    """`fn(*inputs)` and the gradient of its loss, on the current Keras backend.
+
+    TensorFlow: a `tf.GradientTape`; JAX: `jax.value_and_grad` of `fn` with the variables' values passed in
+    through a `keras.StatelessScope`; PyTorch: `torch.autograd.grad` with respect to the variables' parameters.
+
+    Args:
+        fn: callable. Takes one tensor per entry of `inputs` and returns the scalar loss, or a tuple whose
+            first entry is the loss (the others, e.g. the output, come back with it).
+        variables: list of Keras variables to differentiate; `fn` reads them as usual (through layers or ops).
+        inputs: sequence of float arrays. Passed to `fn` as tensors, and differentiated too.
+
+    Returns:
+        `(value, grads)`: `value` is what `fn` returned, as NumPy (a tuple of arrays for a tuple); `grads` one
+        NumPy array per variable, then one per input, zeros where the loss does not depend on it.
+    """
+    variables = list(variables)
+    backend = keras.backend.backend()
+    loss_of = lambda out: out[0] if isinstance(out, tuple) else out
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        tensors = [tf.convert_to_tensor(x) for x in inputs]
+        with tf.GradientTape() as tape:
+            tape.watch(tensors)
+            out = fn(*tensors)
+        grads = tape.gradient(loss_of(out), variables + tensors, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    elif backend == "jax":
+        import jax
+
+        def pure(values, tensors):
+            # Keras variables are read through the scope's values, which jax traces.
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                out = fn(*tensors)
+            return loss_of(out), out
+
+        tensors = [keras.ops.convert_to_tensor(x) for x in inputs]
+        grad_fn = jax.value_and_grad(pure, argnums=(0, 1), has_aux=True)
+        (_, out), (var_grads, input_grads) = grad_fn([v.value for v in variables], tensors)
+        grads = list(var_grads) + list(input_grads)
+    elif backend == "torch":
+        import torch
+
+        tensors = [keras.ops.convert_to_tensor(x).detach().requires_grad_(True) for x in inputs]
+        out = fn(*tensors)
+        sources = [v.value for v in variables] + tensors  # a variable's value is its torch.nn.Parameter
+        grads = torch.autograd.grad(loss_of(out), sources, allow_unused=True)
+        grads = [torch.zeros_like(s) if g is None else g for s, g in zip(sources, grads)]
+    else:
+        raise NotImplementedError(f"value_and_grad has no implementation for the {backend!r} backend")
+    value = tuple(_np(o) for o in out) if isinstance(out, tuple) else _np(out)
+    return value, [_np(g) for g in grads]
 
 
 # === The layer harness ===

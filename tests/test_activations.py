@@ -12,6 +12,11 @@ from nfnet_keras.activations import ACTIVATIONS
 
 from conftest import keras_roundtrip, run_layer_test
 
+
+def to_np(x):
+    return keras.ops.convert_to_numpy(x)
+
+
 SELU_ALPHA = 1.6732632423543772
 SELU_SCALE = 1.0507009873554805
 
@@ -165,7 +170,7 @@ def test_log_softmax_variance_asymptotics():
     assert precise == pytest.approx(1 + (math.e - 3) / n, abs=3e-4)
     assert precise < 1 - 5e-4
     # The Keras version agrees with the NumPy one.
-    got = np.asarray(ACTIVATIONS["log_softmax"](keras.ops.convert_to_tensor(x[:8], "float32")))
+    got = to_np(ACTIVATIONS["log_softmax"](keras.ops.convert_to_tensor(x[:8], "float32")))
     np.testing.assert_allclose(got, np_log_softmax(x[:8]), rtol=1e-5, atol=1e-5)
 
 
@@ -174,7 +179,7 @@ def test_numpy_twins_match_keras(name):
     # The integrated functions are the ones the package runs (e.g. GELU's tanh
     # approximation, leaky slope 0.01), on both sides of every kink.
     x = np.concatenate([np.linspace(-8, 8, 161), [-1e-3, 0.0, 1e-3, 5.999, 6.0, 6.001]])
-    got = np.asarray(ACTIVATIONS[name](keras.ops.convert_to_tensor(x, "float32")))
+    got = to_np(ACTIVATIONS[name](keras.ops.convert_to_tensor(x, "float32")))
     np.testing.assert_allclose(got, NUMPY_ACTIVATIONS[name](x), rtol=1e-5, atol=1e-6)
 
 
@@ -183,7 +188,7 @@ def test_scaled_activation_is_activation_times_gamma(name):
     x = np.random.default_rng(1).standard_normal((4, 5, 5, 6)).astype("float32")
     reference = {"glu": np_glu, "log_softmax": np_log_softmax}.get(name) or NUMPY_ACTIVATIONS[name]
     layer = ScaledActivation(name)
-    out = np.asarray(layer(x))
+    out = to_np(layer(x))
     np.testing.assert_allclose(out, reference(x.astype("float64")) * GAMMAS[name], rtol=1e-5, atol=1e-6)
     assert out.shape == layer.compute_output_shape(x.shape)
 
@@ -191,7 +196,7 @@ def test_scaled_activation_is_activation_times_gamma(name):
 def test_scaled_activation_has_unit_variance_on_gaussian_input():
     z = np.random.default_rng(2).standard_normal((200_000,)).astype("float32")
     for name in ("relu", "gelu", "silu", "tanh"):
-        assert np.asarray(ScaledActivation(name)(z)).var() == pytest.approx(1.0, abs=0.01), name
+        assert to_np(ScaledActivation(name)(z)).var() == pytest.approx(1.0, abs=0.01), name
 
 
 def test_unknown_activation_lists_allowed_names():
@@ -219,4 +224,4 @@ def test_scaled_activation_config_and_keras_roundtrip(tmp_path):
     reloaded = keras_roundtrip(layer, tmp_path, input_shape=(3, 3, 4))
     x = np.random.default_rng(3).standard_normal((2, 3, 3, 4)).astype("float32")
     assert reloaded.activation == "gelu"
-    np.testing.assert_array_equal(np.asarray(reloaded(x)), np.asarray(layer(x)))
+    np.testing.assert_array_equal(to_np(reloaded(x)), to_np(layer(x)))

@@ -1,14 +1,20 @@
 """WSConv2D: scaled weight standardization (nfnet_keras/wsconv.py)."""
 
+import functools
+
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
+from keras import ops
 
 from nfnet_keras import WSConv2D
 from nfnet_keras.wsconv import add_channel_bias
 
-from conftest import assert_same_weights, keras_roundtrip, run_layer_test
+from conftest import assert_same_weights, keras_roundtrip, run_layer_test, value_and_grad
+
+
+def to_np(x):
+    return ops.convert_to_numpy(x)
 
 
 def np_standardize(kernel, gain, eps=1e-4):
@@ -69,7 +75,7 @@ def test_gain_is_a_per_channel_weight_initialised_to_one():
     conv = WSConv2D(6, 3)
     conv.build((None, 8, 8, 4))
     assert conv.gain.shape == (6,) and conv.gain.trainable
-    np.testing.assert_array_equal(np.asarray(conv.gain), np.ones(6))
+    np.testing.assert_array_equal(to_np(conv.gain), np.ones(6))
     assert [v.path.split("/")[-1] for v in conv.weights] == ["kernel", "bias", "gain"]
 
 
@@ -78,12 +84,12 @@ def test_standardized_kernel_zero_mean_and_gain_norm():
     conv.build((None, 8, 8, 4))
     gain = np.linspace(0.5, 3.0, 6).astype("float32")
     conv.gain.assign(gain)
-    w = np.asarray(conv.standardized_kernel(), dtype="float64")
+    w = to_np(conv.standardized_kernel()).astype("float64")
     # Zero mean over the fan-in (3 * 3 * 4) of every output channel ...
     np.testing.assert_allclose(w.mean(axis=(0, 1, 2)), 0.0, atol=1e-7)
     # ... and sum of squares gain^2: unit norm times the gain.
     np.testing.assert_allclose((w**2).sum(axis=(0, 1, 2)), gain.astype("float64") ** 2, rtol=1e-5)
-    np.testing.assert_allclose(w, np_standardize(np.asarray(conv.kernel), gain), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(w, np_standardize(to_np(conv.kernel), gain), rtol=1e-5, atol=1e-6)
 
 
 def test_eps_floors_a_tiny_variance_kernel():
@@ -95,10 +101,10 @@ def test_eps_floors_a_tiny_variance_kernel():
     kernel[0, 0, :, 0] = [1e-4, -1e-4, 1e-4, -1e-4]
     kernel[0, 0, :, 1] = 0.7
     conv.kernel.assign(kernel)
-    w = np.asarray(conv.standardized_kernel())
+    w = to_np(conv.standardized_kernel())
     np.testing.assert_allclose(w[0, 0, :, 0], kernel[0, 0, :, 0] / np.sqrt(1e-4), rtol=1e-5)
     np.testing.assert_array_equal(w[..., 1], 0.0)
-    assert np.isfinite(np.asarray(conv(np.ones((1, 4, 4, 4), "float32")))).all()
+    assert np.isfinite(to_np(conv(np.ones((1, 4, 4, 4), "float32")))).all()
 
 
 @pytest.mark.parametrize(
@@ -115,9 +121,9 @@ def test_output_matches_manual_conv(kernel_size, strides, padding, shape):
     conv.build(shape)
     randomize(conv, seed=kernel_size + strides)
     x = np.random.default_rng(0).standard_normal(shape).astype("float32")
-    w = np_standardize(np.asarray(conv.kernel), np.asarray(conv.gain))
-    expected = np_conv2d(x.astype("float64"), w, strides, padding) + np.asarray(conv.bias)
-    np.testing.assert_allclose(np.asarray(conv(x)), expected, rtol=1e-4, atol=1e-4)
+    w = np_standardize(to_np(conv.kernel), to_np(conv.gain))
+    expected = np_conv2d(x.astype("float64"), w, strides, padding) + to_np(conv.bias)
+    np.testing.assert_allclose(to_np(conv(x)), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_grouped_conv_matches_per_group_manual_conv():
@@ -126,13 +132,13 @@ def test_grouped_conv_matches_per_group_manual_conv():
     assert conv.kernel.shape == (3, 3, 2, 6)  # fan-in is in_channels / groups
     randomize(conv, seed=5)
     x = np.random.default_rng(1).standard_normal((2, 6, 6, 4)).astype("float64")
-    w = np_standardize(np.asarray(conv.kernel), np.asarray(conv.gain))
+    w = np_standardize(to_np(conv.kernel), to_np(conv.gain))
     # Group g: input channels [2g, 2g+2) -> output channels [3g, 3g+3).
     expected = np.concatenate(
         [np_conv2d(x[..., 2 * g : 2 * g + 2], w[..., 3 * g : 3 * g + 3], 1, "same") for g in range(2)],
         axis=-1,
-    ) + np.asarray(conv.bias)
-    out = np.asarray(conv(x.astype("float32")))
+    ) + to_np(conv.bias)
+    out = to_np(conv(x.astype("float32")))
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
     # Not the same as one ungrouped conv over all inputs with this kernel's statistics.
     assert not np.allclose(out[..., :3], out[..., 3:])
@@ -143,20 +149,43 @@ def test_gradient_flows_through_the_standardization():
     # rescaling of a channel's raw kernel, so the raw-kernel gradient is
     # orthogonal to the kernel, channel by channel.
     conv = WSConv2D(3, 3, use_bias=False)
-    x = tf.constant(np.random.default_rng(2).standard_normal((2, 5, 5, 2)), "float32")
+    x = np.random.default_rng(2).standard_normal((2, 5, 5, 2)).astype("float32")
     conv.build(x.shape)
-    with tf.GradientTape() as tape:
-        loss = tf.reduce_sum(tf.sin(conv(x)))
-    grad = np.asarray(tape.gradient(loss, conv.kernel))
-    kernel = np.asarray(conv.kernel)
+    _, (grad,) = value_and_grad(lambda: ops.sum(ops.sin(conv(x))), [conv.kernel])
+    kernel = to_np(conv.kernel)
     assert np.abs(grad).max() > 1e-3
     np.testing.assert_allclose((grad * kernel).sum(axis=(0, 1, 2)), 0.0, atol=1e-4)
 
 
+def test_channel_bias_add_gradient_is_the_explicit_sum():
+    # Every backend (TensorFlow's custom gradient, the others' plain add): the
+    # output is x + bias over the last axis, the input gradient is the upstream
+    # gradient and the bias gradient its sum over batch and space.
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 6, 6, 5)).astype("float32")
+    upstream = rng.standard_normal((4, 6, 6, 5)).astype("float32")
+    bias = keras.Variable(rng.standard_normal(5).astype("float32"))
+
+    def loss(x):
+        y = add_channel_bias(x, bias)
+        return ops.sum(ops.multiply(y, upstream)), y
+
+    (_, y), (g_bias, g_x) = value_and_grad(loss, [bias], [x])
+    np.testing.assert_allclose(y, x + to_np(bias), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(g_x, upstream, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(g_bias, upstream.astype("float64").sum(axis=(0, 1, 2)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.tensorflow_only(
+    reason="the bias add's custom gradient exists only under TensorFlow; this checks it inside tf.function, "
+    "with and without XLA, and its float32 accumulation of float16/bfloat16 gradients"
+)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("jit", [False, True])
 def test_channel_bias_add_matches_broadcast_add_values_and_gradients(dtype, jit):
     # The oneDNN workaround (a custom gradient for the bias) must be invisible.
+    import tensorflow as tf
+
     rng = np.random.default_rng(3)
     x = tf.constant(rng.standard_normal((4, 6, 6, 5)), dtype)
     bias = tf.Variable(rng.standard_normal(5).astype("float32"))
@@ -171,7 +200,7 @@ def test_channel_bias_add_matches_broadcast_add_values_and_gradients(dtype, jit)
                 loss = tf.reduce_sum(tf.cast(y * upstream, "float32"))
             return (y,) + tuple(tape.gradient(loss, [x, bias]))
 
-        return [np.asarray(tf.cast(t, "float32")) for t in step(x)]
+        return [to_np(tf.cast(t, "float32")) for t in step(x)]
 
     ours = run(add_channel_bias)
     reference = run(lambda x, b: x + tf.cast(b, x.dtype))
@@ -180,7 +209,7 @@ def test_channel_bias_add_matches_broadcast_add_values_and_gradients(dtype, jit)
         np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
     # The bias gradient: the upstream gradient summed over batch and space,
     # accumulated in float32 (closer to it than the low-precision reference).
-    expected = np.asarray(tf.cast(upstream, "float32")).sum(axis=(0, 1, 2))
+    expected = to_np(tf.cast(upstream, "float32")).sum(axis=(0, 1, 2))
     np.testing.assert_allclose(ours[2], expected, rtol=max(tol, 1e-6), atol=tol)
     assert np.abs(ours[2] - expected).max() <= np.abs(reference[2] - expected).max() + 1e-6
 
@@ -188,41 +217,44 @@ def test_channel_bias_add_matches_broadcast_add_values_and_gradients(dtype, jit)
 @pytest.mark.parametrize("use_bias, groups", [(True, 1), (False, 1), (True, 2)])
 def test_input_and_output_scales_equal_scaling_the_activations(use_bias, groups):
     rng = np.random.default_rng(6)
-    x = tf.constant(rng.standard_normal((2, 6, 6, 4)), "float32")
+    x = rng.standard_normal((2, 6, 6, 4)).astype("float32")
     conv = WSConv2D(4, 3, padding="same", use_bias=use_bias, groups=groups)
     conv.build(x.shape)
     randomize(conv, 7)
-    s = tf.Variable(0.7)
-    with tf.GradientTape() as tape:
-        folded = conv(x, input_scale=1.7, output_scale=s)
-        loss_folded = tf.reduce_sum(tf.sin(folded))
-    g_folded = tape.gradient(loss_folded, conv.trainable_weights + [s])
-    with tf.GradientTape() as tape:
-        explicit = conv(x * 1.7) * s
-        loss_explicit = tf.reduce_sum(tf.sin(explicit))
-    g_explicit = tape.gradient(loss_explicit, conv.trainable_weights + [s])
-    np.testing.assert_allclose(np.asarray(folded), np.asarray(explicit), rtol=1e-5, atol=1e-5)
+    s = keras.Variable(0.7)
+
+    def loss(y):
+        return ops.sum(ops.sin(y)), y
+
+    weights = conv.trainable_weights + [s]
+    (_, folded), g_folded = value_and_grad(lambda: loss(conv(x, input_scale=1.7, output_scale=s)), weights)
+    (_, explicit), g_explicit = value_and_grad(lambda: loss(ops.multiply(conv(x * 1.7), s)), weights)
+    np.testing.assert_allclose(folded, explicit, rtol=1e-5, atol=1e-5)
+    assert len(g_folded) == len(weights) == (4 if use_bias else 3)
     for a, b in zip(g_folded, g_explicit):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_conv_bias_gradient_matches_keras_conv2d():
     # Same kernel and bias in a plain Keras Conv2D (its own bias add) and in
     # WSConv2D (fed the kernel it standardizes to): same outputs and bias grads.
     rng = np.random.default_rng(4)
-    x = tf.constant(rng.standard_normal((3, 7, 7, 4)), "float32")
+    x = rng.standard_normal((3, 7, 7, 4)).astype("float32")
     ws = WSConv2D(6, 3, padding="same")
     ws.build(x.shape)
     ws.bias.assign(rng.standard_normal(6).astype("float32"))
     plain = keras.layers.Conv2D(6, 3, padding="same")
     plain.build(x.shape)
-    plain.set_weights([np.asarray(ws.standardized_kernel()), np.asarray(ws.bias)])
+    plain.set_weights([to_np(ws.standardized_kernel()), to_np(ws.bias)])
+
+    def loss(layer):
+        y = layer(x)
+        return ops.sum(ops.sin(y)), y
+
     grads = []
     for layer in (ws, plain):
-        with tf.GradientTape() as tape:
-            y = layer(x)
-            loss = tf.reduce_sum(tf.sin(y))
-        grads.append((np.asarray(y), np.asarray(tape.gradient(loss, layer.bias))))
+        (_, y), (g_bias,) = value_and_grad(functools.partial(loss, layer), [layer.bias])
+        grads.append((y, g_bias))
     np.testing.assert_allclose(grads[0][0], grads[1][0], atol=1e-5)
     np.testing.assert_allclose(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-5)
 
@@ -231,13 +263,13 @@ def test_keras_roundtrip_keeps_a_changed_gain(tmp_path):
     conv = WSConv2D(6, 3, padding="same", groups=2, name="ws")
     conv.build((None, 8, 8, 4))
     randomize(conv, seed=7)
-    gain = np.asarray(conv.gain).copy()
+    gain = to_np(conv.gain).copy()
     assert not np.allclose(gain, 1.0)
     reloaded = keras_roundtrip(conv, tmp_path, input_shape=(8, 8, 4))
-    np.testing.assert_array_equal(np.asarray(reloaded.gain), gain)
+    np.testing.assert_array_equal(to_np(reloaded.gain), gain)
     assert_same_weights(conv, reloaded)
     x = np.random.default_rng(3).standard_normal((2, 8, 8, 4)).astype("float32")
-    np.testing.assert_array_equal(np.asarray(reloaded(x)), np.asarray(conv(x)))
+    np.testing.assert_array_equal(to_np(reloaded(x)), to_np(conv(x)))
     assert reloaded.groups == 2 and reloaded.eps == conv.eps
 
 
@@ -257,7 +289,7 @@ def test_keras_roundtrip_of_a_trained_model(tmp_path):
     x = rng.standard_normal((16, 8, 8, 3)).astype("float32")
     model.fit(x, rng.integers(0, 2, 16), epochs=3, batch_size=8, verbose=0)
     for name in ("ws1", "ws2"):
-        assert not np.allclose(np.asarray(model.get_layer(name).gain), 1.0), f"{name} gain did not train"
+        assert not np.allclose(to_np(model.get_layer(name).gain), 1.0), f"{name} gain did not train"
     loaded = keras_roundtrip(model, tmp_path)
     assert_same_weights(model, loaded)
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6)
@@ -281,7 +313,7 @@ def test_config_roundtrip():
     clone = WSConv2D.from_config(config)
     assert clone.get_config() == config
     clone.build((None, 8, 8, 4))
-    np.testing.assert_array_equal(np.asarray(clone.gain), np.full(8, 0.5))
+    np.testing.assert_array_equal(to_np(clone.gain), np.full(8, 0.5))
     assert clone.kernel.shape == (3, 1, 2, 8)
 
 
@@ -300,6 +332,10 @@ def test_bad_eps_raises():
         WSConv2D(4, 3, eps=0.0)
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() == "torch",
+    reason="PyTorch has no XLA: jit_compile=True means torch.compile there, minutes of compiling on a CPU",
+)
 def test_fit_with_xla():
     # A two-conv model compiles in ~1.5 s on CPU.
     keras.utils.set_random_seed(1)
@@ -318,4 +354,4 @@ def test_fit_with_xla():
     x = rng.standard_normal((8, 8, 8, 3)).astype("float32")
     history = model.fit(x, rng.integers(0, 2, 8), epochs=2, batch_size=4, verbose=0)
     assert np.isfinite(history.history["loss"]).all()
-    assert not np.allclose(np.asarray(model.layers[0].gain), 1.0)
+    assert not np.allclose(to_np(model.layers[0].gain), 1.0)
