@@ -107,7 +107,12 @@ ADAPT_IMAGES = 5000
 
 
 def adapt_to(model, train_images):
-    """Adapts the model's data-dependent layers to the first `ADAPT_IMAGES` training images (uint8)."""
+    """Adapts the model's data-dependent layers to the first `ADAPT_IMAGES` training images (uint8).
+
+    Returns the names of the layers adapted (none for a model without such layers).
+    """
+    if not any(callable(getattr(layer, "adapt", None)) for layer in model.layers):
+        return []
     return adapt_model(model, np.asarray(data_lib.preprocess(train_images[:ADAPT_IMAGES])))
 
 
