@@ -199,7 +199,7 @@ def test_throughput_smoke(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_backends_smoke(tmp_path, capsys):
-    expected = ["tensorflow"] + (["jax"] if importlib.util.find_spec("jax") else [])
+    expected = ["tensorflow"] + [b for b in ("jax", "torch") if importlib.util.find_spec(b)]
     saved = _run(backends, tmp_path, "--backends", ",".join(["tensorflow", "jax", "torch"]))
     settings = saved["settings"]
     repeats, steps = settings["repeats"], settings["steps"]
