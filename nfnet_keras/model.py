@@ -23,6 +23,11 @@ _NUMBER_KEYS = {
     "final_conv_multiplier": (lambda v: v >= 0, ">= 0 (0: no final conv)"),
     "skip_gain_init": (lambda v: v >= 0, ">= 0 (0: SkipInit)"),
 }
+_CONV_GROUPS_NUMBER_KEYS = {
+    "whitening_epsilon": (lambda v: v > 0, "> 0"),
+    "logit_scale": (lambda v: v > 0, "> 0"),
+    "dropout": _NUMBER_KEYS["dropout"],
+}
 BETAS = ("std", "var")
 # `build_model` arguments that give a network's BatchNorm twin: BatchNorm -> activation where the
 # Normalizer-Free network has its scaled activations, plain convolutions without biases.
@@ -35,6 +40,19 @@ def _is_int(value):
 
 def _is_number(value):
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_scalar_keys(config, bool_keys, number_keys):
+    """Checks the activation, the `bool_keys` and the `number_keys` ({key: (allowed, in words)}) of `config`."""
+    for key in bool_keys:
+        if not isinstance(config[key], bool):
+            raise ValueError(f"{key} must be True or False, got {config[key]!r}.")
+    activation = config["activation"]
+    if not (isinstance(activation, str) and activation in GAMMAS):
+        raise ValueError(f"Unknown activation {activation!r}. Use one of: {', '.join(sorted(GAMMAS))}.")
+    for key, (allowed, in_words) in number_keys.items():
+        if not (_is_number(config[key]) and allowed(config[key])):
+            raise ValueError(f"{key} must be a number {in_words}, got {config[key]!r}.")
 
 
 def _final_conv_width(config):
@@ -83,20 +101,12 @@ def resolve_config(preset, overrides=None):
     for key in ("strides", "stem_strides"):
         if any(s not in (1, 2) for s in config[key]):
             raise ValueError(f"{key} must be 1 or 2 each, got {config[key]!r}.")
-    for key in _BOOL_KEYS:
-        if not isinstance(config[key], bool):
-            raise ValueError(f"{key} must be True or False, got {config[key]!r}.")
-    activation = config["activation"]
-    if not (isinstance(activation, str) and activation in GAMMAS):
-        raise ValueError(f"Unknown activation {activation!r}. Use one of: {', '.join(sorted(GAMMAS))}.")
+    _check_scalar_keys(config, _BOOL_KEYS, _NUMBER_KEYS)
     if config["beta"] not in BETAS:
         raise ValueError(f"beta must be one of {', '.join(map(repr, BETAS))}, got {config['beta']!r}.")
     group_width = config["group_width"]
     if group_width is not None and not (_is_int(group_width) and group_width > 0):
         raise ValueError(f"group_width must be a positive int or None, got {group_width!r}.")
-    for key, (allowed, in_words) in _NUMBER_KEYS.items():
-        if not (_is_number(config[key]) and allowed(config[key])):
-            raise ValueError(f"{key} must be a number {in_words}, got {config[key]!r}.")
 
     # === Keys that must agree ===
     if len(config["stem_widths"]) != len(config["stem_strides"]):
@@ -139,15 +149,7 @@ def _resolve_conv_groups(config):
     config["widths"] = tuple(int(v) for v in value)
     if not (_is_int(config["whitening_patch"]) and 1 <= config["whitening_patch"] <= 4):
         raise ValueError(f"whitening_patch must be an int in [1, 4], got {config['whitening_patch']!r}.")
-    for key, allowed, in_words in (("whitening_epsilon", lambda v: v > 0, "> 0"),
-                                   ("logit_scale", lambda v: v > 0, "> 0"),
-                                   ("dropout", lambda v: 0 <= v < 1, "in [0, 1)")):
-        if not (_is_number(config[key]) and allowed(config[key])):
-            raise ValueError(f"{key} must be a number {in_words}, got {config[key]!r}.")
-    if not isinstance(config["conv_bias"], bool):
-        raise ValueError(f"conv_bias must be True or False, got {config['conv_bias']!r}.")
-    if not (isinstance(config["activation"], str) and config["activation"] in GAMMAS):
-        raise ValueError(f"Unknown activation {config['activation']!r}. Use one of: {', '.join(sorted(GAMMAS))}.")
+    _check_scalar_keys(config, ("conv_bias",), _CONV_GROUPS_NUMBER_KEYS)
     return config
 
 
