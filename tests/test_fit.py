@@ -151,6 +151,9 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(tmp_path, synthetic_cifar_
         (["--preset", "resnet"], "Unknown preset 'resnet'"),
         (["--override", "depth=3"], "Unknown override(s) 'depth'"),
         (["--schedule", "linear"], "invalid choice: 'linear'"),
+        (["--ema", "1"], "--ema must be in [0, 1)"),
+        (["--norm", "layer"], "invalid choice: 'layer'"),
+        (["--tta", "rotate"], "invalid choice: 'rotate'"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(argv, message, capsys):
