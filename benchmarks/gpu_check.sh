@@ -3,7 +3,7 @@
 # repository root. Results go to $OUT (default: gpu_check_out/); each step logs to its own file
 # and the script goes on after a failed step, so one run shows everything.
 #
-#   NFNET_DATA_DIR=/path/to/cifar10 bash benchmarks/gpu_check.sh [quick|grid40]
+#   NFNET_DATA_DIR=/path/to/cifar10 bash benchmarks/gpu_check.sh [quick|grid40|speed]
 #
 # quick (default, ~10 min on one modern GPU):
 #   1. the GPU is visible to TensorFlow;
@@ -13,9 +13,15 @@
 #   3. training throughput of the NF net and its BatchNorm twin, XLA on and off;
 #   4. the GPU-only tests (XLA and mixed precision paths of the test suite).
 # grid40: the report's study at its own 40 epochs per trial (12 trials), XLA on.
+# speed: `--recipe speed` for 3 seeds and its BatchNorm twin for 1, XLA on (speed_recipe_gpu.json),
+#   and the training throughput of cifar_speed and its twin in mixed_bfloat16, XLA on and off.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE="${1:-quick}"
+case "$MODE" in
+  quick|grid40|speed) ;;
+  *) echo "usage: bash benchmarks/gpu_check.sh [quick|grid40|speed]" >&2; exit 2 ;;
+esac
 OUT="${OUT:-gpu_check_out}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
@@ -50,9 +56,11 @@ if [ "$MODE" = "quick" ]; then
 elif [ "$MODE" = "grid40" ]; then
   step grid40 "$PY" -m nfnet_keras.tuner.grid --epochs 40 --jit --directory "$OUT/tuner_runs" \
     --project-name report_grid_40ep --quiet
-else
-  echo "usage: bash benchmarks/gpu_check.sh [quick|grid40]" >&2
-  exit 2
+elif [ "$MODE" = "speed" ]; then
+  step speed_runs "$PY" -m benchmarks.speed_runs --seeds 0,1,2 --bn-seeds 0 --runs-dir "$OUT/speed_runs" \
+    --out-dir "$OUT" --tag gpu -- --jit
+  step speed_throughput "$PY" -m benchmarks.throughput --preset cifar_speed --batch-sizes 512 --xla on,off \
+    --precision mixed_bfloat16 --out-dir "$OUT" --tag cifar_speed_gpu
 fi
 cat "$OUT/summary.txt"
 exit $status
