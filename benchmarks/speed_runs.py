@@ -85,6 +85,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     runs = [("none", s) for s in args.seeds] + [("batch", s) for s in args.bn_seeds]
     base = "speed_recipe" + (f"_{args.tag}" if args.tag else "")
+    os.makedirs(args.out_dir, exist_ok=True)
     rows, failed = [], []
     for norm, seed in runs:
         name = run_name(norm, seed)
@@ -108,7 +109,7 @@ def main(argv=None):
     bn = [r for r in rows if r["norm"] == "batch" and not r["diverged"]]
     summary = {}
     for label, group in (("nf", nf), ("bn", bn)):
-        for key in ("test_accuracy", "test_accuracy_tta", "train_seconds"):
+        for key in ("test_accuracy", "test_accuracy_flip_tta", "test_accuracy_tta", "train_seconds"):
             mean, std = mean_of(group, key)
             summary[f"{label}_{key}_mean"], summary[f"{label}_{key}_std"] = mean, std
     payload = dict(benchmark="speed_recipe", command="python -m benchmarks.speed_runs " + " ".join(sys.argv[1:]),

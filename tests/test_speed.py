@@ -402,8 +402,7 @@ def test_speed_runs_benchmark_summarises_finished_runs(tmp_path, capsys):
     write_run("nf_seed0", "none", 0, [0.90, 0.941, 0.945], [10.0, 20.0, 30.0], 0.939, 0.944)
     write_run("nf_seed1", "none", 1, [0.90, 0.93, 0.939], [10.0, 20.0, 30.0], 0.935, 0.940)
     write_run("bn_seed0", "batch", 0, [0.95, 0.95, 0.95], [11.0, 11.0, 11.0], 0.95, 0.951)
-    out = tmp_path / "results"
-    out.mkdir()
+    out = tmp_path / "results" / "speed"  # created by the benchmark
     code = speed_runs.main(["--seeds", "0,1", "--bn-seeds", "0", "--runs-dir", str(tmp_path / "runs"),
                             "--out-dir", str(out), "--collect-only", "--tag", "t"])
     assert code == 0
@@ -414,6 +413,7 @@ def test_speed_runs_benchmark_summarises_finished_runs(tmp_path, capsys):
     assert rows["bn_seed0"]["train_seconds"] == 33.0
     assert payload["summary"]["nf_test_accuracy_tta_mean"] == pytest.approx(0.942)
     assert payload["summary"]["bn_test_accuracy_mean"] == pytest.approx(0.95)
+    assert payload["summary"]["nf_test_accuracy_flip_tta_mean"] == pytest.approx(0.939)
     assert sorted(p.name for p in out.iterdir()) == [
         "speed_recipe_t.json", "speed_recipe_t_bn_seed0_metrics.json", "speed_recipe_t_nf_seed0_metrics.json",
         "speed_recipe_t_nf_seed1_metrics.json"]
