@@ -1,0 +1,1 @@
+"""Layers every network of the package is built from."""

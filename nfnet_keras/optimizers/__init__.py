@@ -1,0 +1,1 @@
+"""Optimizers and optimizer wrappers: adaptive gradient clipping, schedules, parameter groups."""
