@@ -31,10 +31,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from nfnet_keras.flops import count_macs  # noqa: E402
-from nfnet_keras.model import BATCHNORM_TWIN, build_model, model_convs  # noqa: E402
-from nfnet_keras.presets import canonical_preset  # noqa: E402
-from nfnet_keras.wsconv import WSConv2D  # noqa: E402
+from nfnet_keras.layers import WSConv2D  # noqa: E402
+from nfnet_keras.models import BATCHNORM_TWIN, build_model, count_macs, model_convs  # noqa: E402
 
 
 @keras.saving.register_keras_serializable(package="nfnet_benchmarks")
@@ -82,7 +80,7 @@ def build_variant(variant, preset="report_resnet", **kwargs):
     if variant not in TWINS:
         raise ValueError(f"Unknown variant {variant!r}. Use one of: {', '.join(VARIANTS)}.")
     twin_args, suffix = TWINS[variant]
-    return build_model(preset, **{"name": canonical_preset(preset) + suffix, **twin_args, **kwargs})
+    return build_model(preset, **{"name": preset + suffix, **twin_args, **kwargs})
 
 
 def build_bn_model(preset="report_resnet", **kwargs):

@@ -35,9 +35,8 @@ from benchmarks import common
 from nfnet_keras import data as data_lib
 from nfnet_keras import training
 from nfnet_keras.config import TrainConfig
-from nfnet_keras.model import build_model
-from nfnet_keras.signal import signal_propagation
-from nfnet_keras.wsconv import WSConv2D
+from nfnet_keras.layers import WSConv2D
+from nfnet_keras.models import build_model, signal_propagation
 
 
 @keras.saving.register_keras_serializable(package="nfnet_keras_benchmarks")

@@ -106,7 +106,7 @@ def _worker(spec):
     import keras
 
     from benchmarks.bn_baseline import build_variant
-    from nfnet_keras.flops import training_flops_per_image
+    from nfnet_keras.models.flops import training_flops_per_image
 
     steppers, flops_per_image, models = {}, {}, {}
     for row in spec["rows"]:
@@ -194,22 +194,22 @@ _UNIQUIFIED = re.compile(r"_\d+$")  # TF appends _1, _2, ... to a repeated scope
 def model_scopes(model):
     """The op scopes of a model's parts: part -> names of its layers (`stage1_block2/conv1b/...`).
 
-    Read from the model itself: its convolutions (`nfnet_keras.model.model_convs`,
+    Read from the model itself: its convolutions (`nfnet_keras.models.model_convs`,
     which asks each NFBlock for its `conv_sublayers()`), its normalization
     layers, its activation layers and its blocks.
     """
     import keras
 
-    from nfnet_keras.activations import ScaledActivation
-    from nfnet_keras.blocks import NormActivation
-    from nfnet_keras.model import model_convs, nf_blocks
+    from nfnet_keras.layers import NormActivation
+    from nfnet_keras.layers.activations import ScaledActivation
+    from nfnet_keras.models import model_convs, signal_blocks
 
     layers = list(model._flatten_layers(include_self=False))
     return {
         "conv": {conv.name for conv in model_convs(model)},
         "norm": {layer.name for layer in layers if isinstance(layer, keras.layers.BatchNormalization)},
         "act": {layer.name for layer in layers if isinstance(layer, (ScaledActivation, NormActivation))},
-        "block": {block.name for block in nf_blocks(model)},
+        "block": {block.name for block in signal_blocks(model)},
     }
 
 

@@ -10,19 +10,24 @@ import_backend_quietly()
 
 # isort: split
 
-from nfnet_keras.activations import GAMMAS, ScaledActivation
 from nfnet_keras.agc import clip_gradient, unitwise_norm, with_agc
-from nfnet_keras.blocks import NFBlock, SqueezeExcite, StochasticDepth
 from nfnet_keras.contract import CLASS_NAMES
-from nfnet_keras.flops import count_macs
-from nfnet_keras.model import adapt_model, build_model
-from nfnet_keras.presets import PRESETS
-from nfnet_keras.signal import signal_propagation
-from nfnet_keras.speed import ConvGroup
-from nfnet_keras.whitening import PatchWhitening
-from nfnet_keras.wsconv import WSConv2D
+from nfnet_keras.layers import GAMMAS, PatchWhitening, ScaledActivation, SqueezeExcite, StochasticDepth, WSConv2D
+from nfnet_keras.models import (
+    BATCHNORM_TWIN,
+    PRESETS,
+    ConvGroup,
+    NFBlock,
+    NormConvGroup,
+    PreActBottleneck,
+    SignalBlock,
+    adapt_model,
+    build_model,
+    count_macs,
+    signal_propagation,
+)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name):
@@ -35,13 +40,17 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
+    "BATCHNORM_TWIN",
     "CLASS_NAMES",
     "ConvGroup",
     "GAMMAS",
     "PRESETS",
     "NFBlock",
+    "NormConvGroup",
     "PatchWhitening",
+    "PreActBottleneck",
     "ScaledActivation",
+    "SignalBlock",
     "SqueezeExcite",
     "StochasticDepth",
     "WSConv2D",

@@ -15,7 +15,7 @@ from nfnet_keras.config import (
     PRECISIONS,
     SCHEDULES,
 )
-from nfnet_keras.presets import PRESET_ALIASES, PRESETS
+from nfnet_keras.models.registry import PRESETS
 
 
 def parse_override(text):
@@ -30,9 +30,7 @@ def parse_override(text):
 
 
 def add_model_flags(group, defaults):
-    aliases = ", ".join(f"{a}={c}" for a, c in PRESET_ALIASES.items())
-    group.add_argument("--preset", default=defaults.preset,
-                       help=f"model preset: {', '.join(PRESETS)} (aliases: {aliases})")
+    group.add_argument("--preset", default=defaults.preset, help=f"model preset: {', '.join(PRESETS)}")
     group.add_argument("--override", type=parse_override, action="append", default=[], metavar="KEY=VALUE",
                        help="replace a preset key, e.g. --override 'widths=(96,192,384)'; repeatable")
     group.add_argument("--norm", choices=NORMS, default=defaults.norm,

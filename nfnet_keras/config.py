@@ -9,8 +9,6 @@ arrived, and turns aliases into canonical names.
 import dataclasses
 import math
 
-from nfnet_keras.presets import canonical_preset
-
 SCHEDULES = ("step", "cosine", "onecycle", "triangle", "constant")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("none", "mirrored", "data_parallel")
@@ -92,9 +90,8 @@ class TrainConfig:
             ValueError: one line naming the flag, the bad value and what is allowed.
         """
         self._check_types()
-        from nfnet_keras.model import resolve_config
+        from nfnet_keras.models.registry import resolve_config
 
-        self.preset = canonical_preset(self.preset)
         self.augment = canonical_augmentation(self.augment)
         resolve_config(self.preset, self.overrides)
         checks = [

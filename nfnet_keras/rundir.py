@@ -52,13 +52,10 @@ def read_record(run_dir):
 
 
 def _identity(config_dict):
-    """A recorded config's identity, with aliases (e.g. preset `seed`) under their canonical names."""
+    """A recorded config's identity, with an augmentation alias under its canonical name."""
     from nfnet_keras.config import LOCATION_FIELDS, canonical_augmentation, with_defaults
-    from nfnet_keras.presets import PRESET_ALIASES
 
     identity = {k: v for k, v in with_defaults(config_dict).items() if k not in LOCATION_FIELDS}
-    if isinstance(identity.get("preset"), str):
-        identity["preset"] = PRESET_ALIASES.get(identity["preset"], identity["preset"])
     if isinstance(identity.get("augment"), str):
         identity["augment"] = canonical_augmentation(identity["augment"])
     return identity

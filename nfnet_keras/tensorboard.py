@@ -33,9 +33,9 @@ import numpy as np
 
 from nfnet_keras import fileio
 from nfnet_keras.config import AUGMENTATIONS, PRECISIONS, SCHEDULES
-from nfnet_keras.model import nf_blocks
-from nfnet_keras.presets import PRESETS
-from nfnet_keras.signal import signal_propagation
+from nfnet_keras.models.registry import PRESETS
+from nfnet_keras.models.signal import signal_propagation
+from nfnet_keras.models.signal_block import signal_blocks
 
 SESSION = "fit"
 SIGNAL_TAG = "signal_propagation"
@@ -283,7 +283,7 @@ def log_hparams(log_dir, config):
 # === Signal propagation ===
 
 SIGNAL_CAPTION = """\
-Per-block statistics of the network (`nfnet_keras.signal.signal_propagation`), in inference mode;
+Per-block statistics of the network (`nfnet_keras.signal_propagation`), in inference mode;
 the step is the number of epochs trained (0: at initialisation).
 
 * **unit-Gaussian input**: {n} inputs of i.i.d. N(0, 1) pixels, the papers' convention.
@@ -317,13 +317,10 @@ def measure(model, images):
     Each row gains `skip_gain` (float; `None` for a block without one, e.g. the
     normalized twin) and `expected_var_current_gains`: the variance the
     tracking rule predicts for unit-Gaussian input with the model's current
-    skip gains. A block scales its input by `1 / beta`, `beta**2` being the
-    variance expected with every gain at 1, so its branch (and a transition's
-    shortcut) sees `v / beta**2`; the output is then
-    `(v_in if not transition else v_in / beta**2) + (alpha * skip_gain)**2 * v_in / beta**2`.
-    With every gain at 1 this is `expected_var`; at initialisation (gains 0)
-    it stays at 1 within the first stage and drops by `beta**2` at each later
-    transition.
+    skip gains, block after block (`SignalBlock.output_var_for`; None from
+    the first block without such a rule on). For an `NFBlock` with every gain
+    at 1 this is `expected_var`; at initialisation (gains 0) it stays at 1
+    within the first stage and drops by `beta**2` at each later transition.
 
     Args:
         model: a model from `nfnet_keras.build_model`.
@@ -337,14 +334,9 @@ def measure(model, images):
         warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match")
         rows = signal_propagation(model, images)
     var = 1.0
-    for row, block in zip(rows, nf_blocks(model)):
-        gain = None if block.skip_gain is None else float(keras.ops.convert_to_numpy(block.skip_gain))
-        row["skip_gain"] = gain
-        if gain is None or var is None:
-            row["expected_var_current_gains"] = var = None
-            continue
-        scaled = var / block.expected_var
-        var = (scaled if block.transition else var) + (block.alpha * gain) ** 2 * scaled
+    for row, block in zip(rows, signal_blocks(model)):
+        row["skip_gain"] = None if block.skip_gain is None else float(keras.ops.convert_to_numpy(block.skip_gain))
+        var = None if var is None else block.output_var_for(var)
         row["expected_var_current_gains"] = var
     return rows
 
@@ -486,8 +478,10 @@ def plot_signal(profile, when, n_images=None):
             ax.grid(True, which="major", alpha=0.3)
             for s in starts[1:]:
                 ax.axvline(s + 0.5, color="0.6", linewidth=0.8)
-        axes[0].plot(x, [r["expected_var"] for r in gauss], color="0.3", linestyle="--", linewidth=1.3,
-                     label="expected, gains = 1")
+        expected = [r["expected_var"] for r in gauss]
+        if any(v is not None for v in expected):  # a normalized twin's blocks predict nothing
+            axes[0].plot(x, [np.nan if v is None else v for v in expected], color="0.3", linestyle="--",
+                         linewidth=1.3, label="expected, gains = 1")
         current = [r.get("expected_var_current_gains") for r in gauss]
         if any(v is not None for v in current):
             axes[0].plot(x, [np.nan if v is None else v for v in current], color="0.3", linestyle=":",

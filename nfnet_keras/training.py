@@ -20,7 +20,7 @@ from nfnet_keras import distribution, rundir
 from nfnet_keras.callbacks import DivergenceMonitor, EpochCheckpoint, EpochTimer
 from nfnet_keras.config import PRECISIONS, RECIPES, SCHEDULES, STRATEGIES, TrainConfig  # noqa: F401  (re-exported)
 from nfnet_keras.inference import TTA_POLICY_VIEWS, keras_predictor, with_tta
-from nfnet_keras.model import BATCHNORM_TWIN, adapt_model, build_model
+from nfnet_keras.models import BATCHNORM_TWIN, adapt_model, build_model
 from nfnet_keras.optimization import make_loss, make_optimizer
 from nfnet_keras.tensorboard import SignalPropagationLogger, TensorBoard, log_hparams, log_test_metrics, session_dir
 

@@ -1,4 +1,4 @@
-"""The gamma table and ScaledActivation (nfnet_keras/activations.py)."""
+"""The gamma table and ScaledActivation (nfnet_keras/layers/activations.py)."""
 
 import math
 
@@ -8,7 +8,7 @@ import pytest
 from scipy import integrate, special
 
 from nfnet_keras import GAMMAS, ScaledActivation
-from nfnet_keras.activations import ACTIVATIONS
+from nfnet_keras.layers.activations import ACTIVATIONS
 
 from conftest import keras_roundtrip, run_layer_test
 
@@ -23,7 +23,7 @@ SELU_SCALE = 1.0507009873554805
 # NumPy versions of every activation, written from the definitions (not from
 # keras), with the parameters the table was published with: leaky_relu slope
 # 0.01, elu/celu alpha 1, tanh-approximated GELU. `test_numpy_twins_match_keras`
-# ties them to `nfnet_keras.activations.ACTIVATIONS`.
+# ties them to `nfnet_keras.layers.activations.ACTIVATIONS`.
 NUMPY_ACTIVATIONS = {
     "relu": lambda z: np.maximum(z, 0.0),
     "gelu": lambda z: 0.5 * z * (1 + np.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3))),

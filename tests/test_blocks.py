@@ -1,4 +1,5 @@
-"""NFBlock, SqueezeExcite and StochasticDepth (nfnet_keras/blocks.py)."""
+"""NFBlock and its BatchNorm twin (nfnet_keras/models/nf_resnet/blocks.py), SqueezeExcite, StochasticDepth
+and NormActivation (nfnet_keras/layers)."""
 
 import math
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from nfnet_keras import GAMMAS, NFBlock, SqueezeExcite, StochasticDepth
+from nfnet_keras import GAMMAS, NFBlock, PreActBottleneck, SqueezeExcite, StochasticDepth
 
 from conftest import assert_same_weights, keras_roundtrip, run_layer_test, value_and_grad
 
@@ -44,7 +45,8 @@ def np_ws_1x1(conv, x):
     ids=["plain", "transition", "se", "grouped", "bn_twin"],
 )
 def test_nfblock_layer_harness(kwargs, output_shape, tmp_path):
-    block = run_layer_test(NFBlock, kwargs, (2, 6, 6, 8), tmp_path, expected_output_shape=output_shape)
+    cls = PreActBottleneck if "norm_layer" in kwargs else NFBlock
+    block = run_layer_test(cls, kwargs, (2, 6, 6, 8), tmp_path, expected_output_shape=output_shape)
     assert (block.se is not None) == ("se_ratio" in kwargs)
     assert block.groups == (2 if "group_width" in kwargs else 1)
 
@@ -56,7 +58,7 @@ def test_squeeze_excite_layer_harness(tmp_path):
 
 
 def test_norm_activation_layer_harness(tmp_path):
-    from nfnet_keras.blocks import NormActivation
+    from nfnet_keras.layers import NormActivation
 
     layer = run_layer_test(NormActivation, dict(norm_layer="BatchNormalization", activation="gelu"),
                            (2, 3, 3, 6), tmp_path, expected_output_shape=(2, 3, 3, 6))

@@ -1,21 +1,39 @@
-"""build_model, presets and count_macs (nfnet_keras/model.py, presets.py, flops.py)."""
+"""build_model, the typed presets and count_macs (nfnet_keras/models: registry, nf_resnet, flops)."""
 
+import dataclasses
 import math
+import os
 
 import keras
 import numpy as np
 import pytest
 
-from nfnet_keras import GAMMAS, PRESETS, NFBlock, ScaledActivation, SqueezeExcite, WSConv2D, build_model, count_macs
-from nfnet_keras.blocks import NormActivation
-from nfnet_keras.model import model_convs, nf_blocks, resolve_config
-from nfnet_keras.presets import PRESET_ALIASES, canonical_preset, get_preset
+from nfnet_keras import (
+    BATCHNORM_TWIN,
+    GAMMAS,
+    PRESETS,
+    NFBlock,
+    PreActBottleneck,
+    ScaledActivation,
+    SqueezeExcite,
+    WSConv2D,
+    build_model,
+    count_macs,
+)
+from nfnet_keras.layers import NormActivation
+from nfnet_keras.models import NFResNetConfig, model_convs, resolve_config
+from nfnet_keras.models import signal_blocks as nf_blocks
 
 from conftest import assert_same_weights, keras_roundtrip, run_layer_test
 
 
 def to_np(x):
     return keras.ops.convert_to_numpy(x)
+
+
+def preset_values(name):
+    """A preset's values as a dict, for the hand counts below."""
+    return dataclasses.asdict(PRESETS[name])
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +94,12 @@ def test_report_resnet_parameter_count_by_hand(report_model):
     classifier = 256 * 10 + 10
     assert (stem, stage1, stage2, stage3, classifier) == (464, 34_789, 141_765, 562_053, 2_570)
     assert report_model.count_params() == stem + stage1 + stage2 + stage3 + classifier
-    assert report_model.count_params() == hand_params(PRESETS["report_resnet"])
+    assert report_model.count_params() == hand_params(preset_values("report_resnet"))
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny_grouped", "cifar_wide"])
 def test_parameter_count_matches_the_hand_formula(preset):
-    assert build_model(preset).count_params() == hand_params(PRESETS[preset])
+    assert build_model(preset).count_params() == hand_params(preset_values(preset))
 
 
 # NFNet-F0 ... F6 at 1000 classes, millions of parameters (Brock et al. 2021,
@@ -93,7 +111,7 @@ PAPER_NFNET_F_PARAMS_M = (71.5, 132.6, 193.8, 254.9, 316.1, 377.2, 438.4)
 def test_nfnet_f_preset_parameter_counts_match_the_paper(k):
     # From the preset's numbers by the hand formula, which the built F0 (below)
     # and the CIFAR presets (above) match exactly; the slow test builds F1-F6.
-    params = hand_params(PRESETS[f"nfnet_f{k}"], num_classes=1000)
+    params = hand_params(preset_values(f"nfnet_f{k}"), num_classes=1000)
     assert abs(params / 1e6 - PAPER_NFNET_F_PARAMS_M[k]) <= 0.05
 
 
@@ -143,7 +161,7 @@ def test_classifier_init(report_model):
 
 def test_report_resnet_macs(report_model):
     assert count_macs(report_model) == 109_234_688  # ~109.23 M multiply-adds per image
-    assert count_macs(report_model) == hand_macs(PRESETS["report_resnet"])
+    assert count_macs(report_model) == hand_macs(preset_values("report_resnet"))
 
 
 # === MAC counts, by hand ===
@@ -187,7 +205,7 @@ def test_tiny_macs_by_hand():
 
 
 def test_tiny_grouped_macs_match_hand_count():
-    assert count_macs(build_model("tiny_grouped")) == hand_macs(PRESETS["tiny_grouped"])
+    assert count_macs(build_model("tiny_grouped")) == hand_macs(preset_values("tiny_grouped"))
 
 
 def test_count_macs_needs_a_fixed_input_size():
@@ -204,11 +222,11 @@ def test_nfnet_f0_builds_at_64x64():
     # NFNet-F0 has 71.5 M parameters (Brock et al. 2021, 2102.06171, Table 3).
     assert model.count_params() == pytest.approx(71.5e6, rel=0.002)
     assert abs(model.count_params() / 1e6 - PAPER_NFNET_F_PARAMS_M[0]) <= 0.05
-    assert model.count_params() == hand_params(PRESETS["nfnet_f0"], num_classes=1000)
+    assert model.count_params() == hand_params(preset_values("nfnet_f0"), num_classes=1000)
     blocks = nf_blocks(model)
     assert len(blocks) == 12 and blocks[-1].name == "stage4_block3"
     assert blocks[0].groups == 1 and blocks[-1].groups == 6  # group width 128
-    assert count_macs(model) == hand_macs(PRESETS["nfnet_f0"], size=64, num_classes=1000)
+    assert count_macs(model) == hand_macs(preset_values("nfnet_f0"), size=64, num_classes=1000)
     out = to_np(model(np.random.default_rng(0).standard_normal((1, 64, 64, 3)).astype("float32")))
     assert out.shape == (1, 1000) and np.isfinite(out).all()
 
@@ -229,13 +247,10 @@ def test_tiny_grouped_stochastic_depth_rates_grow_linearly():
 def test_unknown_preset_names_the_presets():
     with pytest.raises(ValueError, match="Unknown preset 'resnet50'") as info:
         build_model("resnet50")
-    for name in ("seed", "tiny", "tiny_grouped", "cifar_wide", "nfnet_f0", "nfnet_f6"):
-        assert name in str(info.value)
     assert str(info.value) == (
         "Unknown preset 'resnet50'. Use one of: report_resnet, cifar_wide, tiny, tiny_grouped, "
         "nfnet_f0, nfnet_f1, nfnet_f2, nfnet_f3, nfnet_f4, nfnet_f5, nfnet_f6, cifar_speed, cifar_speed_wide, "
-        "tiny_speed "
-        "(aliases: 'seed' for 'report_resnet')."
+        "tiny_speed."
     )
 
 
@@ -267,7 +282,9 @@ def test_bad_values_raise(overrides, match):
 def test_overrides_do_not_modify_the_presets():
     # Overrides act on a copy: the preset table itself is not modified.
     build_model("tiny", depths=(2, 2))
-    assert PRESETS["tiny"]["depths"] == (1, 1)
+    assert PRESETS["tiny"].depths == (1, 1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        PRESETS["tiny"].depths = (2, 2)
 
 
 # === The .keras round trip of a trained model ===
@@ -414,22 +431,14 @@ def test_conv_bias_false_drops_every_conv_bias_and_round_trips(tmp_path):
 # === Preset names ===
 
 
-def test_seed_is_an_alias_of_report_resnet():
-    assert PRESET_ALIASES == {"seed": "report_resnet"}
-    assert "seed" not in PRESETS and all(target in PRESETS for target in PRESET_ALIASES.values())
-    assert canonical_preset("seed") == canonical_preset("report_resnet") == "report_resnet"
-    assert get_preset("seed") == get_preset("report_resnet") == PRESETS["report_resnet"]
-    overrides = {"depths": (1, 2, 1), "shortcut_pool": True}
-    assert resolve_config("seed", overrides) == resolve_config("report_resnet", overrides)
-    models = []
-    for name in ("seed", "report_resnet"):
-        keras.utils.set_random_seed(5)
-        models.append(build_model(name, depths=(1, 1, 1)))
-    aliased, canonical = models
-    assert aliased.name == canonical.name == "report_resnet"  # named after the canonical preset
-    assert_same_weights(aliased, canonical)
-    x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype("float32")
-    np.testing.assert_array_equal(to_np(aliased(x)), to_np(canonical(x)))
+def test_presets_are_typed_configs_checked_when_made():
+    assert all(isinstance(PRESETS[name], NFResNetConfig) for name in ("report_resnet", "tiny", "nfnet_f6"))
+    assert PRESETS["report_resnet"] == NFResNetConfig()  # the report's network is the family's default
+    with pytest.raises(ValueError) as info:
+        NFResNetConfig(widths=(16,), depths=(1, 1), strides=(1, 2))
+    assert str(info.value).startswith("widths, depths and strides must have the same length")
+    with pytest.raises(ValueError, match="Unknown preset 'seed'"):  # the report's network is `report_resnet`
+        build_model("seed")
 
 
 def test_model_name_argument():
@@ -496,9 +505,9 @@ def test_resolve_config_names_the_bad_key_value_and_allowed(overrides, message):
 
 
 def test_resolve_config_returns_tuples_and_accepts_lists():
-    config = resolve_config("seed", {"widths": [32, 64, 128], "depths": [2, 2, 2]})
-    assert config["widths"] == (32, 64, 128) and config["depths"] == (2, 2, 2)
-    assert resolve_config("tiny", {"widths": 16, "depths": 1, "strides": 1})["widths"] == (16,)
+    config = resolve_config("report_resnet", {"widths": [32, 64, 128], "depths": [2, 2, 2]})
+    assert config.widths == (32, 64, 128) and config.depths == (2, 2, 2)
+    assert resolve_config("tiny", {"widths": 16, "depths": 1, "strides": 1}).widths == (16,)
 
 
 @pytest.mark.parametrize(
@@ -573,7 +582,7 @@ def test_cifar_wide_as_built():
     assert "final_conv" not in [layer.name for layer in model.layers]
     assert model.get_layer("stage3_block3").output.shape == (None, 8, 8, 512)
     assert model.get_layer("classifier").kernel.shape == (512, 10)
-    assert model.count_params() == hand_params(PRESETS["cifar_wide"])
+    assert model.count_params() == hand_params(preset_values("cifar_wide"))
 
 
 # === Swappable layers: the twins ===
@@ -604,8 +613,7 @@ def _twin_params(preset, num_classes=10, channels=3):
 
 
 def _bn_twin(preset, **kwargs):
-    return build_model(preset, conv_layer=keras.layers.Conv2D, norm_layer=keras.layers.BatchNormalization,
-                       conv_bias=False, **kwargs)
+    return build_model(preset, **BATCHNORM_TWIN, **kwargs)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny_grouped", "report_resnet"])
@@ -621,12 +629,12 @@ def test_conv_and_norm_layers_build_the_twins(preset):
         assert not any(isinstance(layer, WSConv2D) for layer in twin._flatten_layers())
         assert count_macs(twin) == count_macs(nf)
     # Without WS: every conv loses its gain, nothing else changes.
-    assert plain.count_params() == hand_params(PRESETS[preset]) - sum(shape[0][-1] for shape in shapes)
+    assert plain.count_params() == hand_params(preset_values(preset)) - sum(shape[0][-1] for shape in shapes)
     assert all(block.skip_gain is not None for block in nf_blocks(plain))
     # The BatchNorm twin: BN -> act where NF has its scaled activations, no skip gains.
-    assert bn.count_params() == _twin_params(PRESETS[preset])
+    assert bn.count_params() == _twin_params(preset_values(preset))
     norms = [layer for layer in bn._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
-    assert len(norms) == 4 * len(nf_blocks(bn)) + 1 + len(PRESETS[preset]["stem_widths"]) - 1
+    assert len(norms) == 4 * len(nf_blocks(bn)) + 1 + len(PRESETS[preset].stem_widths) - 1
     # The only scaled activations left are the Squeeze-Excites' hidden ones.
     scaled = [layer for layer in bn._flatten_layers() if isinstance(layer, ScaledActivation)]
     assert len(scaled) == sum(block.se is not None for block in nf_blocks(bn))
@@ -672,9 +680,11 @@ def test_keras_roundtrip_with_other_layer_classes(twin, tmp_path):
     for v in model.trainable_weights:  # "trained": nothing at its initial value
         v.assign(to_np(v) + rng.normal(0, 0.1, v.shape).astype("float32"))
     model(x, training=True)  # moves the BatchNorms' statistics
-    config = nf_blocks(model)[0].get_config()
+    block = nf_blocks(model)[0]
+    config = block.get_config()
     assert config["conv_layer"] == "Conv2D"
-    assert config["norm_layer"] == ("BatchNormalization" if twin == "bn" else None)
+    assert type(block) is (PreActBottleneck if twin == "bn" else NFBlock)
+    assert config.get("norm_layer") == ("BatchNormalization" if twin == "bn" else None)
     reloaded = keras_roundtrip(model, tmp_path)
     assert_same_weights(model, reloaded)
     assert all(type(conv) is keras.layers.Conv2D for conv in model_convs(reloaded))
@@ -691,7 +701,8 @@ def test_keras_roundtrip_with_other_layer_classes(twin, tmp_path):
     ids=["plain_conv", "bn_twin"],
 )
 def test_nfblock_with_other_layer_classes_layer_harness(kwargs, output_shape, tmp_path):
-    block = run_layer_test(NFBlock, kwargs, (2, 6, 6, 8), tmp_path, expected_output_shape=output_shape)
+    cls = PreActBottleneck if "norm_layer" in kwargs else NFBlock
+    block = run_layer_test(cls, kwargs, (2, 6, 6, 8), tmp_path, expected_output_shape=output_shape)
     assert all(type(conv) is keras.layers.Conv2D for conv in block.conv_sublayers())
 
 
@@ -701,11 +712,13 @@ def test_norm_activation_layer_harness(tmp_path):
     assert isinstance(layer.norm, keras.layers.BatchNormalization)
 
 
-def test_nfblock_config_names_its_layer_classes():
-    block = NFBlock(8, conv_layer="Conv2D", norm_layer=keras.layers.BatchNormalization)
+def test_block_configs_name_their_layer_classes():
+    block = PreActBottleneck(8, conv_layer="Conv2D", norm_layer=keras.layers.BatchNormalization)
     config = block.get_config()
     assert (config["conv_layer"], config["norm_layer"]) == ("Conv2D", "BatchNormalization")
-    assert NFBlock.from_config(config).conv_layer is keras.layers.Conv2D
+    assert PreActBottleneck.from_config(config).norm_layer is keras.layers.BatchNormalization
+    assert NFBlock(8, conv_layer="Conv2D").get_config()["conv_layer"] == "Conv2D"
+    assert "norm_layer" not in NFBlock(8).get_config()
     assert NFBlock(8).get_config()["conv_layer"] == "nfnet_keras>WSConv2D"
     assert NFBlock.from_config(NFBlock(8).get_config()).conv_layer is WSConv2D
 
@@ -770,3 +783,25 @@ def test_beta_var_divides_by_the_variance():
     assert std.beta == pytest.approx(1.2) and var.beta == pytest.approx(1.44)
     # act(x) * gamma / 1.44 = (act(x) * gamma / 1.2) / 1.2
     np.testing.assert_allclose(np.asarray(var._scaled_input(x)), np.asarray(std._scaled_input(x)) / 1.2, rtol=1e-5)
+
+
+# === .keras files written by nfnet-keras 0.1 (tests/data/v0_1/make_files.py) ===
+
+V0_1 = os.path.join(os.path.dirname(__file__), "data", "v0_1")
+
+
+@pytest.mark.parametrize("name", ["tiny_grouped_nf", "tiny_speed_nf"])
+def test_normalizer_free_models_saved_by_0_1_load_with_the_same_logits(name):
+    model = keras.saving.load_model(os.path.join(V0_1, f"{name}.keras"))
+    x = np.random.default_rng(0).standard_normal((4, 32, 32, 3)).astype("float32")
+    np.testing.assert_array_equal(to_np(model(x, training=False)), np.load(os.path.join(V0_1, f"{name}.npy")))
+
+
+def test_a_batchnorm_twin_saved_by_0_1_names_the_version():
+    with pytest.raises(ValueError) as info:
+        keras.saving.load_model(os.path.join(V0_1, "tiny_speed_bn.keras"))
+    assert str(info.value) == (
+        "This .keras file was written by nfnet-keras 0.1: its BatchNorm twin's blocks are ConvGroups with a "
+        "norm_layer, which are NormConvGroups since nfnet-keras 0.2. Load it with nfnet-keras 0.1, or rebuild the "
+        "twin (build_model(preset, **BATCHNORM_TWIN), or nfnet-fit --norm batch) and train it again."
+    )

@@ -208,14 +208,14 @@ def test_a_near_miss_unfinished_run_is_named_with_how_to_resume_it(tmp_path):
 
 
 def test_aliases_are_the_same_experiment(tmp_path):
-    a = TrainConfig(preset="seed", augment="seed").validate()
+    a = TrainConfig(augment="seed").validate()
     b = TrainConfig().validate()
     assert a.identity() == b.identity()
-    assert (a.preset, a.augment) == ("report_resnet", "noise_rotate_flip")
+    assert a.augment == "noise_rotate_flip"
     # A run recorded with the flat config of the old names is the same experiment.
     run = tmp_path / "runs" / "20260101-000000"
     run.mkdir(parents=True)
-    old = {**b.to_dict(), "preset": "seed", "augment": "seed"}
+    old = {**b.to_dict(), "augment": "seed"}
     (run / "config.json").write_text(json.dumps(old))
     assert rundir.default_run_dir(b, root=str(tmp_path / "runs")) == str(run)
     rundir.check_run_dir(str(run), b)

@@ -1,4 +1,4 @@
-"""Signal propagation of the seed network (nfnet_keras/signal.py).
+"""Signal propagation of the report's network (nfnet_keras/models/signal.py).
 
 Measured on the `seed` preset with every skip gain set to 1 (so every residual
 branch contributes) and 32 unit-Gaussian 32x32x3 images; avg_var /
@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 
 from nfnet_keras import build_model, signal_propagation
-from nfnet_keras.model import nf_blocks
+from nfnet_keras.models import signal_blocks as nf_blocks
 
 ALPHA = 0.2
 
@@ -35,7 +35,7 @@ ALPHA = 0.2
 @pytest.fixture(scope="module")
 def stats():
     keras.utils.set_random_seed(0)
-    model = build_model("seed")
+    model = build_model("report_resnet")
     for block in nf_blocks(model):
         block.skip_gain.assign(1.0)
     images = np.random.default_rng(0).standard_normal((32, 32, 32, 3)).astype("float32")
@@ -113,7 +113,7 @@ def test_transitions_reset_to_one_plus_alpha_squared(stats):
 
 def test_pool_shortcut_quarters_white_noise():
     keras.utils.set_random_seed(0)
-    model = build_model("seed", shortcut_pool=True)
+    model = build_model("report_resnet", shortcut_pool=True)
     for block in nf_blocks(model):
         block.skip_gain.assign(1.0)
     images = np.random.default_rng(0).standard_normal((16, 32, 32, 3)).astype("float32")
@@ -125,7 +125,8 @@ def test_pool_shortcut_quarters_white_noise():
 def test_model_without_blocks_raises():
     inputs = keras.Input((8, 8, 3))
     model = keras.Model(inputs, keras.layers.Conv2D(2, 3)(inputs))
-    with pytest.raises(ValueError, match="no NFBlock"):
+    with pytest.raises(ValueError, match="has no blocks to measure: signal_propagation reads layers that subclass "
+                       "nfnet_keras.models.SignalBlock"):
         signal_propagation(model, np.zeros((1, 8, 8, 3), "float32"))
 
 

@@ -15,9 +15,9 @@ from nfnet_keras import evaluate, fit
 from nfnet_keras.config import RECIPES, TrainConfig
 from nfnet_keras.data import make_augmenter
 from nfnet_keras.inference import TTA_POLICY_VIEWS, TTA_VIEWS, with_tta
+from nfnet_keras.layers import PatchWhitening, whitening_filters
+from nfnet_keras.models import ConvGroup, NormConvGroup
 from nfnet_keras.optimization import Triangle, make_schedule
-from nfnet_keras.speed import ConvGroup
-from nfnet_keras.whitening import PatchWhitening, whitening_filters
 
 from conftest import keras_roundtrip, run_layer_test
 
@@ -103,10 +103,11 @@ def test_adapt_rejects_images_of_the_wrong_shape():
 
 @pytest.mark.parametrize("norm_layer", [None, "BatchNormalization"])
 def test_conv_group_contract(norm_layer, tmp_path):
-    kwargs = dict(filters=4, activation="gelu", norm_layer=norm_layer)
+    kwargs = dict(filters=4, activation="gelu")
     if norm_layer:
-        kwargs.update(conv_layer="Conv2D", use_bias=False)
-    run_layer_test(ConvGroup, kwargs, (2, 8, 8, 3), tmp_path, expected_output_shape=(2, 4, 4, 4))
+        kwargs.update(conv_layer="Conv2D", use_bias=False, norm_layer=norm_layer)
+    run_layer_test(NormConvGroup if norm_layer else ConvGroup, kwargs, (2, 8, 8, 3), tmp_path,
+                   expected_output_shape=(2, 4, 4, 4))
 
 
 def test_conv_group_keeps_unit_gaussian_signal_near_unit_variance():
@@ -146,7 +147,7 @@ def speed_macs(widths, num_classes=10):
 
 @pytest.fixture(scope="module")
 def speed_models():
-    return {"nf": nk.build_model("cifar_speed"), "bn": nk.build_model("cifar_speed", **nk.model.BATCHNORM_TWIN)}
+    return {"nf": nk.build_model("cifar_speed"), "bn": nk.build_model("cifar_speed", **nk.BATCHNORM_TWIN)}
 
 
 def test_cifar_speed_has_airbench94_size_and_its_twin_the_same_convs(speed_models):
@@ -157,7 +158,7 @@ def test_cifar_speed_has_airbench94_size_and_its_twin_the_same_convs(speed_model
     assert nk.count_macs(nf) == nk.count_macs(bn) == speed_macs((64, 256, 256))
     assert 0.23e9 < 2 * nk.count_macs(nf) < 0.25e9  # about 0.24 GFLOP per image
     assert nf.output_shape == (None, 10)
-    assert [type(layer).__name__ for layer in nk.model.model_convs(bn)] == ["Conv2D"] * 6
+    assert [type(layer).__name__ for layer in nk.models.model_convs(bn)] == ["Conv2D"] * 6
     assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in nf._flatten_layers())
 
 
@@ -382,7 +383,7 @@ def test_batchnorm_twin_trains_through_the_same_command(tmp_path, synthetic_cifa
     model = keras.saving.load_model(run_dir / "model.keras", compile=False)
     norms = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
     assert len(norms) == 6  # two per group
-    assert all(type(conv) is keras.layers.Conv2D for conv in nk.model.model_convs(model))
+    assert all(type(conv) is keras.layers.Conv2D for conv in nk.models.model_convs(model))
 
 
 def test_speed_runs_benchmark_summarises_finished_runs(tmp_path, capsys):

@@ -27,7 +27,7 @@ import pytest
 from nfnet_keras import build_model, training
 from nfnet_keras import tensorboard as tb
 from nfnet_keras.config import TrainConfig
-from nfnet_keras.model import nf_blocks
+from nfnet_keras.models import signal_blocks as nf_blocks
 
 pytestmark = [
     # KerasTuner 1.4.8's oracle lock calls threading.currentThread().getName().

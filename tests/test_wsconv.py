@@ -1,4 +1,4 @@
-"""WSConv2D: scaled weight standardization (nfnet_keras/wsconv.py)."""
+"""WSConv2D: scaled weight standardization (nfnet_keras/layers/wsconv.py)."""
 
 import functools
 
@@ -8,7 +8,7 @@ import pytest
 from keras import ops
 
 from nfnet_keras import WSConv2D
-from nfnet_keras.wsconv import add_channel_bias
+from nfnet_keras.layers.wsconv import add_channel_bias
 
 from conftest import assert_same_weights, keras_roundtrip, run_layer_test, value_and_grad
 

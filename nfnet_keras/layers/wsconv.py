@@ -1,5 +1,8 @@
 """Scaled Weight Standardization convolution (Brock et al. 2021, arXiv 2101.08692)."""
 
+import functools
+import inspect
+
 import keras
 from keras import ops
 
@@ -200,3 +203,34 @@ class WSConv2D(keras.layers.Conv2D):
         config["eps"] = self.eps
         config["gain_initializer"] = keras.initializers.serialize(self.gain_initializer)
         return config
+
+
+@functools.cache
+def folds_scales(conv_class):
+    """Whether `conv_class.call` takes `input_scale` and `output_scale` (as `WSConv2D`'s does)."""
+    params = inspect.signature(conv_class.call).parameters
+    return "input_scale" in params and "output_scale" in params
+
+
+def scaled_conv(conv, inputs, input_scale=None, output_scale=None):
+    """`conv(inputs * input_scale) * output_scale`, the scalars folded into the kernel where `conv` can.
+
+    A conv whose `call` takes `input_scale` and `output_scale` (`WSConv2D`)
+    multiplies them into its kernel: the same function with fewer passes over
+    the feature maps. Any other conv (e.g. a plain `keras.layers.Conv2D`) gets
+    the feature maps multiplied.
+
+    Args:
+        conv: a built `keras.layers.Conv2D` (or subclass).
+        inputs: the input tensor.
+        input_scale: scalar or None. Multiplies the input.
+        output_scale: scalar, scalar tensor or None. Multiplies the output.
+    """
+    if folds_scales(type(conv)):
+        return conv(inputs, input_scale=input_scale, output_scale=output_scale)
+    if input_scale is not None:
+        inputs = inputs * ops.cast(input_scale, inputs.dtype)
+    outputs = conv(inputs)
+    if output_scale is not None:
+        outputs = outputs * ops.cast(output_scale, outputs.dtype)
+    return outputs

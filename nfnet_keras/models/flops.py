@@ -28,7 +28,7 @@ def count_macs(model):
     """Returns the multiply-adds of one forward pass of one image through `model`.
 
     Walks the model's layers in order: a layer with a `macs(input_shape)`
-    method (`NFBlock`) counts itself; convolutions and dense layers are
+    method (every `SignalBlock`) counts itself; convolutions and dense layers are
     counted here; every other layer counts 0 and keeps the shape (the
     activations, normalization, dropout), except global pooling, which drops
     the spatial axes. Element-wise ops, pooling and the weight standardization

@@ -67,7 +67,7 @@ ACTIVATIONS = {
 
 def check_activation(name):
     """Returns `name` if it is a known activation, else raises a ValueError."""
-    if name not in GAMMAS:
+    if not isinstance(name, str) or name not in GAMMAS:
         raise ValueError(
             f"Unknown activation {name!r}. Use one of: {', '.join(sorted(GAMMAS))}."
         )

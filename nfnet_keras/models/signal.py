@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from nfnet_keras.model import nf_blocks
+from nfnet_keras.models.signal_block import signal_blocks
 
 
 def _stats(x):
@@ -18,7 +18,8 @@ def _stats(x):
 def signal_propagation(model, images):
     """Measures per-block signal statistics of `model` on a batch of `images`.
 
-    For each NFBlock (in order) it reports, in inference mode:
+    For each block (each `SignalBlock`: an `NFBlock`, a `ConvGroup`, their
+    normalized twins), in order, it reports, in inference mode:
     `avg_sq_mean`, the average over channels of the squared channel mean of the
     block's output; `avg_var`, the average channel variance of the output;
     `residual_var`, the average channel variance of the residual branch
@@ -32,9 +33,12 @@ def signal_propagation(model, images):
     Returns:
         A list of dicts, one per block, with the keys above and `block` (its name).
     """
-    blocks = nf_blocks(model)
+    blocks = signal_blocks(model)
     if not blocks:
-        raise ValueError(f"Model {model.name!r} has no NFBlock layers.")
+        raise ValueError(
+            f"Model {model.name!r} has no blocks to measure: signal_propagation reads layers that "
+            "subclass nfnet_keras.models.SignalBlock (NFBlock, ConvGroup, ...)."
+        )
     probe = keras.Model(model.inputs, [b.input for b in blocks] + [blocks[-1].output])
     tensors = probe(images, training=False)
     inputs = tensors[: len(blocks)]

@@ -1,0 +1,51 @@
+"""`NormActivation`: a normalization layer, then the plain activation (the normalized twins' pre-activation)."""
+
+import keras
+
+from nfnet_keras.layers.activations import ACTIVATIONS, check_activation
+from nfnet_keras.layers.layer_classes import layer_class_name, resolve_layer_class
+
+
+@keras.saving.register_keras_serializable(package="nfnet_keras")
+class NormActivation(keras.layers.Layer):
+    """A normalization layer followed by the plain activation (no gamma).
+
+    The pre-activation of a normalized network, used where a Normalizer-Free
+    network has its scaled activation: the BatchNorm twins' blocks
+    (`PreActBottleneck`, `NormConvGroup`) and stems are made of it.
+
+    Args:
+        norm_layer: class or str. A `keras.layers.Layer` subclass built with a
+            `name` only, e.g. `keras.layers.BatchNormalization`, or its registered
+            name. Defaults to `"BatchNormalization"`.
+        activation: str. A key of `nfnet_keras.GAMMAS`. Defaults to `"relu"`.
+
+    Example:
+
+    >>> layer = NormActivation(keras.layers.BatchNormalization, "relu")
+    >>> layer(keras.ops.ones((2, 4, 4, 8))).shape
+    (2, 4, 4, 8)
+    """
+
+    def __init__(self, norm_layer="BatchNormalization", activation="relu", **kwargs):
+        super().__init__(**kwargs)
+        self.norm_layer = resolve_layer_class(norm_layer, keras.layers.Layer, "norm_layer")
+        self.activation = check_activation(activation)
+        self._fn = ACTIVATIONS[self.activation]
+
+    def build(self, input_shape):
+        self.norm = self.norm_layer(name="norm")
+        self.norm.build(tuple(input_shape))
+
+    def call(self, inputs, training=None):
+        return self._fn(self.norm(inputs, training=training))
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            norm_layer=layer_class_name(self.norm_layer, "norm_layer"), activation=self.activation
+        )
+        return config

@@ -1,0 +1,109 @@
+"""`build_model(name)`: a preset name -> its family's builder, with no branches on the network.
+
+`PRESETS` maps every name to a typed config (`NFResNetConfig`,
+`ConvGroupsConfig`); `BUILDERS` maps each config type to its family's builder.
+A new family adds a config type, its presets and one `BUILDERS` entry.
+"""
+
+import dataclasses
+import numbers
+
+import keras
+
+from nfnet_keras.layers import WSConv2D, resolve_layer_class
+from nfnet_keras.models.conv_groups import backbone as conv_groups_backbone
+from nfnet_keras.models.conv_groups.presets import PRESETS as CONV_GROUPS_PRESETS
+from nfnet_keras.models.conv_groups.presets import ConvGroupsConfig
+from nfnet_keras.models.nf_resnet import backbone as nf_resnet_backbone
+from nfnet_keras.models.nf_resnet.presets import PRESETS as NF_RESNET_PRESETS
+from nfnet_keras.models.nf_resnet.presets import NFResNetConfig
+
+PRESETS = {**NF_RESNET_PRESETS, **CONV_GROUPS_PRESETS}
+BUILDERS = {NFResNetConfig: nf_resnet_backbone.build, ConvGroupsConfig: conv_groups_backbone.build}
+# `build_model` arguments that give a network's BatchNorm twin: BatchNorm -> activation where the
+# Normalizer-Free network has its scaled activations, plain convolutions without biases.
+BATCHNORM_TWIN = dict(conv_layer=keras.layers.Conv2D, norm_layer=keras.layers.BatchNormalization, conv_bias=False)
+
+
+def check_preset(name):
+    """Returns `name` if it is a key of `PRESETS`, else raises a one-line ValueError listing them."""
+    if not (isinstance(name, str) and name in PRESETS):
+        raise ValueError(f"Unknown preset {name!r}. Use one of: {', '.join(PRESETS)}.")
+    return name
+
+
+def resolve_config(preset, overrides=None):
+    """The typed config of `preset` with `overrides` applied, every value checked.
+
+    Args:
+        preset: str. A key of `PRESETS`.
+        overrides: dict or None. Config fields to replace.
+
+    Returns:
+        An `NFResNetConfig` or `ConvGroupsConfig`.
+
+    Raises:
+        ValueError: on an unknown preset, an unknown override key, or a bad value;
+            the one-line message names the key, the value and what is allowed.
+    """
+    config = PRESETS[check_preset(preset)]
+    overrides = dict(overrides or {})
+    fields = [f.name for f in dataclasses.fields(config)]
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"Unknown override(s) {', '.join(map(repr, unknown))} for preset {preset!r}. "
+            f"Allowed: {', '.join(sorted(fields))}."
+        )
+    return dataclasses.replace(config, **overrides)
+
+
+def build_model(preset="report_resnet", num_classes=10, input_shape=(32, 32, 3), *, conv_layer=WSConv2D,
+                norm_layer=None, name=None, **overrides):
+    """Builds a network from a preset: an NF-ResNet (NFNets included) or the CIFAR speed network.
+
+    The model takes normalised float images (see `nfnet_keras.preprocess`) and
+    returns logits.
+
+    The layer classes it is made of are arguments, so that a twin of the same
+    network is one argument away: `conv_layer=keras.layers.Conv2D` gives the
+    network without weight standardization, and `**BATCHNORM_TWIN`
+    (`conv_layer=keras.layers.Conv2D`, `norm_layer=keras.layers.BatchNormalization`,
+    `conv_bias=False`) its BatchNorm twin: each scaled activation becomes
+    `BatchNorm -> activation`, and the blocks are the family's normalized blocks
+    (`PreActBottleneck`, `NormConvGroup`), with no alpha, `1 / beta` or skip gain.
+
+    Args:
+        preset: str. A key of `nfnet_keras.PRESETS`. Defaults to `"report_resnet"`.
+        num_classes: int. Number of classes. Defaults to `10`.
+        input_shape: tuple of 3 ints. `(height, width, channels)`; height and
+            width may be `None`. Defaults to `(32, 32, 3)`.
+        conv_layer: class or str. A `keras.layers.Conv2D` subclass (or its
+            registered name) for every convolution. Defaults to `WSConv2D`.
+        norm_layer: class, str or None. `None` for the Normalizer-Free network;
+            a normalization layer class (or its registered name) for the
+            normalized twin. Defaults to `None`.
+        name: str or None. The model's name. Defaults to the preset name.
+        **overrides: config fields to replace, e.g. `depths=(2, 2, 2)`.
+
+    Returns:
+        A `keras.Model`.
+
+    Example:
+
+    >>> model = build_model("tiny")
+    >>> model.output_shape
+    (None, 10)
+    >>> bn_twin = build_model("tiny", **BATCHNORM_TWIN)
+    """
+    config = resolve_config(preset, overrides)
+    if not (isinstance(num_classes, numbers.Integral) and not isinstance(num_classes, bool) and num_classes > 0):
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
+    input_shape = tuple(input_shape)
+    if len(input_shape) != 3:
+        raise ValueError(f"input_shape must be (height, width, channels), got {input_shape!r}.")
+    conv_layer = resolve_layer_class(conv_layer, keras.layers.Conv2D, "conv_layer")
+    if norm_layer is not None:
+        norm_layer = resolve_layer_class(norm_layer, keras.layers.Layer, "norm_layer")
+    return BUILDERS[type(config)](config, num_classes, input_shape, conv_layer=conv_layer, norm_layer=norm_layer,
+                                  name=preset if name is None else name)
