@@ -1,4 +1,4 @@
-"""TensorBoard as a user sees it (nfnet_keras/tensorboard.py).
+"""TensorBoard as a user sees it (nfnet_keras/tensorboard/: callbacks, hparams, signal_plot).
 
 The end-to-end tests build logs with the package's own functions (a 2-epoch
 `tiny` run on the synthetic CIFAR-10, a 2-trial grid search), start the real
@@ -294,3 +294,18 @@ def test_the_tensorboard_callback_keeps_the_name_kerastuner_looks_for():
 
     callback = copy.deepcopy(tensorboard_callback("logs", hparams_experiment([0.1], [32])))
     assert callback.log_dir == "logs" and isinstance(callback, keras.callbacks.TensorBoard)
+
+
+@pytest.mark.parametrize("preset, twin, says, omits", [
+    ("tiny", False, ["tracking rule", "weight-standardized stem"], ["no skip path", "patch-whitening"]),
+    ("tiny", True, [], ["tracking rule", "no skip path", "patch-whitening"]),
+    ("tiny_speed", False, ["no skip path", "patch-whitening"], ["tracking rule", "weight-standardized stem"]),
+    ("tiny_speed", True, ["patch-whitening"], ["tracking rule", "no skip path"]),
+])
+def test_signal_caption_is_true_for_each_network(preset, twin, says, omits):
+    from nfnet_keras import BATCHNORM_TWIN
+
+    caption = tb.signal_caption(build_model(preset, **(BATCHNORM_TWIN if twin else {})), 64)
+    assert caption.startswith("Per-block statistics") and "64 validation images" in caption
+    assert all(text in caption for text in says), caption
+    assert not any(text in caption for text in omits), caption
