@@ -119,31 +119,37 @@ def load_predictor(path, batch_size=256):
     )
 
 
-def read_images(path):
+def read_images(path, flag="--images"):
     """Reads images to classify: a `.npy` uint8 array N x 32 x 32 x 3, an image file, or a folder.
+
+    Args:
+        path: str. The `.npy` file, image file or folder.
+        flag: str. How the user gave `path`, named in the error messages
+            (`"--images"`; `""` for a positional argument). Defaults to `"--images"`.
 
     Returns:
         `(names, images)`: one name per image (the file name, or the row index
         of a `.npy`) and a uint8 array N x 32 x 32 x 3. Image files of another
         size are resized to 32 x 32.
     """
+    given = f"{flag} {path}" if flag else path
     if not os.path.exists(path):
-        raise InputError(f"--images {path}: no such file or folder.")
+        raise InputError(f"{given}: no such file or folder.")
     if path.endswith(".npy"):
         try:
             images = np.load(path, allow_pickle=False)
         except Exception as e:
-            raise InputError(f"--images {path} is not a readable .npy array ({e}).") from e
+            raise InputError(f"{given} is not a readable .npy array ({e}).") from e
         return [str(i) for i in range(len(images))], check_images(images, path)
     if os.path.isdir(path):
         files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
         if not files:
-            raise InputError(f"--images {path}: no .png/.jpg/.jpeg files in the folder.")
+            raise InputError(f"{given}: no .png/.jpg/.jpeg files in the folder.")
         files = [os.path.join(path, f) for f in files]
     elif path.lower().endswith(IMAGE_EXTENSIONS):
         files = [path]
     else:
-        raise InputError(f"--images {path}: expected a .npy array, a .png/.jpg file or a folder of them.")
+        raise InputError(f"{given}: expected a .npy array, a .png/.jpg file or a folder of them.")
     images = []
     for f in files:
         try:
