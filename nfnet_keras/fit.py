@@ -6,7 +6,8 @@ epochs 50/100/150, the report's augmentation); `--recipe fast` trains the same
 net in 20 epochs (docs/training.md). Rerunning the same command after a crash
 or Ctrl-C resumes from the last complete epoch.
 
-Exit statuses: 0 done; 2 bad input (nothing written); 3 the loss diverged;
+Exit statuses: 0 done; 2 bad input, including a --run-dir or export
+destination that cannot be written (nothing written); 3 the loss diverged;
 4 trained but the export failed; 5 a file could not be written (e.g. a full
 disk), the run directory is in use by another process, or no checkpoint could
 be read; 130 interrupted (rerun the same command to resume).
@@ -114,6 +115,22 @@ def parse_config(argv=None):
     return config, args
 
 
+def output_problem(run_dir, args):
+    """Why the run directory or the export destination cannot be written, as one line, or None."""
+    from nfnet_keras import fileio
+
+    problem = fileio.folder_problem(run_dir)
+    if problem:
+        return f"--run-dir {run_dir}: {problem}; give a folder to write the run in."
+    if not args.no_export:
+        destination = os.path.join(args.export_dir, args.export_name)
+        problem = fileio.folder_problem(destination)
+        if problem:
+            return (f"cannot export to {destination} (--export-dir {args.export_dir}, --export-name "
+                    f"{args.export_name}): {problem}; fix it, give another --export-dir, or pass --no-export.")
+    return None
+
+
 def main(argv=None):
     config, args = parse_config(argv)
     from nfnet_keras import fileio, training
@@ -121,6 +138,10 @@ def main(argv=None):
     from nfnet_keras.data import DataError
 
     run_dir = args.run_dir or rundir.default_run_dir(config)
+    problem = output_problem(run_dir, args)
+    if problem:  # before hours of training, and before anything is written
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         metrics = training.train(
             config,

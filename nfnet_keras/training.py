@@ -9,6 +9,7 @@ in a locked run directory (`nfnet_keras.rundir`).
 import dataclasses
 import math
 import os
+import shlex
 import time
 
 import keras
@@ -225,6 +226,14 @@ class ExportFailed(RuntimeError):
     """Training finished, its results are saved, but the SavedModel export failed."""
 
 
+def export_command(model_path, export_name, export_dir="saved_models"):
+    """The `nfnet_keras.export` command line that exports `model_path` as `fit` would have."""
+    words = ["python", "-m", "nfnet_keras.export", "--model", model_path, "--name", export_name]
+    if os.path.normpath(export_dir) != "saved_models":
+        words += ["--base-dir", export_dir]
+    return shlex.join(words)
+
+
 def train(config, run_dir, export_name=None, export_dir="saved_models", verbose="auto"):
     """Runs one whole training job; resumable.
 
@@ -337,7 +346,7 @@ def _train_locked(config, run_dir, strategy, splits, fingerprint, export_name, e
             rundir.write_metrics(run_dir, metrics)
             raise ExportFailed(
                 f"Training finished ({os.path.join(run_dir, rundir.METRICS_FILE)}, {model_path}) but the export "
-                f"failed: {e} Export again with: python -m nfnet_keras.export --model {model_path} --name {export_name}"
+                f"failed: {e} Export again with: {export_command(model_path, export_name, export_dir)}"
             ) from e
         print(f"Exported SavedModel to {metrics['export_path']}")
     rundir.write_metrics(run_dir, metrics)

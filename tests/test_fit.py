@@ -308,15 +308,79 @@ def test_predict_rejects_a_missing_model(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_failed_export_keeps_the_training_results_and_exits_4(tmp_path, synthetic_cifar_dir):
-    blocker = tmp_path / "not_a_dir"
-    blocker.write_text("a file where the export folder should be")
-    run_dir = tmp_path / "run"
-    result = run_fit([*TINY, "--epochs", "1", "--train-limit", "256", "--data-dir", synthetic_cifar_dir,
-                      "--run-dir", str(run_dir), "--export-dir", str(blocker)])
-    assert result.returncode == 4, result.stderr[-2000:]
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: Training finished") and "python -m nfnet_keras.export --model" in last
+def test_failed_export_keeps_the_training_results_and_exits_4(tmp_path, synthetic_cifar_dir, capsys, monkeypatch):
+    from nfnet_keras import export
+
+    def fail(model, name, version=None, base_dir="saved_models", **kwargs):
+        raise export.ExportError("The exported model's probabilities differ (a stand-in failure).")
+
+    monkeypatch.setattr(export, "export_saved_model", fail)
+    run_dir, export_dir = tmp_path / "run", tmp_path / "my models"
+    code = fit.main([*TINY, "--epochs", "1", "--train-limit", "256", "--data-dir", synthetic_cifar_dir,
+                     "--run-dir", str(run_dir), "--export-dir", str(export_dir), "--export-name", "m"])
+    assert code == 4
+    model_path = run_dir / "model.keras"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: Training finished ({run_dir / 'metrics.json'}, {model_path}) but the export failed: The exported "
+        "model's probabilities differ (a stand-in failure). Export again with: python -m nfnet_keras.export "
+        f"--model {model_path} --name m --base-dir '{export_dir}'")
     metrics = read_json(run_dir / "metrics.json")
     assert metrics["epochs_completed"] == 1 and "export_error" in metrics and "export_path" not in metrics
-    assert (run_dir / "model.keras").is_file()
+    assert model_path.is_file()
+
+
+def _listing(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("where", ["file", "under_file"])
+def test_a_run_dir_that_is_a_file_is_refused_in_one_line(where, tmp_path, capsys):
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file")
+    run_dir = blocker if where == "file" else blocker / "run"
+    before = _listing(tmp_path)
+    assert fit.main([*TINY, "--run-dir", str(run_dir), "--export-dir", str(tmp_path / "sm")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --run-dir {run_dir}: {blocker} is a file, not a folder; give a folder to write the run in.\n")
+    assert _listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("where", ["export_dir", "under_export_dir", "export_name"])
+def test_an_export_destination_that_cannot_be_written_is_refused_before_training(where, tmp_path, capsys):
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file")
+    export_dir, name = {"export_dir": (blocker, "nfnet"), "under_export_dir": (blocker / "sm", "nfnet"),
+                        "export_name": (tmp_path, "taken")}[where]
+    before = _listing(tmp_path)
+    argv = [*TINY, "--run-dir", str(tmp_path / "run"), "--export-dir", str(export_dir), "--export-name", name]
+    assert fit.main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"error: cannot export to {export_dir / name} (--export-dir {export_dir}, --export-name {name}): "
+        f"{blocker} is a file, not a folder; fix it, give another --export-dir, or pass --no-export.\n")
+    assert _listing(tmp_path) == before
+    _, args = fit.parse_config([*argv, "--no-export"])  # nothing exported: nothing to check
+    assert fit.output_problem(str(tmp_path / "run"), args) is None
+
+
+def test_an_unwritable_export_folder_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    locked_dir = tmp_path / "readonly"
+    locked_dir.mkdir()
+    real_access = os.access
+    # The tests run as root, for whom every folder is writable: the folder reports itself read-only.
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(locked_dir) else real_access(p, mode))
+    assert fit.main([*TINY, "--run-dir", str(tmp_path / "run"), "--export-dir", str(locked_dir)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: cannot export to {locked_dir / 'nfnet'} (--export-dir {locked_dir}, --export-name nfnet): "
+        f"folder {locked_dir} is not writable; fix it, give another --export-dir, or pass --no-export.\n")
+    assert _listing(tmp_path) == ["readonly"]
+
+
+def test_the_export_hint_names_base_dir_only_when_not_the_default():
+    from nfnet_keras.training import export_command
+
+    assert export_command("runs/r/model.keras", "nfnet") == (
+        "python -m nfnet_keras.export --model runs/r/model.keras --name nfnet")
+    assert export_command("runs/r/model.keras", "nfnet", "./saved_models/") == (
+        "python -m nfnet_keras.export --model runs/r/model.keras --name nfnet")
+    assert export_command("runs/r/model.keras", "nfnet", "/srv/models") == (
+        "python -m nfnet_keras.export --model runs/r/model.keras --name nfnet --base-dir /srv/models")

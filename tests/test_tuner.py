@@ -577,3 +577,21 @@ def test_distributed_chief_and_two_workers_on_loopback(tmp_path, tiny_cifar):
     chief = _read(tmp_path / "chief.log")
     assert "4 of 4 trials finished (0 diverged, 0 failed)." in chief
     assert os.path.exists(tmp_path / "grid_results.md")
+
+
+@pytest.mark.parametrize("where", ["file", "under_file"])
+def test_cli_refuses_a_directory_that_is_a_file_in_one_line(where, tmp_path, capsys):
+    from nfnet_keras.tuner import grid
+
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file")
+    directory = blocker if where == "file" else blocker / "tuner"
+    assert grid.main(["--directory", str(directory), "--epochs", "1"]) == grid.EXIT_BAD_INPUT == 2
+    assert capsys.readouterr().err == (
+        f"error: --directory {directory}: {blocker} is a file, not a folder; give a folder to write the search in.\n")
+    assert sorted(os.listdir(tmp_path)) == ["taken"]
+    assert grid.main(["--directory", str(tmp_path / "ok"), "--tensorboard-dir", str(directory)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --tensorboard-dir {directory}: {blocker} is a file, not a folder; give a folder to write the "
+        "search in.\n")
+    assert sorted(os.listdir(tmp_path)) == ["taken"]

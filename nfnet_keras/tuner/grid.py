@@ -185,6 +185,12 @@ def main(argv=None):
     log_dir = args.tensorboard_dir or os.path.join(project_dir, "logs")
     study = study_record(config, args)
     grid_size = len(args.lrs) * len(args.batch_sizes) * len(args.agcs or [None])
+    for flag, folder in (("--directory", project_dir), ("--tensorboard-dir", log_dir)):
+        problem = fileio.folder_problem(folder)
+        if problem:  # before anything is written
+            print(f"error: {flag} {getattr(args, flag[2:].replace('-', '_'))}: {problem}; give a folder to write "
+                  "the search in.", file=sys.stderr)
+            return EXIT_BAD_INPUT
     try:
         if not overwrite:
             check_study(project_dir, study)
