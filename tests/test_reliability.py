@@ -446,7 +446,10 @@ def test_missing_data_exits_2_without_creating_the_run_dir(tmp_path, monkeypatch
     code = fit.main([*TINY, "--data-dir", str(tmp_path / "nowhere"), "--tfds-dir", str(tmp_path / "tfds"),
                      "--run-dir", str(tmp_path / "run")])
     captured = capsys.readouterr()
-    assert code == 2 and "CIFAR-10 not found" in _last_line(captured.err)
+    assert code == 2 and _last_line(captured.err) == (
+        f"error: --data-dir {tmp_path / 'nowhere'}: no such folder; expected the folder holding cifar-10-batches-py/ "
+        "(data_batch_1-5, test_batch) or cifar-10-python.tar.gz. Point it there, or give no folder to use "
+        "TensorFlow Datasets.")
     assert "Run directory" not in captured.out and not (tmp_path / "run").exists()
 
 
