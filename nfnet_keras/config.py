@@ -129,27 +129,11 @@ class TrainConfig:
     def _check_types(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            flag = "--" + field.name.replace("_", "-")
-            kind = _FIELD_KINDS[field.name]
-            if value is None and field.name in _OPTIONAL:
-                continue
-            if kind is int:
-                ok = isinstance(value, int) and not isinstance(value, bool)
-                what = "an integer"
-            elif kind is float:
-                ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-                      and math.isfinite(value))
-                what = "a finite number"
-                if ok:
-                    setattr(self, field.name, float(value))
-            elif kind is bool:
-                ok, what = isinstance(value, bool), "true or false"
-            elif kind is str:
-                ok, what = isinstance(value, str), "a string"
-            else:
-                ok, what = isinstance(value, dict), "an object of preset keys"
-            if not ok:
-                raise ValueError(f"{flag} must be {what}, got {value!r} ({type(value).__name__}).")
+            problem = field_type_problem(field.name, value)
+            if problem:
+                raise ValueError(f"--{field.name.replace('_', '-')} {problem}.")
+            if _FIELD_KINDS[field.name] is float and value is not None:
+                setattr(self, field.name, float(value))
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -176,5 +160,33 @@ _FIELD_KINDS = dict(
     strategy=str, norm=str, tta=str, overrides=dict,
 )
 _OPTIONAL = ("jit", "train_limit", "data_dir", "tfds_dir")
+
+
+def field_type_problem(name, value):
+    """Why `value` cannot be the `TrainConfig` field `name` (e.g. "must be a finite number, got 'fast' (str)"), or None.
+
+    Args:
+        name: str. A field of `TrainConfig`.
+        value: the value, as it came from a flag, a JSON file or Python.
+
+    Returns:
+        str or None.
+    """
+    kind = _FIELD_KINDS[name]
+    if value is None and name in _OPTIONAL:
+        return None
+    if kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        what = "an integer"
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        what = "a finite number"
+    elif kind is bool:
+        ok, what = isinstance(value, bool), "true or false"
+    elif kind is str:
+        ok, what = isinstance(value, str), "a string"
+    else:
+        ok, what = isinstance(value, dict), "an object of preset keys"
+    return None if ok else f"must be {what}, got {value!r} ({type(value).__name__})"
 CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 assert set(_FIELD_KINDS) == CONFIG_FIELDS, "every TrainConfig field needs a kind"

@@ -228,8 +228,8 @@ def split(x, y, val_size=5000, train_limit=None):
     `val_size` images, training the rest (its first `train_limit` if given).
     """
     n = len(x)
-    if not 0 <= val_size < n:
-        raise ValueError(f"--val-size must be in [0, {n - 1}], got {val_size}.")
+    if not 1 <= val_size < n:
+        raise ValueError(f"--val-size must be >= 1 and less than the {n} training images, got {val_size}.")
     perm = np.random.default_rng(SPLIT_SEED).permutation(n)
     val_idx, train_idx = perm[:val_size], perm[val_size:]
     if train_limit is not None:

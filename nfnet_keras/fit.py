@@ -19,7 +19,7 @@ import os
 import sys
 
 from nfnet_keras import cli, rundir
-from nfnet_keras.config import RECIPES, STRATEGIES, TTA_POLICIES, TrainConfig
+from nfnet_keras.config import RECIPES, STRATEGIES, TTA_POLICIES, TrainConfig, field_type_problem
 from nfnet_keras.export import check_model_name
 
 EXIT_BAD_INPUT = 2
@@ -97,6 +97,10 @@ def parse_config(argv=None):
         if unknown:
             parser.error(f"--hparams {args.hparams} has unknown key(s) {', '.join(unknown)}; "
                          f"allowed: {', '.join(sorted(HPARAM_KEYS))}")
+        for key, value in hparams.items():
+            problem = field_type_problem(key, value)
+            if problem:
+                parser.error(f"--hparams {args.hparams}: key \"{key}\" {problem}")
         more = hparams.pop("overrides", {})
         if not isinstance(more, dict):
             parser.error(f"--hparams {args.hparams}: \"overrides\" must be an object of preset keys")

@@ -4,6 +4,7 @@ Shared by `python -m nfnet_keras.evaluate` and `python -m nfnet_keras.predict`.
 """
 
 import os
+import zipfile
 
 import numpy as np
 import tensorflow as tf
@@ -96,10 +97,14 @@ def load_predictor(path, batch_size=256):
 
         import nfnet_keras  # noqa: F401  (registers the custom layers)
 
+        if not zipfile.is_zipfile(path):
+            raise InputError(f"--model {path} is not a loadable .keras model (not a zip archive); pass the "
+                             "model.keras that fit writes in its run directory.")
         try:
             model = keras.saving.load_model(path, compile=False)
         except Exception as e:
-            raise InputError(f"--model {path} is not a loadable .keras model ({e}).") from e
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(f"--model {path} is not a loadable .keras model ({reason}).") from e
         return keras_predictor(model, batch_size)
     if os.path.isfile(os.path.join(path, "saved_model.pb")):
         loaded = tf.saved_model.load(path)

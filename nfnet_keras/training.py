@@ -127,6 +127,15 @@ def load_splits(config):
     return train, val, test
 
 
+def check_batch_size(batch_size, train_size, flag="--batch-size"):
+    """Raises a one-line ValueError if a batch of `batch_size` is larger than the `train_size` training images."""
+    if batch_size > train_size:
+        raise ValueError(
+            f"{flag} {batch_size} is larger than the training set ({train_size} images); lower {flag} or "
+            "train on more images (--train-limit, --val-size)."
+        )
+
+
 def make_datasets(config, train, val, batch_size=None):
     """The training and validation `tf.data` pipelines for `config`."""
     batch_size = batch_size or config.batch_size
@@ -259,6 +268,7 @@ def train(config, run_dir, export_name=None, export_dir="saved_models", verbose=
     rundir.check_run_dir(run_dir, config)
     strategy = setup_runtime(config)
     train_arr, val_arr, test_arr = load_splits(config)  # before writing anything
+    check_batch_size(config.batch_size, len(train_arr[0]))
     fingerprint = rundir.data_fingerprint(*train_arr, *val_arr, *test_arr)
     rundir.check_data(run_dir, fingerprint)
     with rundir.locked(run_dir, what="--run-dir"):

@@ -46,8 +46,15 @@ def test_split_is_deterministic_disjoint_and_limited():
     assert not set(ya) & set(yb)
     (a3, _), (b3, _) = data.split(x, y, val_size=100, train_limit=50)
     assert np.array_equal(a3, a[:50]) and np.array_equal(b3, b)
-    with pytest.raises(ValueError, match="--val-size"):
-        data.split(x, y, val_size=1000)
+    for val_size in (0, 1000):  # the same rule as TrainConfig's: >= 1
+        with pytest.raises(ValueError) as error:
+            data.split(x, y, val_size=val_size)
+        assert str(error.value) == f"--val-size must be >= 1 and less than the 1000 training images, got {val_size}."
+    from nfnet_keras.config import TrainConfig
+
+    with pytest.raises(ValueError) as error:
+        TrainConfig(val_size=0).validate()
+    assert str(error.value) == "--val-size must be >= 1, got 0."
 
 
 def _fake_batch(n, seed):

@@ -384,3 +384,48 @@ def test_the_export_hint_names_base_dir_only_when_not_the_default():
         "python -m nfnet_keras.export --model runs/r/model.keras --name nfnet")
     assert export_command("runs/r/model.keras", "nfnet", "/srv/models") == (
         "python -m nfnet_keras.export --model runs/r/model.keras --name nfnet --base-dir /srv/models")
+
+
+def test_evaluate_names_a_garbage_keras_file_as_not_a_model(tmp_path, capsys):
+    path = tmp_path / "model.keras"
+    path.write_text("not a model")
+    assert evaluate.main(["--model", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --model {path} is not a loadable .keras model (not a zip archive); pass the model.keras that fit "
+        "writes in its run directory.\n")
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:  # a zip, but no Keras model in it
+        archive.writestr("notes.txt", "hello")
+    assert evaluate.main(["--model", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --model {path} is not a loadable .keras model (") and err.count("\n") == 1
+    assert "not found" not in err.lower()
+
+
+@pytest.mark.parametrize(
+    "hparams, message",
+    [
+        ({"lr": "fast"}, "key \"lr\" must be a finite number, got 'fast' (str)"),
+        ({"batch_size": 64.5}, "key \"batch_size\" must be an integer, got 64.5 (float)"),
+        ({"nesterov": "yes"}, "key \"nesterov\" must be true or false, got 'yes' (str)"),
+    ],
+)
+def test_hparams_with_a_wrong_value_names_the_file_and_the_key(hparams, message, tmp_path, capsys):
+    path = tmp_path / "best.json"
+    path.write_text(json.dumps(hparams))
+    with pytest.raises(SystemExit) as exit_info:
+        fit.parse_config(["--hparams", str(path)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f": error: --hparams {path}: {message}")
+
+
+def test_a_batch_larger_than_the_training_set_is_refused_before_anything_is_written(
+        tmp_path, synthetic_cifar_dir, capsys):
+    argv = [*TINY, "--train-limit", "100", "--batch-size", "128", "--data-dir", synthetic_cifar_dir,
+            "--run-dir", str(tmp_path / "run"), "--export-dir", str(tmp_path / "sm")]
+    assert fit.main(argv) == 2
+    assert capsys.readouterr().err == (
+        "error: --batch-size 128 is larger than the training set (100 images); lower --batch-size or train on "
+        "more images (--train-limit, --val-size).\n")
+    assert os.listdir(tmp_path) == []

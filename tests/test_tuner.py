@@ -595,3 +595,15 @@ def test_cli_refuses_a_directory_that_is_a_file_in_one_line(where, tmp_path, cap
         f"error: --tensorboard-dir {directory}: {blocker} is a file, not a folder; give a folder to write the "
         "search in.\n")
     assert sorted(os.listdir(tmp_path)) == ["taken"]
+
+
+def test_cli_refuses_a_batch_size_larger_than_the_training_set(tmp_path, synthetic_cifar_dir, capsys):
+    from nfnet_keras.tuner import grid
+
+    argv = ["--preset", "tiny", "--epochs", "1", "--lrs", "0.01", "--batch-sizes", "32,128", "--train-limit", "64",
+            "--val-size", "32", "--data-dir", synthetic_cifar_dir, "--directory", str(tmp_path / "t")]
+    assert grid.main(argv) == 2
+    assert capsys.readouterr().err == (
+        "error: --batch-sizes 128 is larger than the training set (64 images); lower --batch-sizes or train on "
+        "more images (--train-limit, --val-size).\n")
+    assert os.listdir(tmp_path) == []

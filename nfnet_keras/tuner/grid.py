@@ -197,6 +197,7 @@ def main(argv=None):
         train = val = None
         if who != "chief":  # the chief only serves the oracle
             train, val, _ = training.load_splits(config)
+            training.check_batch_size(max(args.batch_sizes), len(train[0]), flag="--batch-sizes")
     except (ValueError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
