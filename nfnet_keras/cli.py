@@ -70,6 +70,13 @@ def add_data_flags(group, defaults):
     group.add_argument("--val-size", type=int, default=d.val_size, help="validation images held out of the 50,000")
 
 
+def add_test_flags(group, defaults):
+    """The final test evaluation's flags (fit only: a grid search reports validation accuracy)."""
+    group.add_argument("--test-limit", type=int, default=defaults.test_limit, metavar="N",
+                       help="evaluate the trained model on the first N test images (default: all 10,000; with "
+                       "--train-limit N: min(10000, max(1000, N)))")
+
+
 def add_runtime_flags(group, defaults):
     d = defaults
     jit = group.add_mutually_exclusive_group()

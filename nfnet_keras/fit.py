@@ -52,7 +52,9 @@ def build_parser():
                                "triangle: 0.2x -> 1x at 23%% -> 0.07x; constant")
     g.add_argument("--hparams", metavar="FILE",
                    help="JSON of hyperparameters (e.g. the tuner's best_hparams.json); explicit flags win")
-    cli.add_data_flags(p.add_argument_group("data"), d)
+    g = p.add_argument_group("data")
+    cli.add_data_flags(g, d)
+    cli.add_test_flags(g, d)
     g = p.add_argument_group("runtime")
     cli.add_runtime_flags(g, d)
     g.add_argument("--mixed-precision", dest="precision", action="store_const", const="mixed_float16",

@@ -324,6 +324,11 @@ def _train_locked(config, run_dir, strategy, splits, fingerprint, export_name, e
             "(--agc 0.01)."
         )
 
+    limit = config.evaluation_test_limit()
+    if limit is not None:
+        test_arr = (test_arr[0][:limit], test_arr[1][:limit])
+    views = ("plain", "flip") + (() if config.tta in ("none", "flip") else (config.tta,))
+    print(f"Evaluating on {len(test_arr[0])} test images ({', '.join(views)}) ...", flush=True)
     test_ds = data_lib.make_dataset(*test_arr, 256, one_hot=bool(config.label_smoothing))
     test_loss, test_accuracy = model.evaluate(test_ds, verbose=0)
     log_test_metrics(session, metrics["epochs_completed"] - 1, test_loss, test_accuracy)
@@ -345,6 +350,7 @@ def _train_locked(config, run_dir, strategy, splits, fingerprint, export_name, e
     metrics.update(diverged=False, test_accuracy=float(test_accuracy), test_loss=float(test_loss),
                    test_accuracy_flip_tta=test_accuracy_flip_tta, tta=config.tta,
                    tta_views=list(TTA_POLICY_VIEWS[config.tta]), test_accuracy_tta=tta[config.tta],
+                   test_images=len(test_arr[0]),
                    model_path=model_path)
     if export_name:
         from nfnet_keras.export import export_saved_model

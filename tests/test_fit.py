@@ -429,3 +429,37 @@ def test_a_batch_larger_than_the_training_set_is_refused_before_anything_is_writ
         "error: --batch-size 128 is larger than the training set (100 images); lower --batch-size or train on "
         "more images (--train-limit, --val-size).\n")
     assert os.listdir(tmp_path) == []
+
+
+def test_evaluation_test_limit_follows_the_run():
+    assert TrainConfig().evaluation_test_limit() is None  # all 10,000
+    assert [TrainConfig(train_limit=n).evaluation_test_limit() for n in (1, 999, 1000, 3000, 10000, 49000)] == [
+        1000, 1000, 1000, 3000, 10000, 10000]
+    assert TrainConfig(train_limit=3000, test_limit=200).evaluation_test_limit() == 200
+    assert TrainConfig(test_limit=200).evaluation_test_limit() == 200
+    with pytest.raises(ValueError) as error:
+        TrainConfig(test_limit=0).validate()
+    assert str(error.value) == "--test-limit must be >= 1, got 0."
+    config, _ = fit.parse_config(["--test-limit", "500"])
+    assert config.test_limit == 500
+
+
+def test_test_limit_evaluates_on_the_first_test_images(tmp_path, synthetic_cifar_dir, capsys):
+    run_dir = tmp_path / "run"
+    assert fit.main([*TINY, "--epochs", "1", "--train-limit", "64", "--test-limit", "50", "--tta", "flip_translate",
+                     "--data-dir", synthetic_cifar_dir, "--run-dir", str(run_dir), "--no-export"]) == 0
+    out = capsys.readouterr().out
+    assert "Evaluating on 50 test images (plain, flip, flip_translate) ...\n" in out
+    assert "Test accuracy: " in out and " on 50 images." in out
+    metrics = read_json(run_dir / "metrics.json")
+    assert metrics["test_images"] == 50 and metrics["config"]["test_limit"] == 50
+    from nfnet_keras.inference import load_predictor
+
+    _, (x, y) = load_cifar10(synthetic_cifar_dir, test_only=True)
+    predict = load_predictor(str(run_dir / "model.keras"))
+    assert metrics["test_accuracy"] == pytest.approx(float((predict(x[:50]).argmax(1) == y[:50]).mean()))
+    # --train-limit without --test-limit: min(10000, max(1000, N)) images, here all 200 there are.
+    assert fit.main([*TINY, "--epochs", "1", "--train-limit", "64", "--data-dir", synthetic_cifar_dir,
+                     "--run-dir", str(tmp_path / "run2"), "--no-export"]) == 0
+    assert "Evaluating on 200 test images (plain, flip) ...\n" in capsys.readouterr().out
+    assert read_json(tmp_path / "run2" / "metrics.json")["test_images"] == 200

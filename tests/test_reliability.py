@@ -227,10 +227,10 @@ def test_aliases_are_the_same_experiment(tmp_path):
 @pytest.mark.parametrize(
     "content, message",
     [
-        ({"batch_size": 64.5}, "--batch-size must be an integer, got 64.5 (float)."),
-        ({"batch_size": True}, "--batch-size must be an integer, got True (bool)."),
-        ({"lr": [0.1]}, "--lr must be a finite number, got [0.1] (list)."),
-        ({"nesterov": 1}, "--nesterov must be true or false, got 1 (int)."),
+        ({"batch_size": 64.5}, 'h.json: key "batch_size" must be an integer, got 64.5 (float)'),
+        ({"batch_size": True}, 'h.json: key "batch_size" must be an integer, got True (bool)'),
+        ({"lr": [0.1]}, 'h.json: key "lr" must be a finite number, got [0.1] (list)'),
+        ({"nesterov": 1}, 'h.json: key "nesterov" must be true or false, got 1 (int)'),
         ([0.01, 64], "must hold a JSON object of settings, got a list"),
         ({"overrides": [1]}, '"overrides" must be an object of preset keys'),
     ],
