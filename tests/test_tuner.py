@@ -124,12 +124,12 @@ def _recorded_finished(project_dir):
 
 
 def _started(log_text):
-    """The (tuner_id, trial_id) pairs a log says were started ("[tuner0] trial 3 starts: ...")."""
+    """The (tuner_id, trial_id) pairs a log says were started ("[tuner0] trial 4 starts: ..." is trial_id "3")."""
     pairs = []
     for line in log_text.splitlines():
         if line.startswith("[") and "] trial " in line and " starts: " in line:
             tuner_id, rest = line[1:].split("] trial ", 1)
-            pairs.append((tuner_id, rest.split(" ", 1)[0]))
+            pairs.append((tuner_id, str(int(rest.split(" ", 1)[0]) - 1)))
     return pairs
 
 
@@ -292,7 +292,7 @@ def test_search_space_summary_shows_both_hyperparameters_before_the_search(tmp_p
     assert "batch_size (Choice)" in out and "'values': [32, 64, 128, 256]" in out
 
 
-def test_diverged_trial_stops_at_once_and_reports_no_accuracy(tmp_path):
+def test_diverged_trial_stops_at_once_and_reports_no_accuracy(tmp_path, capsys):
     rng = np.random.default_rng(0)
     config = TrainConfig(preset="tiny", epochs=3, schedule="constant", augment="none")
     train = (rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 64))
@@ -310,6 +310,12 @@ def test_diverged_trial_stops_at_once_and_reports_no_accuracy(tmp_path):
     cells = results_lib.collect(tuner.oracle, [1e4], [16])
     assert cells[(16, 1e4, None)].status == "diverged" and cells[(16, 1e4, None)].val_accuracy is None
     assert "diverged" in results_lib.markdown_table(cells, [1e4], [16])
+    # The log counts trials from 1, as KerasTuner's own "Trial #1" does; the trial's id (its folder) is "0".
+    out = capsys.readouterr().out
+    assert trial.trial_id in ("0", "00")
+    assert "] trial 1 starts: lr=10000.0, batch_size=16\n" in out
+    assert "Trial 1 (lr 10000.0, batch 16) diverged: the loss became NaN/inf at epoch 1" in out
+    assert "trial 0 " not in out.lower()
 
 
 # === Outputs ===

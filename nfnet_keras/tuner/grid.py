@@ -31,7 +31,7 @@ from nfnet_keras.config import LOCATION_FIELDS, TrainConfig, with_defaults
 from nfnet_keras.data import DataError
 from nfnet_keras.tuner import results as results_lib
 from nfnet_keras.tuner.hypermodel import OBJECTIVE, NFNetHyperModel, hparams_experiment, tensorboard_callback
-from nfnet_keras.tuner.oracle import NFNetGridSearch
+from nfnet_keras.tuner.oracle import NFNetGridSearch, trial_number
 
 EXIT_FAILED_TRIALS = 1
 EXIT_BAD_INPUT = 2
@@ -280,7 +280,7 @@ def report(tuner, config, args):
     if best is not None:
         agc_text = f", AGC {_agc_text(best.agc)}" if best.agc is not None else ""
         print(f"Best: lr {best.lr:g}, batch size {best.batch_size}{agc_text}: {100 * best.val_accuracy:.2f}% "
-              f"(trial {best.trial_id}).")
+              f"(trial {trial_number(best.trial_id)}).")
         print(f"Wrote {paths['markdown']}, {paths['csv']} and {paths['best']} "
               f"(python -m nfnet_keras.fit --hparams {paths['best']}).")
     else:
