@@ -18,6 +18,17 @@ from nfnet_keras.config import (
 from nfnet_keras.presets import PRESET_ALIASES, PRESETS
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to a flag's help unless its help already tells the default, or it has none to tell."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text.lower() or action.default in (None, False, [], argparse.SUPPRESS)
+                or action.nargs == 0):
+            return text
+        return super()._get_help_string(action)
+
+
 def parse_override(text):
     """`KEY=VALUE` -> (key, value); the value is a Python literal or else a bare string."""
     key, sep, value = text.partition("=")
@@ -83,7 +94,7 @@ def add_runtime_flags(group, defaults):
     jit.add_argument("--jit", dest="jit", action="store_true", default=None,
                      help="XLA-compile the train step (default: on with a GPU or under KERAS_BACKEND=jax, off for "
                      "TensorFlow on CPU where it is slower)")
-    jit.add_argument("--no-jit", dest="jit", action="store_false")
+    jit.add_argument("--no-jit", dest="jit", action="store_false", help="do not XLA-compile the train step")
     group.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                        help="float32, or mixed precision (mixed_bfloat16 on CPUs with native bf16, "
                        "mixed_float16 on GPUs)")

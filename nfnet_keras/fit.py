@@ -20,6 +20,7 @@ import sys
 
 from nfnet_keras import cli, rundir
 from nfnet_keras.config import RECIPES, STRATEGIES, TTA_POLICIES, TrainConfig, field_type_problem
+from nfnet_keras.console import prog
 from nfnet_keras.export import check_model_name
 
 EXIT_BAD_INPUT = 2
@@ -35,9 +36,9 @@ HPARAM_KEYS = cli.CONFIG_FIELDS
 def build_parser():
     d = TrainConfig()
     p = argparse.ArgumentParser(
-        prog="python -m nfnet_keras.fit",
+        prog=prog("nfnet_keras.fit"),
         description="Train a Normalizer-Free ResNet on CIFAR-10 (defaults: the report's final run).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     p.add_argument("--recipe", choices=sorted(RECIPES), default="report",
                    help="a named set of defaults: report (the report's final run), fast (20 epochs) or "

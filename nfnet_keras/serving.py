@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
+from nfnet_keras.console import prog
 from nfnet_keras.contract import (
     CLASS_ID,
     CLASS_NAMES,
@@ -293,8 +294,6 @@ def main(argv=None):
     cannot be read; 3 no answer (nothing listens at the address, or no answer
     within the timeout).
     """
-    from nfnet_keras.console import prog
-
     parser = argparse.ArgumentParser(
         prog=prog("nfnet_keras.serving"),
         description="Classify images with a model served by TF Serving (REST or gRPC).",

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -463,3 +464,32 @@ def test_test_limit_evaluates_on_the_first_test_images(tmp_path, synthetic_cifar
                      "--run-dir", str(tmp_path / "run2"), "--no-export"]) == 0
     assert "Evaluating on 200 test images (plain, flip) ...\n" in capsys.readouterr().out
     assert read_json(tmp_path / "run2" / "metrics.json")["test_images"] == 200
+
+
+@pytest.mark.parametrize("command, main", [("nfnet-fit", fit.main), ("nfnet-evaluate", evaluate.main),
+                                           ("nfnet-predict", predict.main)])
+def test_help_names_the_command_typed_and_tells_each_default_once(command, main, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [f"/home/u/nfnet-keras/.venv/bin/{command}", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: {command} [-h]")
+    flat = " ".join(text.split())
+    assert "python -m" not in flat.split("options:")[0]
+    for noise in ("(default: None)", "(default: False)", "(default: [])"):
+        assert noise not in flat, noise
+    entries = re.split(r"\n  (?=-)", text.split("options:", 1)[1])  # one per flag
+    assert len(entries) > 3 and all(entry.count("(default") <= 1 for entry in entries), entries
+    if command == "nfnet-fit":
+        assert "--train-limit TRAIN_LIMIT train on the first N training images (default: all) --val-size" in flat
+        assert "--val-size VAL_SIZE validation images held out of the 50,000 (default: 5000)" in flat
+        assert "--no-jit do not XLA-compile the train step" in flat
+    if command == "nfnet-evaluate":
+        assert "--tfds-dir TFDS_DIR TFDS data_dir, used only when no --data-dir" in flat
+
+
+def test_help_under_python_m_names_the_module():
+    result = subprocess.run([sys.executable, "-m", "nfnet_keras.predict", "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("usage: python -m nfnet_keras.predict [-h]")

@@ -15,6 +15,7 @@ import http.server
 import json
 import re
 import socket
+import sys
 import threading
 import time
 import urllib.error
@@ -670,3 +671,17 @@ def test_cli_names_a_wrong_input_without_a_flag_it_does_not_have(tmp_path, capsy
     assert exit_.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(
         f"error: {tmp_path / 'empty.npy'} holds no images (an empty array); give at least one.")
+
+
+def test_cli_help_names_the_command_typed_and_every_flag_has_help(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["/home/u/nfnet-keras/.venv/bin/nfnet-serve-client", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        serving.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: nfnet-serve-client [-h]")
+    flat = " ".join(text.split())
+    assert "--host HOST the TF Serving host (default: localhost)" in flat
+    assert "--protocol {grpc,rest} grpc (port 8500) or rest (JSON over HTTP, port 8501) (default: grpc)" in flat
+    assert ("exit status: 0 done; 1 the server answered with an error; 2 bad flags or unreadable images; 3 no "
+            "answer from the server (nothing listens there, or it timed out).") in flat

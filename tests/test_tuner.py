@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import pickle
+import re
 import signal
 import socket
 import subprocess
@@ -613,3 +614,22 @@ def test_cli_refuses_a_batch_size_larger_than_the_training_set(tmp_path, synthet
         "error: --batch-sizes 128 is larger than the training set (64 images); lower --batch-sizes or train on "
         "more images (--train-limit, --val-size).\n")
     assert os.listdir(tmp_path) == []
+
+
+def test_cli_help_names_the_command_typed_and_every_flag_has_help(monkeypatch, capsys):
+    from nfnet_keras.tuner import grid
+
+    monkeypatch.setattr(sys, "argv", ["/home/u/nfnet-keras/.venv/bin/nfnet-grid", "--help"])
+    with pytest.raises(SystemExit):
+        grid.main(["--help"])
+    text = capsys.readouterr().out
+    assert text.startswith("usage: nfnet-grid [-h]")
+    flat = " ".join(text.split())
+    assert "--project-name PROJECT_NAME the search's folder under --directory" in flat
+    assert "(default: None)" not in flat
+    entries = re.split(r"\n  (?=-)", text.split("options:", 1)[1])  # one per flag
+    assert len(entries) > 3 and all(entry.count("(default") <= 1 for entry in entries), entries
+    assert all(action.help for action in grid.build_parser()._actions)
+    alias = subprocess.run([sys.executable, "-m", "tuner.grid", "--help"], cwd=REPO, capture_output=True, text=True,
+                           timeout=120)
+    assert alias.returncode == 0 and alias.stdout.startswith("usage: python -m tuner.grid [-h]")

@@ -28,6 +28,7 @@ import sys
 
 from nfnet_keras import cli, fileio, rundir, training
 from nfnet_keras.config import LOCATION_FIELDS, TrainConfig, with_defaults
+from nfnet_keras.console import prog
 from nfnet_keras.data import DataError
 from nfnet_keras.tuner import results as results_lib
 from nfnet_keras.tuner.hypermodel import OBJECTIVE, NFNetHyperModel, hparams_experiment, tensorboard_callback
@@ -59,9 +60,9 @@ def _number_list(kind, name, allow_zero=False):
 def build_parser():
     d = TrainConfig()
     p = argparse.ArgumentParser(
-        prog="python -m nfnet_keras.tuner.grid",
+        prog=prog("nfnet_keras.tuner.grid"),
         description="Grid search of lr x batch size for an NF-ResNet on CIFAR-10 (defaults: the report's study).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     g = p.add_argument_group("grid")
     g.add_argument("--lrs", type=_number_list(float, "--lrs"), default=list(DEFAULT_LRS),
@@ -86,7 +87,8 @@ def build_parser():
     cli.add_data_flags(p.add_argument_group("data"), d)
     g = p.add_argument_group("output")
     g.add_argument("--directory", default="tuner_runs", help="the tuner's directory; the tables go here too")
-    g.add_argument("--project-name", default="nfnet_grid")
+    g.add_argument("--project-name", default="nfnet_grid",
+                   help="the search's folder under --directory (trials, logs); the tables are named after it")
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh instead of resuming (ignored by distributed workers)")
     g.add_argument("--tensorboard-dir", help="default: <directory>/<project-name>/logs")
