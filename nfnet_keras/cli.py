@@ -23,8 +23,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if ("default" in text.lower() or action.default in (None, False, [], argparse.SUPPRESS)
-                or action.nargs == 0):
+        nothing = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if "default" in text.lower() or nothing or action.default == [] or action.nargs == 0:
             return text
         return super()._get_help_string(action)
 

@@ -485,6 +485,7 @@ def test_help_names_the_command_typed_and_tells_each_default_once(command, main,
         assert "--train-limit TRAIN_LIMIT train on the first N training images (default: all) --val-size" in flat
         assert "--val-size VAL_SIZE validation images held out of the 50,000 (default: 5000)" in flat
         assert "--no-jit do not XLA-compile the train step" in flat
+        assert "--seed SEED random seed (weights, shuffling, augmentation) (default: 0)" in flat  # 0 is a default
     if command == "nfnet-evaluate":
         assert "--tfds-dir TFDS_DIR TFDS data_dir, used only when no --data-dir" in flat
 
