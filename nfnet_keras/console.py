@@ -84,5 +84,6 @@ def prog(module):
     name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     if not name or name.endswith(".py") or name == "-c":
         spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-        return f"python -m {getattr(spec, 'name', None) or module}"
+        name = getattr(spec, "name", None) or module
+        return f"python -m {name.removesuffix('.__main__')}"
     return name

@@ -481,3 +481,21 @@ def test_a_second_grid_search_on_the_same_project_exits_5(tmp_path, synthetic_ci
     assert _last_line(capsys.readouterr().err) == (f"error: {project} is in use by process {holder.pid}; wait for "
                                                    "it to finish (or stop it), or use another --project-name.")
     assert sorted(os.listdir(project)) == [".lock"]  # no study, no trials
+
+
+def test_usage_lines_name_the_command_as_it_was_typed(monkeypatch):
+    import types
+
+    from nfnet_keras.console import prog
+
+    monkeypatch.setattr(sys, "argv", ["/home/u/nfnet-keras/.venv/bin/nfnet-fit", "--help"])
+    assert prog("nfnet_keras.fit") == "nfnet-fit"
+    for spec_name, shown in (("nfnet_keras.fit", "nfnet_keras.fit"), ("tuner.grid", "tuner.grid"),
+                             ("somepkg.__main__", "somepkg")):
+        main_module = types.ModuleType("__main__")
+        main_module.__spec__ = types.SimpleNamespace(name=spec_name)
+        monkeypatch.setitem(sys.modules, "__main__", main_module)
+        monkeypatch.setattr(sys, "argv", [f"/src/{spec_name.replace('.', '/')}.py", "--help"])
+        assert prog("nfnet_keras.fit") == f"python -m {shown}"
+    main_module.__spec__ = None  # `python nfnet_keras/fit.py`: the module it stands for
+    assert prog("nfnet_keras.fit") == "python -m nfnet_keras.fit"
