@@ -18,6 +18,17 @@ from nfnet_keras.config import (
 from nfnet_keras.models.registry import PRESETS
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to a flag's help unless its help already tells the default, or it has none to tell."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        nothing = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if "default" in text.lower() or nothing or action.default == [] or action.nargs == 0:
+            return text
+        return super()._get_help_string(action)
+
+
 def parse_override(text):
     """`KEY=VALUE` -> (key, value); the value is a Python literal or else a bare string."""
     key, sep, value = text.partition("=")
@@ -68,13 +79,20 @@ def add_data_flags(group, defaults):
     group.add_argument("--val-size", type=int, default=d.val_size, help="validation images held out of the 50,000")
 
 
+def add_test_flags(group, defaults):
+    """The final test evaluation's flags (fit only: a grid search reports validation accuracy)."""
+    group.add_argument("--test-limit", type=int, default=defaults.test_limit, metavar="N",
+                       help="evaluate the trained model on the first N test images (default: all 10,000; with "
+                       "--train-limit N: min(10000, max(1000, N)))")
+
+
 def add_runtime_flags(group, defaults):
     d = defaults
     jit = group.add_mutually_exclusive_group()
     jit.add_argument("--jit", dest="jit", action="store_true", default=None,
                      help="XLA-compile the train step (default: on with a GPU or under KERAS_BACKEND=jax, off for "
                      "TensorFlow on CPU where it is slower)")
-    jit.add_argument("--no-jit", dest="jit", action="store_false")
+    jit.add_argument("--no-jit", dest="jit", action="store_false", help="do not XLA-compile the train step")
     group.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                        help="float32, or mixed precision (mixed_bfloat16 on CPUs with native bf16, "
                        "mixed_float16 on GPUs)")

@@ -75,6 +75,8 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     train_limit: int | None = None
+    # Test images of the final evaluation; None: all, or `default_test_limit(train_limit)` with --train-limit.
+    test_limit: int | None = None
     val_size: int = 5000
     data_dir: str | None = None
     tfds_dir: str | None = None
@@ -117,6 +119,8 @@ class TrainConfig:
             (self.val_size >= 1, f"--val-size must be >= 1, got {self.val_size}."),
             (self.train_limit is None or self.train_limit >= 1,
              f"--train-limit must be >= 1, got {self.train_limit}."),
+            (self.test_limit is None or self.test_limit >= 1,
+             f"--test-limit must be >= 1, got {self.test_limit}."),
         ]
         for ok, message in checks:
             if not ok:
@@ -126,27 +130,22 @@ class TrainConfig:
     def _check_types(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            flag = "--" + field.name.replace("_", "-")
-            kind = _FIELD_KINDS[field.name]
-            if value is None and field.name in _OPTIONAL:
-                continue
-            if kind is int:
-                ok = isinstance(value, int) and not isinstance(value, bool)
-                what = "an integer"
-            elif kind is float:
-                ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-                      and math.isfinite(value))
-                what = "a finite number"
-                if ok:
-                    setattr(self, field.name, float(value))
-            elif kind is bool:
-                ok, what = isinstance(value, bool), "true or false"
-            elif kind is str:
-                ok, what = isinstance(value, str), "a string"
-            else:
-                ok, what = isinstance(value, dict), "an object of preset keys"
-            if not ok:
-                raise ValueError(f"{flag} must be {what}, got {value!r} ({type(value).__name__}).")
+            problem = field_type_problem(field.name, value)
+            if problem:
+                raise ValueError(f"--{field.name.replace('_', '-')} {problem}.")
+            if _FIELD_KINDS[field.name] is float and value is not None:
+                setattr(self, field.name, float(value))
+
+    def evaluation_test_limit(self):
+        """How many test images (the first ones) the final evaluation uses; None: all.
+
+        `--test-limit` if given; else, with `--train-limit N`, `default_test_limit(N)`.
+        """
+        if self.test_limit is not None:
+            return self.test_limit
+        if self.train_limit is not None:
+            return default_test_limit(self.train_limit)
+        return None
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -154,6 +153,16 @@ class TrainConfig:
     def identity(self):
         """What makes two runs the same experiment: every field but the locations."""
         return {k: v for k, v in self.to_dict().items() if k not in LOCATION_FIELDS}
+
+
+def default_test_limit(train_limit):
+    """The test images of a run with `--train-limit N` and no `--test-limit`: min(10000, max(1000, N)).
+
+    A quick run on a few thousand images is then not mostly its final
+    evaluation (plain, flipped and with the TTA policy), while 1,000 images
+    still measure its accuracy to about +-1.5 points.
+    """
+    return min(10000, max(1000, train_limit))
 
 
 def with_defaults(recorded):
@@ -169,9 +178,37 @@ def with_defaults(recorded):
 _FIELD_KINDS = dict(
     preset=str, epochs=int, batch_size=int, lr=float, momentum=float, nesterov=bool, schedule=str,
     warmup_epochs=float, weight_decay=float, label_smoothing=float, agc=float, ema=float, augment=str, jit=bool,
-    precision=str, seed=int, deterministic=bool, train_limit=int, val_size=int, data_dir=str, tfds_dir=str,
-    strategy=str, norm=str, tta=str, overrides=dict,
+    precision=str, seed=int, deterministic=bool, train_limit=int, test_limit=int, val_size=int, data_dir=str,
+    tfds_dir=str, strategy=str, norm=str, tta=str, overrides=dict,
 )
-_OPTIONAL = ("jit", "train_limit", "data_dir", "tfds_dir")
+_OPTIONAL = ("jit", "train_limit", "test_limit", "data_dir", "tfds_dir")
+
+
+def field_type_problem(name, value):
+    """Why `value` cannot be the `TrainConfig` field `name` (e.g. "must be a finite number, got 'fast' (str)"), or None.
+
+    Args:
+        name: str. A field of `TrainConfig`.
+        value: the value, as it came from a flag, a JSON file or Python.
+
+    Returns:
+        str or None.
+    """
+    kind = _FIELD_KINDS[name]
+    if value is None and name in _OPTIONAL:
+        return None
+    if kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        what = "an integer"
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        what = "a finite number"
+    elif kind is bool:
+        ok, what = isinstance(value, bool), "true or false"
+    elif kind is str:
+        ok, what = isinstance(value, str), "a string"
+    else:
+        ok, what = isinstance(value, dict), "an object of preset keys"
+    return None if ok else f"must be {what}, got {value!r} ({type(value).__name__})"
 CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 assert set(_FIELD_KINDS) == CONFIG_FIELDS, "every TrainConfig field needs a kind"

@@ -65,3 +65,25 @@ def import_backend_quietly():
             import tensorflow as tf
 
             tf.config.list_physical_devices()
+
+
+def prog(module):
+    """The command's name as the user typed it, for usage lines.
+
+    `nfnet-fit ...` gives `nfnet-fit`; `python -m nfnet_keras.fit ...` gives
+    `python -m nfnet_keras.fit` (the module actually run, so an alias such as
+    `python -m tuner.grid` keeps its own name).
+
+    Args:
+        module: str. The module to name when run with `python -m` and
+            `__main__` does not say which it is.
+
+    Returns:
+        str. The `prog` for `argparse.ArgumentParser`.
+    """
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if not name or name.endswith(".py") or name == "-c":
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        name = getattr(spec, "name", None) or module
+        return f"python -m {name.removesuffix('.__main__')}"
+    return name

@@ -173,10 +173,11 @@ def _from_tfds(tfds_dir):
 def load_cifar10(data_dir=None, tfds_dir=None, test_only=False):
     """Loads CIFAR-10 as uint8 NHWC arrays and int64 labels.
 
-    Looks, in order, in `data_dir` (else `$NFNET_DATA_DIR`) for the
-    `cifar-10-batches-py` folder (or the folder itself, or the official
-    `cifar-10-python.tar.gz`), then asks TFDS (`tfds_dir`), which downloads on a
-    connected machine.
+    A folder given as `data_dir` (else `$NFNET_DATA_DIR`) must hold the
+    `cifar-10-batches-py` folder (or be it), or the official
+    `cifar-10-python.tar.gz` (or be it): it is an error if it does not. Only
+    when no folder is given does it ask TFDS (`tfds_dir`), which downloads on
+    a connected machine.
 
     Args:
         data_dir: str or None. Defaults to `$NFNET_DATA_DIR`.
@@ -188,11 +189,14 @@ def load_cifar10(data_dir=None, tfds_dir=None, test_only=False):
         `((x_train, y_train), (x_test, y_test))`: 50,000 and 10,000 images.
 
     Raises:
-        DataError: nothing found (the message lists where it looked), or a file
-            is corrupt (the message names it).
+        DataError: the folder given holds no CIFAR-10 (the message says what
+            was expected there), TFDS has no copy and cannot download one, or a
+            file is corrupt (the message names it).
     """
-    data_dir = data_dir or os.environ.get("NFNET_DATA_DIR")
-    looked = []
+    given = f"--data-dir {data_dir}" if data_dir else None
+    if not data_dir and os.environ.get("NFNET_DATA_DIR"):
+        data_dir = os.environ["NFNET_DATA_DIR"]
+        given = f"NFNET_DATA_DIR={data_dir}"
     if data_dir:
         data_dir = os.path.expanduser(data_dir)
         found = _local_source(data_dir)
@@ -202,15 +206,19 @@ def load_cifar10(data_dir=None, tfds_dir=None, test_only=False):
                 return _from_batches_dir(path, test_only)
             train, test = _from_tarball(path)
             return (None if test_only else train), test
-        looked.append(f"{data_dir} (no {BATCHES_DIR}/ or {TARBALL})")
+        what = ": no such folder" if not os.path.exists(data_dir) else " holds no CIFAR-10"
+        raise DataError(
+            f"{given}{what}; expected the folder holding {BATCHES_DIR}/ (data_batch_1-5, test_batch) or "
+            f"{TARBALL}. Point it there, or give no folder to use TensorFlow Datasets."
+        )
     try:
         return _from_tfds(tfds_dir)
     except Exception as e:  # offline, no TFDS copy
-        looked.append(f"tensorflow_datasets 'cifar10' in {tfds_dir or '~/tensorflow_datasets'} ({e})")
-    raise DataError(
-        "CIFAR-10 not found. Looked in: " + "; ".join(looked) + ". Pass --data-dir DIR (or set "
-        f"NFNET_DATA_DIR) to a folder holding {BATCHES_DIR}/ or {TARBALL}."
-    )
+        raise DataError(
+            f"CIFAR-10 not found: no --data-dir or NFNET_DATA_DIR given, and tensorflow_datasets 'cifar10' in "
+            f"{tfds_dir or '~/tensorflow_datasets'} failed ({e}). Pass --data-dir DIR (or set NFNET_DATA_DIR) to "
+            f"a folder holding {BATCHES_DIR}/ or {TARBALL}."
+        ) from e
 
 
 def split(x, y, val_size=5000, train_limit=None):
@@ -220,8 +228,8 @@ def split(x, y, val_size=5000, train_limit=None):
     `val_size` images, training the rest (its first `train_limit` if given).
     """
     n = len(x)
-    if not 0 <= val_size < n:
-        raise ValueError(f"--val-size must be in [0, {n - 1}], got {val_size}.")
+    if not 1 <= val_size < n:
+        raise ValueError(f"--val-size must be >= 1 and less than the {n} training images, got {val_size}.")
     perm = np.random.default_rng(SPLIT_SEED).permutation(n)
     val_idx, train_idx = perm[:val_size], perm[val_size:]
     if train_limit is not None:

@@ -10,6 +10,7 @@ import numpy as np
 
 from nfnet_keras import data as data_lib
 from nfnet_keras import fileio
+from nfnet_keras.console import prog
 from nfnet_keras.contract import CLASS_NAMES, NUM_CLASSES
 from nfnet_keras.inference import TTA_POLICY_VIEWS, InputError, load_predictor, with_tta
 
@@ -34,10 +35,12 @@ def format_report(matrix, names=CLASS_NAMES):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m nfnet_keras.evaluate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=prog("nfnet_keras.evaluate"),
+                                description=__doc__.splitlines()[0].split(": `")[0] + ".")
     p.add_argument("--model", required=True, help="a .keras file or a SavedModel directory")
     p.add_argument("--data-dir", help="folder with cifar-10-batches-py/ (default: $NFNET_DATA_DIR, then TFDS)")
-    p.add_argument("--tfds-dir")
+    p.add_argument("--tfds-dir", help="TFDS data_dir, used only when no --data-dir or $NFNET_DATA_DIR is given "
+                   "(default: ~/tensorflow_datasets)")
     p.add_argument("--limit", type=int, help="evaluate on the first N test images")
     p.add_argument("--tta", choices=list(TTA_POLICY_VIEWS), default="none",
                    help="test-time augmentation: flip averages each image's and its mirror's probabilities; "

@@ -33,6 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from nfnet_keras import fileio
+from nfnet_keras.console import prog
 from nfnet_keras.contract import (
     CLASS_ID,
     CLASS_NAMES,
@@ -393,7 +394,7 @@ def _check_outputs(model, path, atol=1e-4):
 
 def _parse_args(argv):
     parser = argparse.ArgumentParser(
-        prog="python -m nfnet_keras.export",
+        prog=prog("nfnet_keras.export"),
         description="Export a .keras model as a TF Serving SavedModel <base-dir>/<name>/<version>/.",
     )
     parser.add_argument("--model", required=True, help="the trained model, a .keras file")

@@ -143,6 +143,32 @@ def unwritable(path):
     return None
 
 
+def folder_problem(folder):
+    """Why `folder` cannot be used (or created) as a folder to write in, or None.
+
+    Nothing is created: a missing folder is fine when its nearest existing
+    ancestor is a writable folder.
+
+    Args:
+        folder: str. The folder, as the user gave it.
+
+    Returns:
+        str or None. E.g. "runs/x is a file, not a folder", or "folder / is not writable".
+    """
+    path = os.path.normpath(folder)
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path or not parent:
+            path = parent or "."
+            break
+        path = parent
+    if not os.path.isdir(path):
+        return f"{path} is a file, not a folder"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"folder {path} is not writable"
+    return None
+
+
 def check_free_space(folder, needed_bytes, path):
     """Raises WriteError if `folder`'s file system has less than `needed_bytes` free for writing `path`."""
     import shutil

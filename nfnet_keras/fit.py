@@ -6,7 +6,8 @@ epochs 50/100/150, the report's augmentation); `--recipe fast` trains the same
 net in 20 epochs (docs/training.md). Rerunning the same command after a crash
 or Ctrl-C resumes from the last complete epoch.
 
-Exit statuses: 0 done; 2 bad input (nothing written); 3 the loss diverged;
+Exit statuses: 0 done; 2 bad input, including a --run-dir or export
+destination that cannot be written (nothing written); 3 the loss diverged;
 4 trained but the export failed; 5 a file could not be written (e.g. a full
 disk), the run directory is in use by another process, or no checkpoint could
 be read; 130 interrupted (rerun the same command to resume).
@@ -18,7 +19,8 @@ import os
 import sys
 
 from nfnet_keras import cli, rundir
-from nfnet_keras.config import RECIPES, STRATEGIES, TTA_POLICIES, TrainConfig
+from nfnet_keras.config import RECIPES, STRATEGIES, TTA_POLICIES, TrainConfig, field_type_problem
+from nfnet_keras.console import prog
 from nfnet_keras.export import check_model_name
 
 EXIT_BAD_INPUT = 2
@@ -34,9 +36,9 @@ HPARAM_KEYS = cli.CONFIG_FIELDS
 def build_parser():
     d = TrainConfig()
     p = argparse.ArgumentParser(
-        prog="python -m nfnet_keras.fit",
+        prog=prog("nfnet_keras.fit"),
         description="Train a Normalizer-Free ResNet on CIFAR-10 (defaults: the report's final run).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     p.add_argument("--recipe", choices=sorted(RECIPES), default="report",
                    help="a named set of defaults: report (the report's final run), fast (20 epochs) or "
@@ -51,7 +53,9 @@ def build_parser():
                                "triangle: 0.2x -> 1x at 23%% -> 0.07x; constant")
     g.add_argument("--hparams", metavar="FILE",
                    help="JSON of hyperparameters (e.g. the tuner's best_hparams.json); explicit flags win")
-    cli.add_data_flags(p.add_argument_group("data"), d)
+    g = p.add_argument_group("data")
+    cli.add_data_flags(g, d)
+    cli.add_test_flags(g, d)
     g = p.add_argument_group("runtime")
     cli.add_runtime_flags(g, d)
     g.add_argument("--mixed-precision", dest="precision", action="store_const", const="mixed_float16",
@@ -96,6 +100,10 @@ def parse_config(argv=None):
         if unknown:
             parser.error(f"--hparams {args.hparams} has unknown key(s) {', '.join(unknown)}; "
                          f"allowed: {', '.join(sorted(HPARAM_KEYS))}")
+        for key, value in hparams.items():
+            problem = field_type_problem(key, value)
+            if problem:
+                parser.error(f"--hparams {args.hparams}: key \"{key}\" {problem}")
         more = hparams.pop("overrides", {})
         if not isinstance(more, dict):
             parser.error(f"--hparams {args.hparams}: \"overrides\" must be an object of preset keys")
@@ -114,6 +122,22 @@ def parse_config(argv=None):
     return config, args
 
 
+def output_problem(run_dir, args):
+    """Why the run directory or the export destination cannot be written, as one line, or None."""
+    from nfnet_keras import fileio
+
+    problem = fileio.folder_problem(run_dir)
+    if problem:
+        return f"--run-dir {run_dir}: {problem}; give a folder to write the run in."
+    if not args.no_export:
+        destination = os.path.join(args.export_dir, args.export_name)
+        problem = fileio.folder_problem(destination)
+        if problem:
+            return (f"cannot export to {destination} (--export-dir {args.export_dir}, --export-name "
+                    f"{args.export_name}): {problem}; fix it, give another --export-dir, or pass --no-export.")
+    return None
+
+
 def main(argv=None):
     config, args = parse_config(argv)
     from nfnet_keras import fileio, training
@@ -121,6 +145,10 @@ def main(argv=None):
     from nfnet_keras.data import DataError
 
     run_dir = args.run_dir or rundir.default_run_dir(config)
+    problem = output_problem(run_dir, args)
+    if problem:  # before hours of training, and before anything is written
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         metrics = training.train(
             config,

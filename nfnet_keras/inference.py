@@ -4,6 +4,7 @@ Shared by `python -m nfnet_keras.evaluate` and `python -m nfnet_keras.predict`.
 """
 
 import os
+import zipfile
 
 import numpy as np
 import tensorflow as tf
@@ -96,10 +97,14 @@ def load_predictor(path, batch_size=256):
 
         import nfnet_keras  # noqa: F401  (registers the custom layers)
 
+        if not zipfile.is_zipfile(path):
+            raise InputError(f"--model {path} is not a loadable .keras model (not a zip archive); pass the "
+                             "model.keras that fit writes in its run directory.")
         try:
             model = keras.saving.load_model(path, compile=False)
         except Exception as e:
-            raise InputError(f"--model {path} is not a loadable .keras model ({e}).") from e
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(f"--model {path} is not a loadable .keras model ({reason}).") from e
         return keras_predictor(model, batch_size)
     if os.path.isfile(os.path.join(path, "saved_model.pb")):
         loaded = tf.saved_model.load(path)
@@ -119,31 +124,37 @@ def load_predictor(path, batch_size=256):
     )
 
 
-def read_images(path):
+def read_images(path, flag="--images"):
     """Reads images to classify: a `.npy` uint8 array N x 32 x 32 x 3, an image file, or a folder.
+
+    Args:
+        path: str. The `.npy` file, image file or folder.
+        flag: str. How the user gave `path`, named in the error messages
+            (`"--images"`; `""` for a positional argument). Defaults to `"--images"`.
 
     Returns:
         `(names, images)`: one name per image (the file name, or the row index
         of a `.npy`) and a uint8 array N x 32 x 32 x 3. Image files of another
         size are resized to 32 x 32.
     """
+    given = f"{flag} {path}" if flag else path
     if not os.path.exists(path):
-        raise InputError(f"--images {path}: no such file or folder.")
+        raise InputError(f"{given}: no such file or folder.")
     if path.endswith(".npy"):
         try:
             images = np.load(path, allow_pickle=False)
         except Exception as e:
-            raise InputError(f"--images {path} is not a readable .npy array ({e}).") from e
+            raise InputError(f"{given} is not a readable .npy array ({e}).") from e
         return [str(i) for i in range(len(images))], check_images(images, path)
     if os.path.isdir(path):
         files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
         if not files:
-            raise InputError(f"--images {path}: no .png/.jpg/.jpeg files in the folder.")
+            raise InputError(f"{given}: no .png/.jpg/.jpeg files in the folder.")
         files = [os.path.join(path, f) for f in files]
     elif path.lower().endswith(IMAGE_EXTENSIONS):
         files = [path]
     else:
-        raise InputError(f"--images {path}: expected a .npy array, a .png/.jpg file or a folder of them.")
+        raise InputError(f"{given}: expected a .npy array, a .png/.jpg file or a folder of them.")
     images = []
     for f in files:
         try:

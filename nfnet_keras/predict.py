@@ -12,6 +12,7 @@ import sys
 import numpy as np
 
 from nfnet_keras import fileio
+from nfnet_keras.console import prog
 from nfnet_keras.contract import CLASS_NAMES, InputError
 from nfnet_keras.inference import load_predictor, read_images
 
@@ -30,7 +31,8 @@ def write_predictions(path, names, probabilities):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m nfnet_keras.predict", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=prog("nfnet_keras.predict"),
+                                description=__doc__.splitlines()[0].split(": `")[0] + ".")
     p.add_argument("--model", required=True, help="a .keras file or a SavedModel directory")
     p.add_argument("--images", required=True, help=".npy uint8 N x 32 x 32 x 3, a PNG/JPEG, or a folder")
     p.add_argument("--out", required=True, help="output .npy (probabilities) or .csv (file, class, probability)")

@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
+from nfnet_keras.console import prog
 from nfnet_keras.contract import (
     CLASS_ID,
     CLASS_NAMES,
@@ -51,6 +52,18 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 class ServingError(RuntimeError):
     """The server answered with an error (the message is the server's)."""
+
+
+class ServerUnreachable(ServingError):
+    """No answer came: nothing listens at the address, or the server did not answer in time."""
+
+
+# Exit statuses of the command line.
+EXIT_SERVER_ERROR = 1
+EXIT_BAD_INPUT = 2
+EXIT_NO_ANSWER = 3
+# gRPC statuses that mean no server answered (the client could not connect, or gave up waiting).
+_NO_ANSWER_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 @dataclasses.dataclass
@@ -174,7 +187,7 @@ def predict_rest(url, images, signature_name=SIGNATURE, class_names=CLASS_NAMES,
             reason = text
         raise ServingError(f"HTTP {e.code} from {url}: {reason}") from e
     except (urllib.error.URLError, OSError) as e:
-        raise ServingError(f"cannot reach {url} ({getattr(e, 'reason', e)}); is the server up?") from e
+        raise ServerUnreachable(f"cannot reach {url} ({getattr(e, 'reason', e)}); is the server up?") from e
     return _one_per_image(parse_rest_response(body, class_names), images)
 
 
@@ -220,6 +233,7 @@ def predict_grpc(
 
     Raises:
         ServingError: the call failed; the message holds the gRPC status and details.
+            `ServerUnreachable` (a `ServingError`) for UNAVAILABLE and DEADLINE_EXCEEDED.
     """
     request = grpc_request(images, model_name, signature_name, version)
     options = [
@@ -231,7 +245,8 @@ def predict_grpc(
         try:
             response = stub.Predict(request, timeout=timeout)
         except grpc.RpcError as e:
-            raise ServingError(f"{e.code().name} from {target}: {e.details()}") from e
+            error = ServerUnreachable if e.code() in _NO_ANSWER_CODES else ServingError
+            raise error(f"{e.code().name} from {target}: {e.details()}") from e
     return _one_per_image(parse_grpc_response(response, class_names), images)
 
 
@@ -245,17 +260,55 @@ def _one_per_image(predictions, images):
 # === Command line ===
 
 
+def read_inputs(paths):
+    """Reads the command line's image arguments: `.npy` arrays, image files, folders of images.
+
+    Returns:
+        `(labels, images)`: one label per image, in order (`file.npy[i]` for
+        row i of an array, the path of an image file, `folder/name` for a file
+        of a folder) and a uint8 array N x 32 x 32 x 3.
+
+    Raises:
+        InputError: a path that cannot be read, or an array with no images.
+    """
+    labels, batches = [], []
+    for path in paths:
+        names, images = read_images(path, flag="")
+        if len(images) == 0:
+            raise InputError(f"{path} holds no images (an empty array); give at least one.")
+        if path.endswith(".npy"):
+            labels += [f"{path}[{name}]" for name in names]
+        elif os.path.isdir(path):
+            labels += [os.path.join(path, name) for name in names]
+        else:
+            labels += [path]
+        batches.append(images)
+    return labels, np.concatenate(batches)
+
+
 def main(argv=None):
+    """Classifies images with a served model; returns the exit status.
+
+    Exit statuses: 0 done; 1 the server answered with an error (or with
+    something that is not a prediction); 2 bad flags, or images or data that
+    cannot be read; 3 no answer (nothing listens at the address, or no answer
+    within the timeout).
+    """
     parser = argparse.ArgumentParser(
-        prog="python -m nfnet_keras.serving",
+        prog=prog("nfnet_keras.serving"),
         description="Classify images with a model served by TF Serving (REST or gRPC).",
+        epilog="exit status: 0 done; 1 the server answered with an error; 2 bad flags or unreadable images; "
+        "3 no answer from the server (nothing listens there, or it timed out).",
     )
-    parser.add_argument("images", nargs="*", help="image files (resized to 32x32 if needed)")
+    parser.add_argument("images", nargs="*",
+                        help="image files (resized to 32x32 if needed), folders of them, or .npy uint8 arrays "
+                        "N x 32 x 32 x 3")
     parser.add_argument("--cifar-test", type=int, metavar="N", help="send the first N CIFAR-10 test images")
     parser.add_argument("--model-name", required=True, help="the name the model is served under")
     parser.add_argument("--version", type=int, help="a model version (default: the latest)")
-    parser.add_argument("--host", default="localhost")
-    parser.add_argument("--protocol", choices=("grpc", "rest"), default="grpc")
+    parser.add_argument("--host", default="localhost", help="the TF Serving host (default: localhost)")
+    parser.add_argument("--protocol", choices=("grpc", "rest"), default="grpc",
+                        help=f"grpc (port {GRPC_PORT}) or rest (JSON over HTTP, port {REST_PORT}) (default: grpc)")
     parser.add_argument("--port", type=int, help=f"default: {GRPC_PORT} (gRPC), {REST_PORT} (REST)")
     args = parser.parse_args(argv)
     if bool(args.images) == (args.cifar_test is not None):
@@ -266,20 +319,19 @@ def main(argv=None):
         from nfnet_keras.data import DataError, load_cifar10
 
         try:
-            (_, _), (x_test, y_test) = load_cifar10()
+            (_, _), (x_test, y_test) = load_cifar10(test_only=True)
         except DataError as e:
             parser.error(str(e))
         images = x_test[: args.cifar_test]
         labels = [f"test[{i}] ({CLASS_NAMES[y]})" for i, y in enumerate(y_test[: args.cifar_test])]
     else:
-        missing = [p for p in args.images if not os.path.isfile(p)]
+        missing = [p for p in args.images if not os.path.exists(p)]
         if missing:
             parser.error(f"no such image file(s): {', '.join(missing)}.")
         try:
-            images = np.concatenate([read_images(p)[1] for p in args.images])
+            labels, images = read_inputs(args.images)
         except InputError as e:
             parser.error(str(e))
-        labels = args.images
     try:
         if args.protocol == "rest":
             url = rest_url(args.model_name, args.host, args.port or REST_PORT, args.version)
@@ -287,10 +339,13 @@ def main(argv=None):
         else:
             target = f"{args.host}:{args.port or GRPC_PORT}"
             predictions = predict_grpc(target, images, args.model_name, version=args.version)
+    except ServerUnreachable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_NO_ANSWER
     except ServingError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
-    for label, p in zip(labels, predictions):
+        return EXIT_SERVER_ERROR
+    for label, p in zip(labels, predictions, strict=True):
         print(f"{label}: {p.class_name} (p={p.probability:.3f})")
     return 0
 

@@ -9,6 +9,7 @@ in a locked run directory (`nfnet_keras.rundir`).
 import dataclasses
 import math
 import os
+import shlex
 import time
 
 import keras
@@ -126,6 +127,15 @@ def load_splits(config):
     return train, val, test
 
 
+def check_batch_size(batch_size, train_size, flag="--batch-size"):
+    """Raises a one-line ValueError if a batch of `batch_size` is larger than the `train_size` training images."""
+    if batch_size > train_size:
+        raise ValueError(
+            f"{flag} {batch_size} is larger than the training set ({train_size} images); lower {flag} or "
+            "train on more images (--train-limit, --val-size)."
+        )
+
+
 def make_datasets(config, train, val, batch_size=None):
     """The training and validation `tf.data` pipelines for `config`."""
     batch_size = batch_size or config.batch_size
@@ -225,6 +235,14 @@ class ExportFailed(RuntimeError):
     """Training finished, its results are saved, but the SavedModel export failed."""
 
 
+def export_command(model_path, export_name, export_dir="saved_models"):
+    """The `nfnet_keras.export` command line that exports `model_path` as `fit` would have."""
+    words = ["python", "-m", "nfnet_keras.export", "--model", model_path, "--name", export_name]
+    if os.path.normpath(export_dir) != "saved_models":
+        words += ["--base-dir", export_dir]
+    return shlex.join(words)
+
+
 def train(config, run_dir, export_name=None, export_dir="saved_models", verbose="auto"):
     """Runs one whole training job; resumable.
 
@@ -250,6 +268,7 @@ def train(config, run_dir, export_name=None, export_dir="saved_models", verbose=
     rundir.check_run_dir(run_dir, config)
     strategy = setup_runtime(config)
     train_arr, val_arr, test_arr = load_splits(config)  # before writing anything
+    check_batch_size(config.batch_size, len(train_arr[0]))
     fingerprint = rundir.data_fingerprint(*train_arr, *val_arr, *test_arr)
     rundir.check_data(run_dir, fingerprint)
     with rundir.locked(run_dir, what="--run-dir"):
@@ -305,6 +324,11 @@ def _train_locked(config, run_dir, strategy, splits, fingerprint, export_name, e
             "(--agc 0.01)."
         )
 
+    limit = config.evaluation_test_limit()
+    if limit is not None:
+        test_arr = (test_arr[0][:limit], test_arr[1][:limit])
+    views = ("plain", "flip") + (() if config.tta in ("none", "flip") else (config.tta,))
+    print(f"Evaluating on {len(test_arr[0])} test images ({', '.join(views)}) ...", flush=True)
     test_ds = data_lib.make_dataset(*test_arr, 256, one_hot=bool(config.label_smoothing))
     test_loss, test_accuracy = model.evaluate(test_ds, verbose=0)
     log_test_metrics(session, metrics["epochs_completed"] - 1, test_loss, test_accuracy)
@@ -326,6 +350,7 @@ def _train_locked(config, run_dir, strategy, splits, fingerprint, export_name, e
     metrics.update(diverged=False, test_accuracy=float(test_accuracy), test_loss=float(test_loss),
                    test_accuracy_flip_tta=test_accuracy_flip_tta, tta=config.tta,
                    tta_views=list(TTA_POLICY_VIEWS[config.tta]), test_accuracy_tta=tta[config.tta],
+                   test_images=len(test_arr[0]),
                    model_path=model_path)
     if export_name:
         from nfnet_keras.export import export_saved_model
@@ -337,7 +362,7 @@ def _train_locked(config, run_dir, strategy, splits, fingerprint, export_name, e
             rundir.write_metrics(run_dir, metrics)
             raise ExportFailed(
                 f"Training finished ({os.path.join(run_dir, rundir.METRICS_FILE)}, {model_path}) but the export "
-                f"failed: {e} Export again with: python -m nfnet_keras.export --model {model_path} --name {export_name}"
+                f"failed: {e} Export again with: {export_command(model_path, export_name, export_dir)}"
             ) from e
         print(f"Exported SavedModel to {metrics['export_path']}")
     rundir.write_metrics(run_dir, metrics)

@@ -46,8 +46,15 @@ def test_split_is_deterministic_disjoint_and_limited():
     assert not set(ya) & set(yb)
     (a3, _), (b3, _) = data.split(x, y, val_size=100, train_limit=50)
     assert np.array_equal(a3, a[:50]) and np.array_equal(b3, b)
-    with pytest.raises(ValueError, match="--val-size"):
-        data.split(x, y, val_size=1000)
+    for val_size in (0, 1000):  # the same rule as TrainConfig's: >= 1
+        with pytest.raises(ValueError) as error:
+            data.split(x, y, val_size=val_size)
+        assert str(error.value) == f"--val-size must be >= 1 and less than the 1000 training images, got {val_size}."
+    from nfnet_keras.config import TrainConfig
+
+    with pytest.raises(ValueError) as error:
+        TrainConfig(val_size=0).validate()
+    assert str(error.value) == "--val-size must be >= 1, got 0."
 
 
 def _fake_batch(n, seed):
@@ -83,9 +90,54 @@ def test_truncated_batch_file_is_named(tmp_path, synthetic_cifar_dir):
 
 
 def test_missing_data_gives_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("NFNET_DATA_DIR", raising=False)
     monkeypatch.setattr(data, "_reachable", lambda host, timeout=5.0: False)
-    with pytest.raises(data.DataError, match="CIFAR-10 not found.*--data-dir"):
-        data.load_cifar10(str(tmp_path / "nowhere"), tfds_dir=str(tmp_path / "tfds"))
+    with pytest.raises(data.DataError) as error:
+        data.load_cifar10(tfds_dir=str(tmp_path / "tfds"))
+    assert str(error.value) == (
+        f"CIFAR-10 not found: no --data-dir or NFNET_DATA_DIR given, and tensorflow_datasets 'cifar10' in "
+        f"{tmp_path / 'tfds'} failed (no prepared copy, and www.cs.toronto.edu is unreachable (offline?)). Pass "
+        "--data-dir DIR (or set NFNET_DATA_DIR) to a folder holding cifar-10-batches-py/ or cifar-10-python.tar.gz.")
+
+
+EXPECTED_THERE = ("expected the folder holding cifar-10-batches-py/ (data_batch_1-5, test_batch) or "
+                  "cifar-10-python.tar.gz. Point it there, or give no folder to use TensorFlow Datasets.")
+
+
+@pytest.mark.parametrize("from_env", [False, True], ids=["flag", "env"])
+@pytest.mark.parametrize("exists", [True, False], ids=["empty_folder", "no_folder"])
+def test_a_named_folder_without_cifar10_is_an_error_never_a_tfds_download(from_env, exists, tmp_path, monkeypatch):
+    def no_tfds(tfds_dir):
+        raise AssertionError("TFDS was asked although a folder was named")
+
+    monkeypatch.setattr(data, "_from_tfds", no_tfds)
+    folder = tmp_path / "wrong"
+    if exists:
+        folder.mkdir()
+        (folder / "data_batch_1.txt").write_text("not CIFAR-10")
+    monkeypatch.setenv("NFNET_DATA_DIR", str(folder)) if from_env else monkeypatch.delenv("NFNET_DATA_DIR", False)
+    with pytest.raises(data.DataError) as error:
+        data.load_cifar10(None if from_env else str(folder), tfds_dir=str(tmp_path / "tfds"), test_only=True)
+    given = f"NFNET_DATA_DIR={folder}" if from_env else f"--data-dir {folder}"
+    what = " holds no CIFAR-10" if exists else ": no such folder"
+    assert str(error.value) == f"{given}{what}; {EXPECTED_THERE}"
+    assert sorted(os.listdir(tmp_path)) == (["wrong"] if exists else [])
+
+
+def test_the_command_line_reports_a_wrong_data_dir_alone_with_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("NFNET_DATA_DIR", "TF_CPP_MIN_LOG_LEVEL")}
+    env["PYTHONPATH"] = root
+    result = subprocess.run(
+        [sys.executable, "-m", "nfnet_keras.fit", "--preset", "tiny", "--no-export", "--run-dir",
+         str(tmp_path / "run"), "--data-dir", str(tmp_path)], cwd=root, env=env, capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 2
+    assert result.stderr == f"error: --data-dir {tmp_path} holds no CIFAR-10; {EXPECTED_THERE}\n"
+    assert os.listdir(tmp_path) == []
 
 
 def test_seed_policy_proportions():

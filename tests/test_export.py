@@ -366,3 +366,13 @@ def test_cli_exports_and_refuses_bad_input(models, tmp_path, capsys):
     err = _cli(["--model", model_path, "--name", "nfnet", "--version", "-2"], capsys)
     assert "--version must be a positive integer" in err
     assert sorted(os.listdir(os.path.join(base, "nfnet"))) == ["1"]
+
+
+def test_cli_help_names_the_command_typed(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["/home/u/nfnet-keras/.venv/bin/nfnet-export", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        export.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: nfnet-export [-h]")
+    assert " ".join(text.split()).count("(default: saved_models)") == 1

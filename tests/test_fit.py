@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -243,11 +244,12 @@ def test_flip_tta_is_the_mean_over_the_mirror_and_flip_invariant(finished_run, c
     result = read_json(out)
     expected = float(((plain + mirrored).argmax(1) == y[:64]).mean())
     assert result["tta"] == "flip" and result["test_accuracy"] == pytest.approx(expected)
-    # fit's own figure is the same computation on the whole test set.
+    # fit's own figure is the same computation on its test images: with --train-limit 512, the first 1,000.
+    metrics = read_json(run_dir / "metrics.json")
+    assert metrics["test_images"] == 1000
     assert evaluate.main(["--model", str(run_dir / "model.keras"), "--data-dir", cifar_dir, "--tta", "flip",
-                          "--json", str(out)]) == 0
-    fit_figure = read_json(run_dir / "metrics.json")["test_accuracy_flip_tta"]
-    assert read_json(out)["test_accuracy"] == pytest.approx(fit_figure)
+                          "--limit", "1000", "--json", str(out)]) == 0
+    assert read_json(out)["test_accuracy"] == pytest.approx(metrics["test_accuracy_flip_tta"])
 
 
 @pytest.mark.slow
@@ -308,15 +310,188 @@ def test_predict_rejects_a_missing_model(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_failed_export_keeps_the_training_results_and_exits_4(tmp_path, synthetic_cifar_dir):
-    blocker = tmp_path / "not_a_dir"
-    blocker.write_text("a file where the export folder should be")
-    run_dir = tmp_path / "run"
-    result = run_fit([*TINY, "--epochs", "1", "--train-limit", "256", "--data-dir", synthetic_cifar_dir,
-                      "--run-dir", str(run_dir), "--export-dir", str(blocker)])
-    assert result.returncode == 4, result.stderr[-2000:]
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: Training finished") and "python -m nfnet_keras.export --model" in last
+def test_failed_export_keeps_the_training_results_and_exits_4(tmp_path, synthetic_cifar_dir, capsys, monkeypatch):
+    from nfnet_keras import export
+
+    def fail(model, name, version=None, base_dir="saved_models", **kwargs):
+        raise export.ExportError("The exported model's probabilities differ (a stand-in failure).")
+
+    monkeypatch.setattr(export, "export_saved_model", fail)
+    run_dir, export_dir = tmp_path / "run", tmp_path / "my models"
+    code = fit.main([*TINY, "--epochs", "1", "--train-limit", "256", "--data-dir", synthetic_cifar_dir,
+                     "--run-dir", str(run_dir), "--export-dir", str(export_dir), "--export-name", "m"])
+    assert code == 4
+    model_path = run_dir / "model.keras"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: Training finished ({run_dir / 'metrics.json'}, {model_path}) but the export failed: The exported "
+        "model's probabilities differ (a stand-in failure). Export again with: python -m nfnet_keras.export "
+        f"--model {model_path} --name m --base-dir '{export_dir}'")
     metrics = read_json(run_dir / "metrics.json")
     assert metrics["epochs_completed"] == 1 and "export_error" in metrics and "export_path" not in metrics
-    assert (run_dir / "model.keras").is_file()
+    assert model_path.is_file()
+
+
+def _listing(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("where", ["file", "under_file"])
+def test_a_run_dir_that_is_a_file_is_refused_in_one_line(where, tmp_path, capsys):
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file")
+    run_dir = blocker if where == "file" else blocker / "run"
+    before = _listing(tmp_path)
+    assert fit.main([*TINY, "--run-dir", str(run_dir), "--export-dir", str(tmp_path / "sm")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --run-dir {run_dir}: {blocker} is a file, not a folder; give a folder to write the run in.\n")
+    assert _listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("where", ["export_dir", "under_export_dir", "export_name"])
+def test_an_export_destination_that_cannot_be_written_is_refused_before_training(where, tmp_path, capsys):
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file")
+    export_dir, name = {"export_dir": (blocker, "nfnet"), "under_export_dir": (blocker / "sm", "nfnet"),
+                        "export_name": (tmp_path, "taken")}[where]
+    before = _listing(tmp_path)
+    argv = [*TINY, "--run-dir", str(tmp_path / "run"), "--export-dir", str(export_dir), "--export-name", name]
+    assert fit.main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"error: cannot export to {export_dir / name} (--export-dir {export_dir}, --export-name {name}): "
+        f"{blocker} is a file, not a folder; fix it, give another --export-dir, or pass --no-export.\n")
+    assert _listing(tmp_path) == before
+    _, args = fit.parse_config([*argv, "--no-export"])  # nothing exported: nothing to check
+    assert fit.output_problem(str(tmp_path / "run"), args) is None
+
+
+def test_an_unwritable_export_folder_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    locked_dir = tmp_path / "readonly"
+    locked_dir.mkdir()
+    real_access = os.access
+    # The tests run as root, for whom every folder is writable: the folder reports itself read-only.
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(locked_dir) else real_access(p, mode))
+    assert fit.main([*TINY, "--run-dir", str(tmp_path / "run"), "--export-dir", str(locked_dir)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: cannot export to {locked_dir / 'nfnet'} (--export-dir {locked_dir}, --export-name nfnet): "
+        f"folder {locked_dir} is not writable; fix it, give another --export-dir, or pass --no-export.\n")
+    assert _listing(tmp_path) == ["readonly"]
+
+
+def test_the_export_hint_names_base_dir_only_when_not_the_default():
+    from nfnet_keras.training import export_command
+
+    assert export_command("runs/r/model.keras", "nfnet") == (
+        "python -m nfnet_keras.export --model runs/r/model.keras --name nfnet")
+    assert export_command("runs/r/model.keras", "nfnet", "./saved_models/") == (
+        "python -m nfnet_keras.export --model runs/r/model.keras --name nfnet")
+    assert export_command("runs/r/model.keras", "nfnet", "/srv/models") == (
+        "python -m nfnet_keras.export --model runs/r/model.keras --name nfnet --base-dir /srv/models")
+
+
+def test_evaluate_names_a_garbage_keras_file_as_not_a_model(tmp_path, capsys):
+    path = tmp_path / "model.keras"
+    path.write_text("not a model")
+    assert evaluate.main(["--model", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --model {path} is not a loadable .keras model (not a zip archive); pass the model.keras that fit "
+        "writes in its run directory.\n")
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:  # a zip, but no Keras model in it
+        archive.writestr("notes.txt", "hello")
+    assert evaluate.main(["--model", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --model {path} is not a loadable .keras model (") and err.count("\n") == 1
+    assert "not found" not in err.lower()
+
+
+@pytest.mark.parametrize(
+    "hparams, message",
+    [
+        ({"lr": "fast"}, "key \"lr\" must be a finite number, got 'fast' (str)"),
+        ({"batch_size": 64.5}, "key \"batch_size\" must be an integer, got 64.5 (float)"),
+        ({"nesterov": "yes"}, "key \"nesterov\" must be true or false, got 'yes' (str)"),
+    ],
+)
+def test_hparams_with_a_wrong_value_names_the_file_and_the_key(hparams, message, tmp_path, capsys):
+    path = tmp_path / "best.json"
+    path.write_text(json.dumps(hparams))
+    with pytest.raises(SystemExit) as exit_info:
+        fit.parse_config(["--hparams", str(path)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f": error: --hparams {path}: {message}")
+
+
+def test_a_batch_larger_than_the_training_set_is_refused_before_anything_is_written(
+        tmp_path, synthetic_cifar_dir, capsys):
+    argv = [*TINY, "--train-limit", "100", "--batch-size", "128", "--data-dir", synthetic_cifar_dir,
+            "--run-dir", str(tmp_path / "run"), "--export-dir", str(tmp_path / "sm")]
+    assert fit.main(argv) == 2
+    assert capsys.readouterr().err == (
+        "error: --batch-size 128 is larger than the training set (100 images); lower --batch-size or train on "
+        "more images (--train-limit, --val-size).\n")
+    assert os.listdir(tmp_path) == []
+
+
+def test_evaluation_test_limit_follows_the_run():
+    assert TrainConfig().evaluation_test_limit() is None  # all 10,000
+    assert [TrainConfig(train_limit=n).evaluation_test_limit() for n in (1, 999, 1000, 3000, 10000, 49000)] == [
+        1000, 1000, 1000, 3000, 10000, 10000]
+    assert TrainConfig(train_limit=3000, test_limit=200).evaluation_test_limit() == 200
+    assert TrainConfig(test_limit=200).evaluation_test_limit() == 200
+    with pytest.raises(ValueError) as error:
+        TrainConfig(test_limit=0).validate()
+    assert str(error.value) == "--test-limit must be >= 1, got 0."
+    config, _ = fit.parse_config(["--test-limit", "500"])
+    assert config.test_limit == 500
+
+
+def test_test_limit_evaluates_on_the_first_test_images(tmp_path, synthetic_cifar_dir, capsys):
+    run_dir = tmp_path / "run"
+    assert fit.main([*TINY, "--epochs", "1", "--train-limit", "64", "--test-limit", "50", "--tta", "flip_translate",
+                     "--data-dir", synthetic_cifar_dir, "--run-dir", str(run_dir), "--no-export"]) == 0
+    out = capsys.readouterr().out
+    assert "Evaluating on 50 test images (plain, flip, flip_translate) ...\n" in out
+    assert "Test accuracy: " in out and " on 50 images." in out
+    metrics = read_json(run_dir / "metrics.json")
+    assert metrics["test_images"] == 50 and metrics["config"]["test_limit"] == 50
+    from nfnet_keras.inference import load_predictor
+
+    _, (x, y) = load_cifar10(synthetic_cifar_dir, test_only=True)
+    predict = load_predictor(str(run_dir / "model.keras"))
+    assert metrics["test_accuracy"] == pytest.approx(float((predict(x[:50]).argmax(1) == y[:50]).mean()))
+    # --train-limit without --test-limit: min(10000, max(1000, N)) images, here all 200 there are.
+    assert fit.main([*TINY, "--epochs", "1", "--train-limit", "64", "--data-dir", synthetic_cifar_dir,
+                     "--run-dir", str(tmp_path / "run2"), "--no-export"]) == 0
+    assert "Evaluating on 200 test images (plain, flip) ...\n" in capsys.readouterr().out
+    assert read_json(tmp_path / "run2" / "metrics.json")["test_images"] == 200
+
+
+@pytest.mark.parametrize("command, main", [("nfnet-fit", fit.main), ("nfnet-evaluate", evaluate.main),
+                                           ("nfnet-predict", predict.main)])
+def test_help_names_the_command_typed_and_tells_each_default_once(command, main, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [f"/home/u/nfnet-keras/.venv/bin/{command}", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: {command} [-h]")
+    flat = " ".join(text.split())
+    assert "python -m" not in flat.split("options:")[0]
+    for noise in ("(default: None)", "(default: False)", "(default: [])"):
+        assert noise not in flat, noise
+    entries = re.split(r"\n  (?=-)", text.split("options:", 1)[1])  # one per flag
+    assert len(entries) > 3 and all(entry.count("(default") <= 1 for entry in entries), entries
+    if command == "nfnet-fit":
+        assert "--train-limit TRAIN_LIMIT train on the first N training images (default: all) --val-size" in flat
+        assert "--val-size VAL_SIZE validation images held out of the 50,000 (default: 5000)" in flat
+        assert "--no-jit do not XLA-compile the train step" in flat
+        assert "--seed SEED random seed (weights, shuffling, augmentation) (default: 0)" in flat  # 0 is a default
+    if command == "nfnet-evaluate":
+        assert "--tfds-dir TFDS_DIR TFDS data_dir, used only when no --data-dir" in flat
+
+
+def test_help_under_python_m_names_the_module():
+    result = subprocess.run([sys.executable, "-m", "nfnet_keras.predict", "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("usage: python -m nfnet_keras.predict [-h]")

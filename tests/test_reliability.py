@@ -227,10 +227,10 @@ def test_aliases_are_the_same_experiment(tmp_path):
 @pytest.mark.parametrize(
     "content, message",
     [
-        ({"batch_size": 64.5}, "--batch-size must be an integer, got 64.5 (float)."),
-        ({"batch_size": True}, "--batch-size must be an integer, got True (bool)."),
-        ({"lr": [0.1]}, "--lr must be a finite number, got [0.1] (list)."),
-        ({"nesterov": 1}, "--nesterov must be true or false, got 1 (int)."),
+        ({"batch_size": 64.5}, 'h.json: key "batch_size" must be an integer, got 64.5 (float)'),
+        ({"batch_size": True}, 'h.json: key "batch_size" must be an integer, got True (bool)'),
+        ({"lr": [0.1]}, 'h.json: key "lr" must be a finite number, got [0.1] (list)'),
+        ({"nesterov": 1}, 'h.json: key "nesterov" must be true or false, got 1 (int)'),
         ([0.01, 64], "must hold a JSON object of settings, got a list"),
         ({"overrides": [1]}, '"overrides" must be an object of preset keys'),
     ],
@@ -446,7 +446,10 @@ def test_missing_data_exits_2_without_creating_the_run_dir(tmp_path, monkeypatch
     code = fit.main([*TINY, "--data-dir", str(tmp_path / "nowhere"), "--tfds-dir", str(tmp_path / "tfds"),
                      "--run-dir", str(tmp_path / "run")])
     captured = capsys.readouterr()
-    assert code == 2 and "CIFAR-10 not found" in _last_line(captured.err)
+    assert code == 2 and _last_line(captured.err) == (
+        f"error: --data-dir {tmp_path / 'nowhere'}: no such folder; expected the folder holding cifar-10-batches-py/ "
+        "(data_batch_1-5, test_batch) or cifar-10-python.tar.gz. Point it there, or give no folder to use "
+        "TensorFlow Datasets.")
     assert "Run directory" not in captured.out and not (tmp_path / "run").exists()
 
 
@@ -478,3 +481,21 @@ def test_a_second_grid_search_on_the_same_project_exits_5(tmp_path, synthetic_ci
     assert _last_line(capsys.readouterr().err) == (f"error: {project} is in use by process {holder.pid}; wait for "
                                                    "it to finish (or stop it), or use another --project-name.")
     assert sorted(os.listdir(project)) == [".lock"]  # no study, no trials
+
+
+def test_usage_lines_name_the_command_as_it_was_typed(monkeypatch):
+    import types
+
+    from nfnet_keras.console import prog
+
+    monkeypatch.setattr(sys, "argv", ["/home/u/nfnet-keras/.venv/bin/nfnet-fit", "--help"])
+    assert prog("nfnet_keras.fit") == "nfnet-fit"
+    for spec_name, shown in (("nfnet_keras.fit", "nfnet_keras.fit"), ("tuner.grid", "tuner.grid"),
+                             ("somepkg.__main__", "somepkg")):
+        main_module = types.ModuleType("__main__")
+        main_module.__spec__ = types.SimpleNamespace(name=spec_name)
+        monkeypatch.setitem(sys.modules, "__main__", main_module)
+        monkeypatch.setattr(sys, "argv", [f"/src/{spec_name.replace('.', '/')}.py", "--help"])
+        assert prog("nfnet_keras.fit") == f"python -m {shown}"
+    main_module.__spec__ = None  # `python nfnet_keras/fit.py`: the module it stands for
+    assert prog("nfnet_keras.fit") == "python -m nfnet_keras.fit"

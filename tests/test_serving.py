@@ -15,6 +15,7 @@ import http.server
 import json
 import re
 import socket
+import sys
 import threading
 import time
 import urllib.error
@@ -577,3 +578,110 @@ def test_serving_benchmark_smoke(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"{latency['p50']['min']:.2f} / {latency['p50']['median']:.2f}" in out
     assert f"{serve['min']:.0f} / {serve['median']:.0f}" in out
+
+
+# === Command line: labels, exit statuses ===
+
+
+class EchoPrediction(prediction_service_pb2_grpc.PredictionServiceServicer):
+    """`Predict` answers each image with class `first pixel % 10` and that class's probability `first pixel / 256`."""
+
+    def Predict(self, request, context):
+        first = tf.make_ndarray(request.inputs["image"])[:, 0, 0, 0].astype(np.int64)
+        probabilities = np.zeros((len(first), 10), np.float32)
+        probabilities[np.arange(len(first)), first % 10] = first / 256
+        return _response(probabilities=probabilities, class_id=first % 10)
+
+
+@pytest.fixture(scope="module")
+def echo_grpc():
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(EchoPrediction(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    deadline = threading.Timer(SERVER_LIFETIME, server.stop, args=(0,))
+    deadline.daemon = True
+    deadline.start()
+    try:
+        yield "127.0.0.1", str(port)
+    finally:
+        deadline.cancel()
+        server.stop(grace=None).wait(10)
+
+
+def _image_with_first_pixel(value):
+    image = np.full((32, 32, 3), 200, np.uint8)
+    image[0, 0, 0] = value
+    return image
+
+
+def test_cli_labels_every_input_with_its_own_prediction(echo_grpc, tmp_path, capsys):
+    from PIL import Image
+
+    np.save(tmp_path / "a.npy", np.stack([_image_with_first_pixel(v) for v in (11, 22, 33)]))
+    (tmp_path / "folder").mkdir()
+    for name, value in (("y.png", 77), ("x.png", 66)):
+        Image.fromarray(_image_with_first_pixel(value)).save(tmp_path / "folder" / name)
+    Image.fromarray(_image_with_first_pixel(44)).save(tmp_path / "img1.png")
+    Image.fromarray(_image_with_first_pixel(55)).save(tmp_path / "img2.png")
+    np.save(tmp_path / "b.npy", _image_with_first_pixel(98)[None])
+    inputs = [str(tmp_path / name) for name in ("a.npy", "img1.png", "folder", "img2.png", "b.npy")]
+    host, port = echo_grpc
+    assert serving.main(["--model-name", "m", "--host", host, "--port", port, *inputs]) == 0
+    a, img1, folder, img2, b = inputs
+    expected = [(f"{a}[0]", 11), (f"{a}[1]", 22), (f"{a}[2]", 33), (img1, 44),
+                (f"{folder}/x.png", 66), (f"{folder}/y.png", 77), (img2, 55), (f"{b}[0]", 98)]
+    assert capsys.readouterr().out.splitlines() == [
+        f"{label}: {CLASS_NAMES[v % 10]} (p={v / 256:.3f})" for label, v in expected
+    ]
+
+
+def test_cli_exit_status_tells_a_server_error_from_no_server(grpc_target, images, tmp_path, capsys):
+    np.save(tmp_path / "x.npy", images[:1])
+    host, port = grpc_target.split(":")
+    assert serving.main(["--model-name", "other", "--host", host, "--port", port, str(tmp_path / "x.npy")]) == 1
+    assert capsys.readouterr().err == (
+        f"error: NOT_FOUND from {grpc_target}: Servable not found for request: Latest(other)\n")
+    with socket.socket() as sock:  # a port that was free a moment ago: nothing listens
+        sock.bind(("127.0.0.1", 0))
+        free = str(sock.getsockname()[1])
+    assert serving.main(["--model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", free,
+                         str(tmp_path / "x.npy")]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: UNAVAILABLE from 127.0.0.1:{free}: ") and err.count("\n") == 1
+    argv = ["--model-name", MODEL_NAME, "--protocol", "rest", "--host", "127.0.0.1", "--port", free]
+    assert serving.main(argv + [str(tmp_path / "x.npy")]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot reach http://127.0.0.1:{free}/v1/models/{MODEL_NAME}:predict (")
+    assert err.endswith("; is the server up?\n") and err.count("\n") == 1
+
+
+def test_cli_names_a_wrong_input_without_a_flag_it_does_not_have(tmp_path, capsys):
+    (tmp_path / "list.txt").write_text("cat.png\n")
+    with pytest.raises(SystemExit) as exit_:
+        serving.main(["--model-name", MODEL_NAME, str(tmp_path / "list.txt")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].endswith(
+        f": error: {tmp_path / 'list.txt'}: expected a .npy array, a .png/.jpg file or a folder of them.")
+    assert "--images" not in err[-1]
+    np.save(tmp_path / "empty.npy", np.zeros((0, 32, 32, 3), np.uint8))
+    with pytest.raises(SystemExit) as exit_:
+        serving.main(["--model-name", MODEL_NAME, str(tmp_path / "empty.npy")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        f"error: {tmp_path / 'empty.npy'} holds no images (an empty array); give at least one.")
+
+
+def test_cli_help_names_the_command_typed_and_every_flag_has_help(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["/home/u/nfnet-keras/.venv/bin/nfnet-serve-client", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        serving.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: nfnet-serve-client [-h]")
+    flat = " ".join(text.split())
+    assert "--host HOST the TF Serving host (default: localhost)" in flat
+    assert "--protocol {grpc,rest} grpc (port 8500) or rest (JSON over HTTP, port 8501) (default: grpc)" in flat
+    assert ("exit status: 0 done; 1 the server answered with an error; 2 bad flags or unreadable images; 3 no "
+            "answer from the server (nothing listens there, or it timed out).") in flat

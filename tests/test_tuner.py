@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import pickle
+import re
 import signal
 import socket
 import subprocess
@@ -124,12 +125,12 @@ def _recorded_finished(project_dir):
 
 
 def _started(log_text):
-    """The (tuner_id, trial_id) pairs a log says were started ("[tuner0] trial 3 starts: ...")."""
+    """The (tuner_id, trial_id) pairs a log says were started ("[tuner0] trial 4 starts: ..." is trial_id "3")."""
     pairs = []
     for line in log_text.splitlines():
         if line.startswith("[") and "] trial " in line and " starts: " in line:
             tuner_id, rest = line[1:].split("] trial ", 1)
-            pairs.append((tuner_id, rest.split(" ", 1)[0]))
+            pairs.append((tuner_id, str(int(rest.split(" ", 1)[0]) - 1)))
     return pairs
 
 
@@ -292,7 +293,7 @@ def test_search_space_summary_shows_both_hyperparameters_before_the_search(tmp_p
     assert "batch_size (Choice)" in out and "'values': [32, 64, 128, 256]" in out
 
 
-def test_diverged_trial_stops_at_once_and_reports_no_accuracy(tmp_path):
+def test_diverged_trial_stops_at_once_and_reports_no_accuracy(tmp_path, capsys):
     rng = np.random.default_rng(0)
     config = TrainConfig(preset="tiny", epochs=3, schedule="constant", augment="none")
     train = (rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 64))
@@ -310,6 +311,12 @@ def test_diverged_trial_stops_at_once_and_reports_no_accuracy(tmp_path):
     cells = results_lib.collect(tuner.oracle, [1e4], [16])
     assert cells[(16, 1e4, None)].status == "diverged" and cells[(16, 1e4, None)].val_accuracy is None
     assert "diverged" in results_lib.markdown_table(cells, [1e4], [16])
+    # The log counts trials from 1, as KerasTuner's own "Trial #1" does; the trial's id (its folder) is "0".
+    out = capsys.readouterr().out
+    assert trial.trial_id in ("0", "00")
+    assert "] trial 1 starts: lr=10000.0, batch_size=16\n" in out
+    assert "Trial 1 (lr 10000.0, batch 16) diverged: the loss became NaN/inf at epoch 1" in out
+    assert "trial 0 " not in out.lower()
 
 
 # === Outputs ===
@@ -577,3 +584,52 @@ def test_distributed_chief_and_two_workers_on_loopback(tmp_path, tiny_cifar):
     chief = _read(tmp_path / "chief.log")
     assert "4 of 4 trials finished (0 diverged, 0 failed)." in chief
     assert os.path.exists(tmp_path / "grid_results.md")
+
+
+@pytest.mark.parametrize("where", ["file", "under_file"])
+def test_cli_refuses_a_directory_that_is_a_file_in_one_line(where, tmp_path, capsys):
+    from nfnet_keras.tuner import grid
+
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file")
+    directory = blocker if where == "file" else blocker / "tuner"
+    assert grid.main(["--directory", str(directory), "--epochs", "1"]) == grid.EXIT_BAD_INPUT == 2
+    assert capsys.readouterr().err == (
+        f"error: --directory {directory}: {blocker} is a file, not a folder; give a folder to write the search in.\n")
+    assert sorted(os.listdir(tmp_path)) == ["taken"]
+    assert grid.main(["--directory", str(tmp_path / "ok"), "--tensorboard-dir", str(directory)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --tensorboard-dir {directory}: {blocker} is a file, not a folder; give a folder to write the "
+        "search in.\n")
+    assert sorted(os.listdir(tmp_path)) == ["taken"]
+
+
+def test_cli_refuses_a_batch_size_larger_than_the_training_set(tmp_path, synthetic_cifar_dir, capsys):
+    from nfnet_keras.tuner import grid
+
+    argv = ["--preset", "tiny", "--epochs", "1", "--lrs", "0.01", "--batch-sizes", "32,128", "--train-limit", "64",
+            "--val-size", "32", "--data-dir", synthetic_cifar_dir, "--directory", str(tmp_path / "t")]
+    assert grid.main(argv) == 2
+    assert capsys.readouterr().err == (
+        "error: --batch-sizes 128 is larger than the training set (64 images); lower --batch-sizes or train on "
+        "more images (--train-limit, --val-size).\n")
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_help_names_the_command_typed_and_every_flag_has_help(monkeypatch, capsys):
+    from nfnet_keras.tuner import grid
+
+    monkeypatch.setattr(sys, "argv", ["/home/u/nfnet-keras/.venv/bin/nfnet-grid", "--help"])
+    with pytest.raises(SystemExit):
+        grid.main(["--help"])
+    text = capsys.readouterr().out
+    assert text.startswith("usage: nfnet-grid [-h]")
+    flat = " ".join(text.split())
+    assert "--project-name PROJECT_NAME the search's folder under --directory" in flat
+    assert "(default: None)" not in flat
+    entries = re.split(r"\n  (?=-)", text.split("options:", 1)[1])  # one per flag
+    assert len(entries) > 3 and all(entry.count("(default") <= 1 for entry in entries), entries
+    assert all(action.help for action in grid.build_parser()._actions)
+    alias = subprocess.run([sys.executable, "-m", "tuner.grid", "--help"], cwd=REPO, capture_output=True, text=True,
+                           timeout=120)
+    assert alias.returncode == 0 and alias.stdout.startswith("usage: python -m tuner.grid [-h]")

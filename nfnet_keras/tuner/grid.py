@@ -28,10 +28,11 @@ import sys
 
 from nfnet_keras import cli, fileio, rundir, training
 from nfnet_keras.config import LOCATION_FIELDS, TrainConfig, with_defaults
+from nfnet_keras.console import prog
 from nfnet_keras.data import DataError
 from nfnet_keras.tuner import results as results_lib
 from nfnet_keras.tuner.hypermodel import OBJECTIVE, NFNetHyperModel, hparams_experiment, tensorboard_callback
-from nfnet_keras.tuner.oracle import NFNetGridSearch
+from nfnet_keras.tuner.oracle import NFNetGridSearch, trial_number
 
 EXIT_FAILED_TRIALS = 1
 EXIT_BAD_INPUT = 2
@@ -59,9 +60,9 @@ def _number_list(kind, name, allow_zero=False):
 def build_parser():
     d = TrainConfig()
     p = argparse.ArgumentParser(
-        prog="python -m nfnet_keras.tuner.grid",
+        prog=prog("nfnet_keras.tuner.grid"),
         description="Grid search of lr x batch size for an NF-ResNet on CIFAR-10 (defaults: the report's study).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     g = p.add_argument_group("grid")
     g.add_argument("--lrs", type=_number_list(float, "--lrs"), default=list(DEFAULT_LRS),
@@ -86,7 +87,8 @@ def build_parser():
     cli.add_data_flags(p.add_argument_group("data"), d)
     g = p.add_argument_group("output")
     g.add_argument("--directory", default="tuner_runs", help="the tuner's directory; the tables go here too")
-    g.add_argument("--project-name", default="nfnet_grid")
+    g.add_argument("--project-name", default="nfnet_grid",
+                   help="the search's folder under --directory (trials, logs); the tables are named after it")
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh instead of resuming (ignored by distributed workers)")
     g.add_argument("--tensorboard-dir", help="default: <directory>/<project-name>/logs")
@@ -185,12 +187,19 @@ def main(argv=None):
     log_dir = args.tensorboard_dir or os.path.join(project_dir, "logs")
     study = study_record(config, args)
     grid_size = len(args.lrs) * len(args.batch_sizes) * len(args.agcs or [None])
+    for flag, folder in (("--directory", project_dir), ("--tensorboard-dir", log_dir)):
+        problem = fileio.folder_problem(folder)
+        if problem:  # before anything is written
+            print(f"error: {flag} {getattr(args, flag[2:].replace('-', '_'))}: {problem}; give a folder to write "
+                  "the search in.", file=sys.stderr)
+            return EXIT_BAD_INPUT
     try:
         if not overwrite:
             check_study(project_dir, study)
         train = val = None
         if who != "chief":  # the chief only serves the oracle
             train, val, _ = training.load_splits(config)
+            training.check_batch_size(max(args.batch_sizes), len(train[0]), flag="--batch-sizes")
     except (ValueError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -273,7 +282,7 @@ def report(tuner, config, args):
     if best is not None:
         agc_text = f", AGC {_agc_text(best.agc)}" if best.agc is not None else ""
         print(f"Best: lr {best.lr:g}, batch size {best.batch_size}{agc_text}: {100 * best.val_accuracy:.2f}% "
-              f"(trial {best.trial_id}).")
+              f"(trial {trial_number(best.trial_id)}).")
         print(f"Wrote {paths['markdown']}, {paths['csv']} and {paths['best']} "
               f"(python -m nfnet_keras.fit --hparams {paths['best']}).")
     else:

@@ -17,7 +17,7 @@ import keras_tuner
 import numpy as np
 
 from nfnet_keras import fileio, training
-from nfnet_keras.tuner.oracle import DIVERGED
+from nfnet_keras.tuner.oracle import DIVERGED, trial_number
 
 OBJECTIVE = "val_accuracy"
 
@@ -115,7 +115,7 @@ class NFNetHyperModel(keras_tuner.HyperModel):
         )
         if result.diverged:
             at = result.diverged_at
-            print(f"Trial {self._trial_id} (lr {config.lr}, batch {config.batch_size}) diverged: "
+            print(f"Trial {trial_number(self._trial_id)} (lr {config.lr}, batch {config.batch_size}) diverged: "
                   f"the loss became NaN/inf at epoch {at['epoch']}, step {at['step']}; stopped.", flush=True)
             metrics = {OBJECTIVE: float("nan"), DIVERGED: 1.0,
                        "diverged_epoch": float(at["epoch"]), "diverged_step": float(at["step"])}

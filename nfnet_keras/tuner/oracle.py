@@ -49,6 +49,12 @@ def save_json_atomically(path, state):
         f.write(json.dumps(state))
 
 
+def trial_number(trial_id):
+    """The 1-based number a log shows for `trial_id` (KerasTuner's ids count from 0, its "Trial N" from 1)."""
+    text = str(trial_id)
+    return int(text) + 1 if text.isdigit() else text
+
+
 def is_diverged(trial):
     """Whether `trial` reported the `diverged` metric as nonzero."""
     metrics = trial.metrics
@@ -189,7 +195,7 @@ class NFNetGridSearch(keras_tuner.GridSearch):
     def on_trial_begin(self, trial):
         super().on_trial_begin(trial)
         values = ", ".join(f"{k}={v}" for k, v in trial.hyperparameters.values.items())
-        print(f"[{self.tuner_id}] trial {trial.trial_id} starts: {values}", flush=True)
+        print(f"[{self.tuner_id}] trial {trial_number(trial.trial_id)} starts: {values}", flush=True)
         begin = getattr(self.hypermodel, "begin_trial", None)
         if begin is not None:
             begin(trial.trial_id)
