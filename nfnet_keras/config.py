@@ -22,7 +22,7 @@ AUGMENTATION_ALIASES = {"seed": "noise_rotate_flip"}
 # network has its scaled activations (the BatchNorm twin, for comparisons).
 NORMS = ("none", "batch")
 # Test-time augmentation of fit's final report and `evaluate --tta` (views in nfnet_keras.inference).
-TTA_POLICIES = ("none", "flip", "flip_translate")
+TTA_POLICIES = ("none", "flip", "flip_translate", "flip_translate_weighted")
 # Fields that say where things are, not what the experiment is: they may
 # differ between the runs of one experiment (e.g. on resume, after moving the data).
 LOCATION_FIELDS = ("data_dir", "tfds_dir")

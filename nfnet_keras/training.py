@@ -19,7 +19,7 @@ from nfnet_keras import data as data_lib
 from nfnet_keras import distribution, rundir
 from nfnet_keras.callbacks import DivergenceMonitor, EpochCheckpoint, EpochTimer
 from nfnet_keras.config import PRECISIONS, RECIPES, SCHEDULES, STRATEGIES, TrainConfig  # noqa: F401  (re-exported)
-from nfnet_keras.inference import TTA_POLICY_VIEWS, keras_predictor, with_tta
+from nfnet_keras.inference import TTA_POLICY_VIEWS, TTA_POLICY_WEIGHTS, keras_predictor, with_tta
 from nfnet_keras.model import BATCHNORM_TWIN, adapt_model, build_model
 from nfnet_keras.optimization import make_loss, make_optimizer
 from nfnet_keras.tensorboard import SignalPropagationLogger, TensorBoard, log_hparams, log_test_metrics, session_dir
@@ -325,7 +325,9 @@ def _train_locked(config, run_dir, strategy, splits, fingerprint, export_name, e
         model.save(tmp)
     metrics.update(diverged=False, test_accuracy=float(test_accuracy), test_loss=float(test_loss),
                    test_accuracy_flip_tta=test_accuracy_flip_tta, tta=config.tta,
-                   tta_views=list(TTA_POLICY_VIEWS[config.tta]), test_accuracy_tta=tta[config.tta],
+                   tta_views=list(TTA_POLICY_VIEWS[config.tta]),
+                   tta_weights=[weight for _, weight in TTA_POLICY_WEIGHTS[config.tta]],
+                   test_accuracy_tta=tta[config.tta],
                    model_path=model_path)
     if export_name:
         from nfnet_keras.export import export_saved_model
