@@ -56,7 +56,8 @@ def add_optimisation_flags(group, defaults, schedule_help):
                        help="evaluate and keep an exponential moving average of the weights (e.g. 0.99); 0: off")
     group.add_argument("--augment", choices=AUGMENTATIONS + tuple(AUGMENTATION_ALIASES), default=d.augment,
                        help="noise_rotate_flip (alias seed): the report's per-image policy; "
-                       "standard: pad-4 crop + flip; translate_flip: +-2 px reflect-padded shift + flip; none")
+                       "standard: pad-4 crop + flip; translate_flip: +-2 px reflect-padded shift + flip; "
+                       "translate_altflip: the same shift, each image mirrored on alternate epochs; none")
 
 
 def add_data_flags(group, defaults):

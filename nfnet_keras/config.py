@@ -15,8 +15,9 @@ SCHEDULES = ("step", "cosine", "onecycle", "triangle", "constant")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("none", "mirrored", "data_parallel")
 # Augmentation policies (implemented in `nfnet_keras.data`): the report's
-# per-image policy, pad-4 crop + flip, +-2 px reflect-padded translation + flip, and none.
-AUGMENTATIONS = ("noise_rotate_flip", "standard", "translate_flip", "none")
+# per-image policy, pad-4 crop + flip, +-2 px reflect-padded translation + flip, the same translation
+# with each image mirrored on alternate epochs (airbench94's), and none.
+AUGMENTATIONS = ("noise_rotate_flip", "standard", "translate_flip", "translate_altflip", "none")
 AUGMENTATION_ALIASES = {"seed": "noise_rotate_flip"}
 # What normalizes the network: nothing (Normalizer-Free), or BatchNorm where the NF
 # network has its scaled activations (the BatchNorm twin, for comparisons).

@@ -131,7 +131,7 @@ def make_datasets(config, train, val, batch_size=None):
     batch_size = batch_size or config.batch_size
     one_hot = bool(config.label_smoothing)
     train_ds = data_lib.make_dataset(*train, batch_size, training=True, augment=config.augment, seed=config.seed,
-                                     one_hot=one_hot)
+                                     one_hot=one_hot, epochs=config.epochs)
     val_ds = data_lib.make_dataset(*val, batch_size, one_hot=one_hot)
     return train_ds, val_ds
 
@@ -173,7 +173,10 @@ def fit_model(model, config, train_ds, val_ds, callbacks=(), verbose="auto"):
     Args:
         model: keras.Model. Compiled (see `compile_model`).
         config: TrainConfig.
-        train_ds, val_ds: tf.data.Dataset. From `make_datasets`.
+        train_ds, val_ds: tf.data.Dataset. From `make_datasets`. A training
+            pipeline with an `epoch_feed` (an epoch-indexed augmentation) is
+            read `epoch_feed.steps_per_epoch` batches per epoch from one
+            iterator, and the feed is told the epoch fit starts at.
         callbacks: sequence of keras.callbacks.Callback. Extra callbacks,
             after the divergence monitor and the epoch timer.
         verbose: Keras' `verbose`. Defaults to `"auto"`.
@@ -184,6 +187,9 @@ def fit_model(model, config, train_ds, val_ds, callbacks=(), verbose="auto"):
     monitor = DivergenceMonitor()
     timer = EpochTimer(total_epochs=config.epochs)
     callbacks = [monitor, timer, *callbacks]
+    feed = getattr(train_ds, "epoch_feed", None)
+    if feed is not None:
+        callbacks.insert(0, feed)
     if config.ema:
         # Validation sees the moving average; after a checkpoint (which keeps the raw weights, and
         # the average in the optimizer) the epoch ends with the average in the model, for the
@@ -195,6 +201,7 @@ def fit_model(model, config, train_ds, val_ds, callbacks=(), verbose="auto"):
         epochs=config.epochs,
         callbacks=callbacks,
         shuffle=False,  # the tf.data pipeline shuffles
+        steps_per_epoch=None if feed is None else feed.steps_per_epoch,
         verbose=verbose,
     )
     return FitResult(

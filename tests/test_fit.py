@@ -154,6 +154,7 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(tmp_path, synthetic_cifar_
         (["--ema", "1"], "--ema must be in [0, 1)"),
         (["--norm", "layer"], "invalid choice: 'layer'"),
         (["--tta", "rotate"], "invalid choice: 'rotate'"),
+        (["--augment", "altflip"], "invalid choice: 'altflip'"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(argv, message, capsys):

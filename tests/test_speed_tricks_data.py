@@ -19,11 +19,12 @@ TINY_SPEED = ["--recipe", "speed", "--preset", "tiny_speed", "--batch-size", "64
 
 @pytest.fixture(scope="module")
 def tricks_run(tmp_path_factory, synthetic_cifar_dir):
-    """A 2-epoch tiny_speed run with the weighted TTA on 256 synthetic images."""
+    """A 2-epoch tiny_speed run with the weighted TTA and alternating flips on 256 synthetic images."""
     run_dir = tmp_path_factory.mktemp("tricks") / "run"
     result = subprocess.run(
         [sys.executable, "-m", "nfnet_keras.fit", *TINY_SPEED, "--epochs", "2", "--train-limit", "256",
-         "--tta", "flip_translate_weighted", "--run-dir", str(run_dir), "--data-dir", synthetic_cifar_dir],
+         "--tta", "flip_translate_weighted", "--augment", "translate_altflip",
+         "--run-dir", str(run_dir), "--data-dir", synthetic_cifar_dir],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -77,7 +78,8 @@ def test_fit_reports_the_weighted_tta(tricks_run, synthetic_cifar_dir):
     from nfnet_keras.data import load_cifar10
 
     run_dir, result, metrics = tricks_run
-    assert metrics["tta"] == "flip_translate_weighted"
+    assert metrics["tta"] == "flip_translate_weighted" and metrics["config"]["augment"] == "translate_altflip"
+    assert metrics["history"]["epoch"] == [0, 1]
     assert metrics["tta_views"] == list(TTA_POLICY_VIEWS["flip_translate"])
     assert metrics["tta_weights"] == [0.25, 0.25, 0.125, 0.125, 0.125, 0.125]
     assert "flip_translate_weighted test-time augmentation (6 views: identity, mirror" in result.stdout
@@ -86,3 +88,148 @@ def test_fit_reports_the_weighted_tta(tricks_run, synthetic_cifar_dir):
     model = keras.saving.load_model(run_dir / "model.keras", compile=False)
     predict = with_tta(keras_predictor(model), "flip_translate_weighted")
     assert metrics["test_accuracy_tta"] == float((predict(x_test).argmax(1) == y_test).mean())
+
+
+# === Alternating flip ===
+
+RAMP_COUNT, RAMP_BATCH = 40, 8  # 5 batches per epoch
+
+
+def _ramps(count=RAMP_COUNT):
+    """Images whose pixel value rises with the column (20 per column) and is the same down each column."""
+    columns = np.arange(12) * 20 + np.arange(count)[:, None] % 7
+    return np.broadcast_to(columns[:, None, :, None], (count, 8, 12, 3)).astype("uint8").copy()
+
+
+def _mirrored_by_image(ds, epochs):
+    """{epoch: bool array of each image (by its label = index) mirrored}, checking each image comes once."""
+    flips = {}
+    batches = list(ds)
+    steps = -(-RAMP_COUNT // RAMP_BATCH)
+    assert len(batches) == steps * len(epochs)
+    for k, epoch in enumerate(epochs):
+        seen = np.full(RAMP_COUNT, -1)
+        for images, labels in batches[k * steps:(k + 1) * steps]:
+            interior = images.numpy()[:, 0, 2:-2, 0]  # the columns no +-2 px shift fills by reflection
+            rising, falling = (np.diff(interior) > 0).all(1), (np.diff(interior) < 0).all(1)
+            assert (rising ^ falling).all()
+            seen[labels.numpy()] = falling
+        assert (seen >= 0).all()  # every image once per epoch
+        flips[epoch] = seen.astype(bool)
+    return flips
+
+
+def _altflip(start_epoch=0, epochs=3, seed=5):
+    from nfnet_keras.data import make_epoch_dataset
+
+    return make_epoch_dataset(_ramps(), np.arange(RAMP_COUNT), RAMP_BATCH, epochs, seed=seed, start_epoch=start_epoch)
+
+
+def test_altflip_mirrors_a_seeded_half_then_alternates_every_epoch():
+    from nfnet_keras.data import first_epoch_mirrored
+
+    flips = _mirrored_by_image(_altflip(), (0, 1, 2))
+    np.testing.assert_array_equal(flips[0], first_epoch_mirrored(5, RAMP_COUNT))
+    assert 0.3 <= flips[0].mean() <= 0.7
+    np.testing.assert_array_equal(flips[1], ~flips[0])
+    np.testing.assert_array_equal(flips[2], flips[0])
+    other = _mirrored_by_image(_altflip(epochs=1, seed=6), (0,))[0]
+    assert not np.array_equal(other, flips[0])  # the half depends on the seed
+
+
+def test_altflip_translates_each_image_by_up_to_two_pixels_with_reflection():
+    from nfnet_keras.data import translate_batch
+
+    x = np.random.default_rng(0).integers(0, 256, (2, 6, 7, 3)).astype("float32")
+    out = translate_batch(x, np.array([[1, 1], [-1, -1]], "int32")).numpy()
+    np.testing.assert_array_equal(out[0], TTA_VIEWS["translate(+1,+1)"](x)[0])
+    np.testing.assert_array_equal(out[1], TTA_VIEWS["translate(-1,-1)"](x)[1])
+    out = translate_batch(x[:1], np.array([[0, -2]], "int32")).numpy()
+    np.testing.assert_array_equal(out[0, :, :-2], x[0, :, 2:])
+    np.testing.assert_array_equal(out[0, :, -2:], x[0, :, -2:-4:-1])  # reflected about the last column
+    # In the pipeline: every shift in -2..2 occurs, and not every image stays put.
+    from nfnet_keras.data import preprocess
+
+    originals = preprocess(_ramps()).numpy()[:, 0, :, 0]
+    shifts = set()
+    for images, labels in _altflip(epochs=1):
+        for image, label in zip(images.numpy()[:, 0, :, 0], labels.numpy()):
+            row = image if image[3] < image[4] else image[::-1]
+            shifts.add(int(np.argmin(np.abs(originals[label] - row[4]))) - 4)
+    assert shifts == {-2, -1, 0, 1, 2}
+
+
+def test_a_resumed_altflip_pipeline_yields_the_batches_of_an_uninterrupted_one():
+    whole = list(_altflip())
+    steps = len(whole) // 3
+    for start in (1, 2):
+        resumed = list(_altflip(start_epoch=start))
+        assert len(resumed) == (3 - start) * steps
+        for (a, la), (b, lb) in zip(whole[start * steps:], resumed):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+            np.testing.assert_array_equal(la.numpy(), lb.numpy())
+
+
+class _Fingerprint(keras.layers.Layer):
+    """Passes its input on; in training adds a fixed random projection of each batch to `seen`."""
+
+    def build(self, input_shape):
+        self.seen = self.add_weight(name="seen", shape=(), initializer="zeros", trainable=False)
+        self.projection = np.random.default_rng(0).normal(size=tuple(input_shape[1:])).astype("float32")
+
+    def call(self, x, training=None):
+        if training:
+            self.seen.assign_add(keras.ops.sum(x * self.projection))
+        return x
+
+
+class _RecordEpochs(keras.callbacks.Callback):
+    """{epoch: the fingerprint of the data fit trained on}; raises `_Stop` at the start of `stop_at`."""
+
+    def __init__(self, stop_at=None):
+        super().__init__()
+        self.stop_at, self.seen = stop_at, {}
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.stop_at:
+            raise _Stop
+        self.model.get_layer("fingerprint").seen.assign(0.0)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seen[epoch] = float(self.model.get_layer("fingerprint").seen.numpy())
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.tensorflow_only(reason="the fingerprint layer assigns a variable inside the TensorFlow train step")
+def test_fit_resumed_after_an_epoch_trains_on_the_same_flips_as_an_uninterrupted_fit(tmp_path):
+    from nfnet_keras import training
+    from nfnet_keras.callbacks import EpochCheckpoint
+
+    config = config_lib.TrainConfig(epochs=3, batch_size=RAMP_BATCH, augment="translate_altflip", seed=3,
+                                    val_size=8).validate()
+    data = (_ramps(), np.arange(RAMP_COUNT) % 10)
+
+    def fit(checkpoints, record):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((8, 12, 3))
+        x = keras.layers.Flatten()(_Fingerprint(name="fingerprint")(inputs))
+        model = keras.Model(inputs, keras.layers.Dense(10)(x))
+        model.compile(optimizer=keras.optimizers.SGD(0.01), loss="sparse_categorical_crossentropy")
+        train_ds, val_ds = training.make_datasets(config, data, data)
+        assert train_ds.epoch_feed.steps_per_epoch == RAMP_COUNT // RAMP_BATCH
+        callbacks = [record] + ([EpochCheckpoint(str(checkpoints))] if checkpoints else [])
+        training.fit_model(model, config, train_ds, val_ds, callbacks=callbacks, verbose=0)
+
+    whole = _RecordEpochs()
+    fit(None, whole)
+    assert len(set(whole.seen.values())) == 3  # each epoch trains on other data
+    first = _RecordEpochs(stop_at=1)
+    with pytest.raises(_Stop):
+        fit(tmp_path, first)
+    resumed = _RecordEpochs()
+    fit(tmp_path, resumed)  # EpochCheckpoint resumes at epoch 1
+    assert first.seen == {0: whole.seen[0]}
+    assert resumed.seen == {1: whole.seen[1], 2: whole.seen[2]}
