@@ -11,6 +11,7 @@ from nfnet_keras.config import (
     AUGMENTATION_ALIASES,
     AUGMENTATIONS,
     CONFIG_FIELDS,
+    CONV_INITS,
     NORMS,
     PRECISIONS,
     SCHEDULES,
@@ -37,6 +38,9 @@ def add_model_flags(group, defaults):
                        help="replace a preset key, e.g. --override 'widths=(96,192,384)'; repeatable")
     group.add_argument("--norm", choices=NORMS, default=defaults.norm,
                        help="none: Normalizer-Free; batch: the BatchNorm twin of the same network")
+    group.add_argument("--conv-init", choices=CONV_INITS, default=defaults.conv_init,
+                       help="he_normal; or dirac: every conv but the stem starts with its first C_in filters "
+                       "the identity (airbench94's init)")
 
 
 def add_optimisation_flags(group, defaults, schedule_help):

@@ -22,6 +22,9 @@ AUGMENTATION_ALIASES = {"seed": "noise_rotate_flip"}
 # What normalizes the network: nothing (Normalizer-Free), or BatchNorm where the NF
 # network has its scaled activations (the BatchNorm twin, for comparisons).
 NORMS = ("none", "batch")
+# How the conv kernels start: He normal, or with their first C_in filters the identity (airbench94's
+# Dirac init, `nfnet_keras.layers.initializers.PartialDirac`; not the stem).
+CONV_INITS = ("he_normal", "dirac")
 # Test-time augmentation of fit's final report and `evaluate --tta` (views in nfnet_keras.inference).
 TTA_POLICIES = ("none", "flip", "flip_translate", "flip_translate_weighted")
 # Fields that say where things are, not what the experiment is: they may
@@ -84,6 +87,7 @@ class TrainConfig:
     strategy: str = "none"
     norm: str = "none"
     tta: str = "flip"
+    conv_init: str = "he_normal"
     overrides: dict = dataclasses.field(default_factory=dict)  # preset overrides
 
     def validate(self):
@@ -111,6 +115,8 @@ class TrainConfig:
             (self.agc >= 0, f"--agc must be >= 0 (0 disables it), got {self.agc}."),
             (0 <= self.ema < 1, f"--ema must be in [0, 1) (0 disables it), got {self.ema}."),
             (self.norm in NORMS, f"--norm must be one of {', '.join(NORMS)}, got {self.norm!r}."),
+            (self.conv_init in CONV_INITS,
+             f"--conv-init must be one of {', '.join(CONV_INITS)}, got {self.conv_init!r}."),
             (self.tta in TTA_POLICIES, f"--tta must be one of {', '.join(TTA_POLICIES)}, got {self.tta!r}."),
             (self.augment in AUGMENTATIONS,
              f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}."),
@@ -174,7 +180,7 @@ _FIELD_KINDS = dict(
     preset=str, epochs=int, batch_size=int, lr=float, momentum=float, nesterov=bool, schedule=str,
     warmup_epochs=float, weight_decay=float, label_smoothing=float, agc=float, ema=float, augment=str, jit=bool,
     precision=str, seed=int, deterministic=bool, train_limit=int, val_size=int, data_dir=str, tfds_dir=str,
-    strategy=str, norm=str, tta=str, overrides=dict,
+    strategy=str, norm=str, tta=str, conv_init=str, overrides=dict,
 )
 _OPTIONAL = ("jit", "train_limit", "data_dir", "tfds_dir")
 CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))

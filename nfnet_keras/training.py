@@ -20,6 +20,7 @@ from nfnet_keras import distribution, rundir
 from nfnet_keras.callbacks import DivergenceMonitor, EpochCheckpoint, EpochTimer
 from nfnet_keras.config import PRECISIONS, RECIPES, SCHEDULES, STRATEGIES, TrainConfig  # noqa: F401  (re-exported)
 from nfnet_keras.inference import TTA_POLICY_VIEWS, TTA_POLICY_WEIGHTS, keras_predictor, with_tta
+from nfnet_keras.layers.initializers import dirac_initialize
 from nfnet_keras.model import BATCHNORM_TWIN, adapt_model, build_model
 from nfnet_keras.optimization import make_loss, make_optimizer
 from nfnet_keras.tensorboard import SignalPropagationLogger, TensorBoard, log_hparams, log_test_metrics, session_dir
@@ -97,9 +98,16 @@ def compile_model(model, config, steps_per_epoch):
 
 
 def build_for(config):
-    """The model of `config`: its preset and overrides, or their BatchNorm twin (`norm="batch"`)."""
+    """The model of `config`: its preset and overrides, or their BatchNorm twin (`norm="batch"`).
+
+    With `conv_init="dirac"` every conv but the stem starts with its first `C_in`
+    filters the identity (`layers.initializers.dirac_initialize`).
+    """
     twin = BATCHNORM_TWIN if config.norm == "batch" else {}
-    return build_model(config.preset, **{**twin, **config.overrides})
+    model = build_model(config.preset, **{**twin, **config.overrides})
+    if config.conv_init == "dirac":
+        dirac_initialize(model)
+    return model
 
 
 # Training images a data-dependent layer (the whitening stem) is adapted to.

@@ -155,6 +155,7 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(tmp_path, synthetic_cifar_
         (["--norm", "layer"], "invalid choice: 'layer'"),
         (["--tta", "rotate"], "invalid choice: 'rotate'"),
         (["--augment", "altflip"], "invalid choice: 'altflip'"),
+        (["--conv-init", "orthogonal"], "invalid choice: 'orthogonal'"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(argv, message, capsys):
