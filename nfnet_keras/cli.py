@@ -41,6 +41,9 @@ def add_model_flags(group, defaults):
     group.add_argument("--conv-init", choices=CONV_INITS, default=defaults.conv_init,
                        help="he_normal; or dirac: every conv but the stem starts with its first C_in filters "
                        "the identity (airbench94's init)")
+    group.add_argument("--whitening-bias-epochs", type=int, default=defaults.whitening_bias_epochs, metavar="N",
+                       help="train the whitening stem's bias for the first N epochs only, as airbench94 (3); "
+                       "default: every epoch")
 
 
 def add_optimisation_flags(group, defaults, schedule_help):

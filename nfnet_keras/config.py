@@ -9,7 +9,7 @@ arrived, and turns aliases into canonical names.
 import dataclasses
 import math
 
-from nfnet_keras.presets import canonical_preset
+from nfnet_keras.presets import architecture, canonical_preset
 
 SCHEDULES = ("step", "cosine", "onecycle", "triangle", "constant")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -88,6 +88,7 @@ class TrainConfig:
     norm: str = "none"
     tta: str = "flip"
     conv_init: str = "he_normal"
+    whitening_bias_epochs: int | None = None  # epochs the whitening stem's bias trains; None: all of them
     overrides: dict = dataclasses.field(default_factory=dict)  # preset overrides
 
     def validate(self):
@@ -97,11 +98,13 @@ class TrainConfig:
             ValueError: one line naming the flag, the bad value and what is allowed.
         """
         self._check_types()
+        import keras
+
         from nfnet_keras.model import resolve_config
 
         self.preset = canonical_preset(self.preset)
         self.augment = canonical_augmentation(self.augment)
-        resolve_config(self.preset, self.overrides)
+        resolved = resolve_config(self.preset, self.overrides)
         checks = [
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}."),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}."),
@@ -127,6 +130,14 @@ class TrainConfig:
             (self.val_size >= 1, f"--val-size must be >= 1, got {self.val_size}."),
             (self.train_limit is None or self.train_limit >= 1,
              f"--train-limit must be >= 1, got {self.train_limit}."),
+            (self.whitening_bias_epochs is None or self.whitening_bias_epochs >= 0,
+             f"--whitening-bias-epochs must be >= 0 (unset: every epoch), got {self.whitening_bias_epochs}."),
+            (self.whitening_bias_epochs is None or architecture(resolved) == "conv_groups",
+             f"--whitening-bias-epochs needs a network with a whitening stem (e.g. --preset cifar_speed); "
+             f"{self.preset} has none."),
+            (self.whitening_bias_epochs is None or keras.backend.backend() == "tensorflow",
+             f"--whitening-bias-epochs needs KERAS_BACKEND=tensorflow (it freezes a layer during fit, done here "
+             f"on TensorFlow only), got {keras.backend.backend()}."),
         ]
         for ok, message in checks:
             if not ok:
@@ -180,8 +191,8 @@ _FIELD_KINDS = dict(
     preset=str, epochs=int, batch_size=int, lr=float, momentum=float, nesterov=bool, schedule=str,
     warmup_epochs=float, weight_decay=float, label_smoothing=float, agc=float, ema=float, augment=str, jit=bool,
     precision=str, seed=int, deterministic=bool, train_limit=int, val_size=int, data_dir=str, tfds_dir=str,
-    strategy=str, norm=str, tta=str, conv_init=str, overrides=dict,
+    strategy=str, norm=str, tta=str, conv_init=str, whitening_bias_epochs=int, overrides=dict,
 )
-_OPTIONAL = ("jit", "train_limit", "data_dir", "tfds_dir")
+_OPTIONAL = ("jit", "train_limit", "data_dir", "tfds_dir", "whitening_bias_epochs")
 CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 assert set(_FIELD_KINDS) == CONFIG_FIELDS, "every TrainConfig field needs a kind"

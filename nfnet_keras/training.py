@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from nfnet_keras import data as data_lib
 from nfnet_keras import distribution, rundir
-from nfnet_keras.callbacks import DivergenceMonitor, EpochCheckpoint, EpochTimer
+from nfnet_keras.callbacks import DivergenceMonitor, EpochCheckpoint, EpochTimer, FreezeAfterEpochs
 from nfnet_keras.config import PRECISIONS, RECIPES, SCHEDULES, STRATEGIES, TrainConfig  # noqa: F401  (re-exported)
 from nfnet_keras.inference import TTA_POLICY_VIEWS, TTA_POLICY_WEIGHTS, keras_predictor, with_tta
 from nfnet_keras.layers.initializers import dirac_initialize
@@ -198,6 +198,8 @@ def fit_model(model, config, train_ds, val_ds, callbacks=(), verbose="auto"):
     feed = getattr(train_ds, "epoch_feed", None)
     if feed is not None:
         callbacks.insert(0, feed)
+    if config.whitening_bias_epochs is not None:
+        callbacks.append(FreezeAfterEpochs(_whitening_layers(model, config), config.whitening_bias_epochs))
     if config.ema:
         # Validation sees the moving average; after a checkpoint (which keeps the raw weights, and
         # the average in the optimizer) the epoch ends with the average in the model, for the
@@ -217,6 +219,14 @@ def fit_model(model, config, train_ds, val_ds, callbacks=(), verbose="auto"):
         diverged_at=monitor.diverged_at,
         seconds_per_epoch=timer.seconds_per_epoch,
     )
+
+
+def _whitening_layers(model, config):
+    """The names of the model's whitening stems (layers with `adapt` and a `bias`), for --whitening-bias-epochs."""
+    names = [layer.name for layer in model.layers if callable(getattr(layer, "adapt", None)) and hasattr(layer, "bias")]
+    if not names:
+        raise ValueError(f"--whitening-bias-epochs needs a network with a whitening stem; {config.preset} has none.")
+    return names
 
 
 def _accuracy(predict, split):

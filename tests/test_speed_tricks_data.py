@@ -13,17 +13,18 @@ from nfnet_keras import config as config_lib
 from nfnet_keras.inference import TTA_POLICY_VIEWS, TTA_POLICY_WEIGHTS, TTA_VIEWS, keras_predictor, with_tta
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_SPEED = ["--recipe", "speed", "--preset", "tiny_speed", "--batch-size", "64", "--val-size", "128",
+TINY_SPEED = ["--recipe", "speed", "--preset", "tiny_speed", "--batch-size", "64", "--val-size", "64",
               "--precision", "float32", "--quiet", "--no-export"]
 
 
 @pytest.fixture(scope="module")
 def tricks_run(tmp_path_factory, synthetic_cifar_dir):
-    """A 2-epoch tiny_speed run with the weighted TTA, alternating flips and Dirac init on 256 synthetic images."""
+    """2 epochs of tiny_speed on 128 synthetic images with every trick of this file (--whitening-bias-epochs 1)."""
     run_dir = tmp_path_factory.mktemp("tricks") / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "nfnet_keras.fit", *TINY_SPEED, "--epochs", "2", "--train-limit", "256",
+        [sys.executable, "-m", "nfnet_keras.fit", *TINY_SPEED, "--epochs", "2", "--train-limit", "128",
          "--tta", "flip_translate_weighted", "--augment", "translate_altflip", "--conv-init", "dirac",
+         "--whitening-bias-epochs", "1",
          "--run-dir", str(run_dir), "--data-dir", synthetic_cifar_dir],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
@@ -80,6 +81,7 @@ def test_fit_reports_the_weighted_tta(tricks_run, synthetic_cifar_dir):
     run_dir, result, metrics = tricks_run
     assert metrics["tta"] == "flip_translate_weighted" and metrics["config"]["augment"] == "translate_altflip"
     assert metrics["history"]["epoch"] == [0, 1] and metrics["config"]["conv_init"] == "dirac"
+    assert metrics["config"]["whitening_bias_epochs"] == 1
     assert metrics["tta_views"] == list(TTA_POLICY_VIEWS["flip_translate"])
     assert metrics["tta_weights"] == [0.25, 0.25, 0.125, 0.125, 0.125, 0.125]
     assert "flip_translate_weighted test-time augmentation (6 views: identity, mirror" in result.stdout
@@ -347,6 +349,87 @@ def test_dirac_init_skips_the_rgb_stem_conv_of_a_resnet():
     np.testing.assert_array_equal(np.asarray(model_convs(model)[0].kernel), stem)
 
 
+# === The whitening stem's bias trained for the first epochs only ===
+
+
+def _stem_fit(tmp_path, bias_epochs, epochs=3, ema=0.0, stop_at=None, record=None):
+    """fit_model of tiny_speed on 32 fixed images, checkpointed under `tmp_path`; returns the model."""
+    from nfnet_keras import training
+    from nfnet_keras.callbacks import EpochCheckpoint
+
+    config = config_lib.TrainConfig(preset="tiny_speed", epochs=epochs, batch_size=16, lr=0.05, schedule="constant",
+                                    ema=ema, whitening_bias_epochs=bias_epochs, precision="float32").validate()
+    rng = np.random.default_rng(0)
+    data = (rng.normal(size=(32, 32, 32, 3)).astype("float32"), rng.integers(0, 10, 32))
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices(data).batch(16)
+    keras.utils.set_random_seed(0)
+    model = training.compile_model(training.build_for(config), config, steps_per_epoch=2)
+    callbacks = [record or _StopAt(stop_at), EpochCheckpoint(str(tmp_path))]
+    training.fit_model(model, config, ds, ds, callbacks=callbacks, verbose=0)
+    return model
+
+
+class _StopAt(keras.callbacks.Callback):
+    """Raises `_Stop` at the start of epoch `epoch` (0-based; None: never)."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise _Stop
+
+
+class _StemBias(keras.callbacks.Callback):
+    """The stem's bias and the first conv's kernel at the start and at the end of every epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias, self.kernel = [], []
+
+    def _take(self):
+        self.bias.append(np.asarray(self.model.get_layer("stem_whitening").bias).copy())
+        self.kernel.append(np.asarray(self.model.get_layer("stage1_group").conv1.kernel).copy())
+
+    def on_train_begin(self, logs=None):
+        self._take()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._take()
+
+
+@pytest.mark.tensorflow_only(reason="freezing a layer during fit rebuilds the TensorFlow train function")
+def test_the_whitening_bias_trains_for_its_epochs_then_stays(tmp_path):
+    record = _StemBias()
+    model = _stem_fit(tmp_path, bias_epochs=1, record=record)
+    start, after = record.bias[0], record.bias[1:]
+    assert not np.array_equal(start, after[0])  # trained in epoch 1
+    np.testing.assert_array_equal(after[1], after[0])  # frozen in epochs 2 and 3
+    np.testing.assert_array_equal(after[2], after[0])
+    assert not np.array_equal(record.kernel[2], record.kernel[1])  # the rest still trains
+    assert not np.array_equal(record.kernel[3], record.kernel[2])
+    stem = model.get_layer("stem_whitening")
+    assert stem.trainable and any(v is stem.bias for v in model.trainable_variables)  # trainable again at the end
+
+
+@pytest.mark.tensorflow_only(reason="freezing a layer during fit rebuilds the TensorFlow train function")
+def test_a_run_resumed_after_the_freeze_ends_with_the_uninterrupted_weights_and_averages(tmp_path):
+    import shutil
+
+    whole = _stem_fit(tmp_path / "whole", bias_epochs=1, epochs=3, ema=0.5)
+    # The state after epoch 2 of the same run, as a run stopped there leaves it.
+    shutil.copytree(tmp_path / "whole" / "epoch-0002", tmp_path / "resumed" / "epoch-0002")
+    resumed = _stem_fit(tmp_path / "resumed", bias_epochs=1, epochs=3, ema=0.5)  # starts past the freeze
+    for a, b in zip(whole.weights, resumed.weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
+    averages = zip(whole.optimizer._model_variables_moving_average, resumed.optimizer._model_variables_moving_average)
+    for a, b in averages:
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 # === Bad values in a --hparams file ===
 
 
@@ -358,6 +441,12 @@ def test_dirac_init_skips_the_rgb_stem_conv_of_a_resnet():
                                  "translate_altflip, none, got 'altflip'."),
         ({"tta": "weighted"}, "--tta must be one of none, flip, flip_translate, flip_translate_weighted, "
                               "got 'weighted'."),
+        ({"preset": "tiny_speed", "whitening_bias_epochs": -1},
+         "--whitening-bias-epochs must be >= 0 (unset: every epoch), got -1."),
+        ({"preset": "tiny", "whitening_bias_epochs": 3},
+         "--whitening-bias-epochs needs a network with a whitening stem (e.g. --preset cifar_speed); tiny has none."),
+        ({"preset": "tiny_speed", "whitening_bias_epochs": 2.5},
+         "--whitening-bias-epochs must be an integer, got 2.5 (float)."),
     ],
 )
 def test_bad_hparams_values_exit_2_with_one_line(hparams, message, tmp_path, capsys):
