@@ -12,7 +12,15 @@ import_backend_quietly()
 
 from nfnet_keras.agc import clip_gradient, unitwise_norm, with_agc
 from nfnet_keras.contract import CLASS_NAMES
-from nfnet_keras.layers import GAMMAS, PatchWhitening, ScaledActivation, SqueezeExcite, StochasticDepth, WSConv2D
+from nfnet_keras.layers import (
+    GAMMAS,
+    PartialDirac,
+    PatchWhitening,
+    ScaledActivation,
+    SqueezeExcite,
+    StochasticDepth,
+    WSConv2D,
+)
 from nfnet_keras.models import (
     BATCHNORM_TWIN,
     PRESETS,
@@ -24,6 +32,7 @@ from nfnet_keras.models import (
     adapt_model,
     build_model,
     count_macs,
+    dirac_initialize,
     signal_propagation,
 )
 
@@ -47,6 +56,7 @@ __all__ = [
     "PRESETS",
     "NFBlock",
     "NormConvGroup",
+    "PartialDirac",
     "PatchWhitening",
     "PreActBottleneck",
     "ScaledActivation",
@@ -58,6 +68,7 @@ __all__ = [
     "build_model",
     "clip_gradient",
     "count_macs",
+    "dirac_initialize",
     "preprocess",
     "signal_propagation",
     "unitwise_norm",

@@ -2,7 +2,8 @@
 
 `DivergenceMonitor` stops at the first NaN/inf loss and says where;
 `EpochCheckpoint` saves every epoch atomically and restores the newest
-readable one; `EpochTimer` times epochs and estimates the rest of the run.
+readable one; `EpochTimer` times epochs and estimates the rest of the run;
+`FreezeAfterEpochs` trains some layers for the first epochs only.
 What a run shows in TensorBoard is in `nfnet_keras.tensorboard`.
 """
 
@@ -174,3 +175,63 @@ def _duration(seconds):
     if seconds >= 60:
         return f"{seconds // 60} min {seconds % 60:02d} s"
     return f"{seconds} s"
+
+
+class FreezeAfterEpochs(keras.callbacks.Callback):
+    """Trains the named layers for the first `epochs` epochs only, then freezes them.
+
+    From the first epoch `>= epochs` on (also when a resumed run starts past
+    it), the train step is rebuilt once with the layers not trainable: their
+    variables then get no gradient and no optimizer update (their momentum is
+    kept, not decayed), as PyTorch's `requires_grad = False`. The optimizer is
+    built on every trainable variable before that, so its variables (and a
+    checkpoint's) are the same whenever the freeze happens.
+
+    Between epochs the layers are trainable again (the rebuilt train step
+    keeps leaving them out): Keras pairs the model's trainable weights with
+    the optimizer's moving averages by position when `fit` ends
+    (`finalize_variable_values`, with `use_ema`), and the saved model is that
+    of a run without the freeze. At the end of training the train step is
+    rebuilt with them, for a later `fit`.
+
+    Changing the trainable variables inside `fit` needs the TensorFlow
+    backend: Keras' JAX trainer takes the trainable variables (and the
+    optimizer's gradient list) as the state of its compiled step.
+    `TrainConfig.validate` refuses `--whitening-bias-epochs` on other backends.
+
+    Args:
+        layer_names: sequence of str. Layers of the model.
+        epochs: int. Epochs they train for (0: frozen from the start).
+    """
+
+    def __init__(self, layer_names, epochs):
+        super().__init__()
+        self.layer_names, self.epochs = tuple(layer_names), epochs
+        self._step_rebuilt = False
+
+    def on_train_begin(self, logs=None):
+        optimizer = self.model.optimizer
+        if optimizer is not None and not optimizer.built:
+            optimizer.build(self.model.trainable_variables)
+        self._step_rebuilt = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch < self.epochs:
+            return
+        self._set_trainable(False)
+        if not self._step_rebuilt:
+            self.model.make_train_function(force=True)
+            self._step_rebuilt = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._set_trainable(True)
+
+    def on_train_end(self, logs=None):
+        self._set_trainable(True)
+        if self._step_rebuilt:
+            self.model.make_train_function(force=True)
+            self._step_rebuilt = False
+
+    def _set_trainable(self, trainable):
+        for name in self.layer_names:
+            self.model.get_layer(name).trainable = trainable

@@ -11,6 +11,7 @@ from nfnet_keras.config import (
     AUGMENTATION_ALIASES,
     AUGMENTATIONS,
     CONFIG_FIELDS,
+    CONV_INITS,
     NORMS,
     PRECISIONS,
     SCHEDULES,
@@ -46,6 +47,12 @@ def add_model_flags(group, defaults):
                        help="replace a preset key, e.g. --override 'widths=(96,192,384)'; repeatable")
     group.add_argument("--norm", choices=NORMS, default=defaults.norm,
                        help="none: Normalizer-Free; batch: the BatchNorm twin of the same network")
+    group.add_argument("--conv-init", choices=CONV_INITS, default=defaults.conv_init,
+                       help="he_normal; or dirac: every conv but the stem starts with its first C_in filters "
+                       "the identity (airbench94's init)")
+    group.add_argument("--whitening-bias-epochs", type=int, default=defaults.whitening_bias_epochs, metavar="N",
+                       help="train the whitening stem's bias for the first N epochs only, as airbench94 (3); "
+                       "default: every epoch")
 
 
 def add_optimisation_flags(group, defaults, schedule_help):
@@ -65,7 +72,8 @@ def add_optimisation_flags(group, defaults, schedule_help):
                        help="evaluate and keep an exponential moving average of the weights (e.g. 0.99); 0: off")
     group.add_argument("--augment", choices=AUGMENTATIONS + tuple(AUGMENTATION_ALIASES), default=d.augment,
                        help="noise_rotate_flip (alias seed): the report's per-image policy; "
-                       "standard: pad-4 crop + flip; translate_flip: +-2 px reflect-padded shift + flip; none")
+                       "standard: pad-4 crop + flip; translate_flip: +-2 px reflect-padded shift + flip; "
+                       "translate_altflip: the same shift, each image mirrored on alternate epochs; none")
 
 
 def add_data_flags(group, defaults):

@@ -13,14 +13,18 @@ SCHEDULES = ("step", "cosine", "onecycle", "triangle", "constant")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("none", "mirrored", "data_parallel")
 # Augmentation policies (implemented in `nfnet_keras.data`): the report's
-# per-image policy, pad-4 crop + flip, +-2 px reflect-padded translation + flip, and none.
-AUGMENTATIONS = ("noise_rotate_flip", "standard", "translate_flip", "none")
+# per-image policy, pad-4 crop + flip, +-2 px reflect-padded translation + flip, the same translation
+# with each image mirrored on alternate epochs (airbench94's), and none.
+AUGMENTATIONS = ("noise_rotate_flip", "standard", "translate_flip", "translate_altflip", "none")
 AUGMENTATION_ALIASES = {"seed": "noise_rotate_flip"}
 # What normalizes the network: nothing (Normalizer-Free), or BatchNorm where the NF
 # network has its scaled activations (the BatchNorm twin, for comparisons).
 NORMS = ("none", "batch")
+# How the conv kernels start: He normal, or with their first C_in filters the identity (airbench94's
+# Dirac init, `nfnet_keras.layers.initializers.PartialDirac`; not the stem).
+CONV_INITS = ("he_normal", "dirac")
 # Test-time augmentation of fit's final report and `evaluate --tta` (views in nfnet_keras.inference).
-TTA_POLICIES = ("none", "flip", "flip_translate")
+TTA_POLICIES = ("none", "flip", "flip_translate", "flip_translate_weighted")
 # Fields that say where things are, not what the experiment is: they may
 # differ between the runs of one experiment (e.g. on resume, after moving the data).
 LOCATION_FIELDS = ("data_dir", "tfds_dir")
@@ -83,6 +87,8 @@ class TrainConfig:
     strategy: str = "none"
     norm: str = "none"
     tta: str = "flip"
+    conv_init: str = "he_normal"
+    whitening_bias_epochs: int | None = None  # epochs the whitening stem's bias trains; None: all of them
     overrides: dict = dataclasses.field(default_factory=dict)  # preset overrides
 
     def validate(self):
@@ -92,10 +98,13 @@ class TrainConfig:
             ValueError: one line naming the flag, the bad value and what is allowed.
         """
         self._check_types()
+        import keras
+
+        from nfnet_keras.models.conv_groups.presets import ConvGroupsConfig
         from nfnet_keras.models.registry import resolve_config
 
         self.augment = canonical_augmentation(self.augment)
-        resolve_config(self.preset, self.overrides)
+        resolved = resolve_config(self.preset, self.overrides)
         checks = [
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}."),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}."),
@@ -109,6 +118,8 @@ class TrainConfig:
             (self.agc >= 0, f"--agc must be >= 0 (0 disables it), got {self.agc}."),
             (0 <= self.ema < 1, f"--ema must be in [0, 1) (0 disables it), got {self.ema}."),
             (self.norm in NORMS, f"--norm must be one of {', '.join(NORMS)}, got {self.norm!r}."),
+            (self.conv_init in CONV_INITS,
+             f"--conv-init must be one of {', '.join(CONV_INITS)}, got {self.conv_init!r}."),
             (self.tta in TTA_POLICIES, f"--tta must be one of {', '.join(TTA_POLICIES)}, got {self.tta!r}."),
             (self.augment in AUGMENTATIONS,
              f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}."),
@@ -121,6 +132,14 @@ class TrainConfig:
              f"--train-limit must be >= 1, got {self.train_limit}."),
             (self.test_limit is None or self.test_limit >= 1,
              f"--test-limit must be >= 1, got {self.test_limit}."),
+            (self.whitening_bias_epochs is None or self.whitening_bias_epochs >= 0,
+             f"--whitening-bias-epochs must be >= 0 (unset: every epoch), got {self.whitening_bias_epochs}."),
+            (self.whitening_bias_epochs is None or isinstance(resolved, ConvGroupsConfig),
+             f"--whitening-bias-epochs needs a network with a whitening stem (e.g. --preset cifar_speed); "
+             f"{self.preset} has none."),
+            (self.whitening_bias_epochs is None or keras.backend.backend() == "tensorflow",
+             f"--whitening-bias-epochs needs KERAS_BACKEND=tensorflow (it freezes a layer during fit, done here "
+             f"on TensorFlow only), got {keras.backend.backend()}."),
         ]
         for ok, message in checks:
             if not ok:
@@ -179,9 +198,9 @@ _FIELD_KINDS = dict(
     preset=str, epochs=int, batch_size=int, lr=float, momentum=float, nesterov=bool, schedule=str,
     warmup_epochs=float, weight_decay=float, label_smoothing=float, agc=float, ema=float, augment=str, jit=bool,
     precision=str, seed=int, deterministic=bool, train_limit=int, test_limit=int, val_size=int, data_dir=str,
-    tfds_dir=str, strategy=str, norm=str, tta=str, overrides=dict,
+    tfds_dir=str, strategy=str, norm=str, tta=str, conv_init=str, whitening_bias_epochs=int, overrides=dict,
 )
-_OPTIONAL = ("jit", "train_limit", "test_limit", "data_dir", "tfds_dir")
+_OPTIONAL = ("jit", "train_limit", "test_limit", "data_dir", "tfds_dir", "whitening_bias_epochs")
 
 
 def field_type_problem(name, value):

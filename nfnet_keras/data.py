@@ -290,15 +290,165 @@ def _translate_flip(pixels, fill_mode, seed):
     return lambda x: flip(shift(x, training=True), training=True)
 
 
+# === Epoch-indexed augmentation ===
+
+# Policies whose augmentation depends on the epoch: `make_dataset(..., epochs=N)` builds their
+# training pipeline as a function of the epoch index (`make_epoch_dataset`).
+EPOCH_AUGMENTATIONS = ("translate_altflip",)
+# Salts of the stateless random streams of an epoch-indexed pipeline (one per kind of draw).
+_FLIP_SALT, _ORDER_SALT, _SHIFT_SALT = 1, 2, 3
+
+
+def first_epoch_mirrored(seed, count):
+    """Which of `count` training images `translate_altflip` mirrors on epoch 0: a random half, from `seed`.
+
+    Returns:
+        bool array `(count,)`; image `i` is mirrored on epoch `e` iff
+        `first_epoch_mirrored(seed, count)[i] != (e % 2 == 1)`.
+    """
+    return np.random.default_rng([seed, _FLIP_SALT]).random(count) < 0.5
+
+
+def _epoch_key(seed, salt, epoch):
+    """The stateless seed of one kind of draw (`salt`) at `epoch` (an int64 tensor)."""
+    return tf.random.experimental.stateless_fold_in(tf.constant([seed, salt], tf.int64), epoch)
+
+
+def translate_batch(images, shifts, pad=2):
+    """Each image moved by its own `(dy, dx)`, the uncovered border filled by reflection.
+
+    `out[i, r, c] = image[i, r - dy, c - dx]` inside the image; `|dy|, |dx| <= pad`.
+    The same convention as the test-time views (`inference.TTA_VIEWS`).
+
+    Args:
+        images: float tensor `(n, h, w, c)`.
+        shifts: int32 tensor `(n, 2)`: `(dy, dx)` of each image.
+        pad: int. The largest shift. Defaults to `2`.
+
+    Returns:
+        A tensor like `images`.
+    """
+    height, width = tf.shape(images)[1], tf.shape(images)[2]
+    padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+    rows = tf.range(height)[None, :] + pad - shifts[:, :1]
+    cols = tf.range(width)[None, :] + pad - shifts[:, 1:]
+    out = tf.gather(padded, rows, axis=1, batch_dims=1)
+    return tf.gather(out, cols, axis=2, batch_dims=1)
+
+
+class EpochFeed(keras.callbacks.Callback):
+    """Tells an epoch-indexed training pipeline the epoch `fit` starts at.
+
+    The pipeline (`make_epoch_dataset`) yields the batches of epochs
+    `start_epoch .. epochs - 1` in one pass, each epoch's batches a function of
+    its index; `fit` reads `steps_per_epoch` of them per epoch from one
+    iterator. The iterator is created after the first `on_epoch_begin` (which
+    sets `start_epoch` here, after a resume callback such as `EpochCheckpoint`
+    has set the initial epoch in `on_train_begin`), and the pipeline reads
+    `start_epoch` when it yields its first batch: a run resumed after epoch `k`
+    sees the batches of epoch `k + 1` that an uninterrupted run sees.
+    `training.fit_model` adds the feed of `train_ds.epoch_feed` to its callbacks.
+
+    Args:
+        steps_per_epoch: int. Batches per epoch.
+    """
+
+    def __init__(self, steps_per_epoch):
+        super().__init__()
+        self.steps_per_epoch = steps_per_epoch
+        self.start_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="start_epoch")
+        self._started = False
+
+    def on_train_begin(self, logs=None):
+        self._started = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if not self._started:
+            self.start_epoch.assign(epoch)
+            self._started = True
+
+
+def make_epoch_dataset(x, y, batch_size, epochs, augment="translate_altflip", seed=0, start_epoch=None,
+                       one_hot=False, num_classes=NUM_CLASSES):
+    """The training pipeline of an epoch-indexed policy: every batch a function of (seed, epoch, images).
+
+    For each epoch `e` from `start_epoch` to `epochs - 1`: the images in an
+    order drawn from `(seed, e)` -> batches (the last one smaller) -> gather ->
+    `preprocess` -> the policy -> (one-hot). `translate_altflip`: each image
+    moved by its own `(dy, dx)` in `-2..2` drawn from `(seed, e, image)`, with
+    reflected borders, then mirrored on alternate epochs: on epoch 0 the
+    images of `first_epoch_mirrored(seed, n)` (a random half), on every later
+    epoch exactly those that were not mirrored on the epoch before. Nothing
+    depends on the batches before, so a resumed run gets the same batches as an
+    uninterrupted one.
+
+    Args:
+        x: uint8 array `(n, h, w, 3)`.
+        y: int array `(n,)`.
+        batch_size: int.
+        epochs: int. The run's epochs.
+        augment: str. A policy of `EPOCH_AUGMENTATIONS`. Defaults to `"translate_altflip"`.
+        seed: int. Defaults to `0`.
+        start_epoch: int or None. The first epoch to yield; None: read from a
+            new `EpochFeed` when the first batch is drawn (set by `fit`).
+            Defaults to `None`.
+        one_hot: bool. One-hot labels of `num_classes`. Defaults to `False`.
+        num_classes: int. Defaults to `NUM_CLASSES`.
+
+    Returns:
+        A `tf.data.Dataset` of `(images, labels)`; with `start_epoch=None` its
+        `epoch_feed` attribute holds the `EpochFeed` to pass to `fit`.
+    """
+    if augment not in EPOCH_AUGMENTATIONS:
+        raise ValueError(f"{augment!r} is not an epoch-indexed augmentation; use one of: "
+                         f"{', '.join(EPOCH_AUGMENTATIONS)}.")
+    if not (isinstance(epochs, int) and epochs >= 1):
+        raise ValueError(f"epochs must be an int >= 1, got {epochs!r}.")
+    count = len(x)
+    steps = -(-count // batch_size)
+    feed = EpochFeed(steps) if start_epoch is None else None
+    images, labels = tf.constant(x), tf.constant(y)
+    mirrored_first = tf.constant(first_epoch_mirrored(seed, count))
+
+    def epoch_batches(epoch):
+        order = tf.argsort(tf.random.stateless_uniform([count], seed=_epoch_key(seed, _ORDER_SALT, epoch)))
+        shifts = tf.random.stateless_uniform([count, 2], seed=_epoch_key(seed, _SHIFT_SALT, epoch), minval=-2,
+                                             maxval=3, dtype=tf.int32)
+        mirrored = tf.not_equal(mirrored_first, tf.equal(epoch % 2, 1))
+        slices = (order, tf.gather(shifts, order), tf.gather(mirrored, order))
+        return tf.data.Dataset.from_tensor_slices(slices).batch(batch_size)
+
+    def transform(index, shift, mirror):
+        batch = translate_batch(preprocess(tf.gather(images, index)), shift)
+        batch = tf.where(mirror[:, None, None, None], tf.reverse(batch, axis=[2]), batch)
+        batch_labels = tf.gather(labels, index)
+        if one_hot:
+            batch_labels = tf.one_hot(batch_labels, num_classes)
+        return batch, batch_labels
+
+    if feed is None:
+        epoch_ids = tf.data.Dataset.range(start_epoch, epochs)
+    else:  # read when the first batch is drawn, after fit's first on_epoch_begin
+        epoch_ids = tf.data.Dataset.range(epochs).filter(lambda epoch: epoch >= feed.start_epoch)
+    ds = epoch_ids.flat_map(epoch_batches)
+    ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
+    if feed is not None:
+        ds.epoch_feed = feed
+    return ds
+
+
 def make_augmenter(policy, seed=None):
     """Returns a callable on normalised float batches for a policy of `config.AUGMENTATIONS`.
 
     `noise_rotate_flip` (alias `seed`): the report's per-image policy;
     `standard`: pad-4 random crop + horizontal flip; `translate_flip`: a
     random translation of up to 2 px with reflected borders + horizontal
-    flip; `none`: None.
+    flip; `none`: None. The policies of `EPOCH_AUGMENTATIONS` depend on the
+    epoch and have no batch augmenter: `make_dataset(..., epochs=N)` builds them.
     """
     policy = canonical_augmentation(policy)
+    if policy in EPOCH_AUGMENTATIONS:
+        raise ValueError(f"{policy!r} depends on the epoch: build its pipeline with make_dataset(..., epochs=N).")
     if policy == "noise_rotate_flip":
         return NoiseRotateFlip(seed=seed)
     if policy == "standard":  # pad-4 random crop (zero = mean padding in normalised space) + flip
@@ -314,15 +464,23 @@ def make_augmenter(policy, seed=None):
 
 
 def make_dataset(x, y, batch_size, training=False, augment="none", seed=None, repeat=False, one_hot=False,
-                 num_classes=NUM_CLASSES):
+                 num_classes=NUM_CLASSES, epochs=None):
     """A `tf.data` pipeline: (shuffle) -> batch -> preprocess -> (augment) -> prefetch.
 
     Augmentation runs on whole batches, in parallel with training. With
     `one_hot`, labels become one-hot vectors of `num_classes` (for a loss with
-    label smoothing, which the sparse loss cannot do).
+    label smoothing, which the sparse loss cannot do). A training pipeline of
+    an epoch-indexed policy (`EPOCH_AUGMENTATIONS`) needs `epochs`, and is
+    `make_epoch_dataset`'s: all the epochs in one pass, with an `epoch_feed`
+    for `fit`.
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}.")
+    if training and canonical_augmentation(augment) in EPOCH_AUGMENTATIONS:
+        if epochs is None or repeat:
+            raise ValueError(f"augmentation {augment!r} depends on the epoch: pass epochs=N (and no repeat).")
+        return make_epoch_dataset(x, y, batch_size, epochs, augment, seed=seed or 0, one_hot=one_hot,
+                                  num_classes=num_classes)
     augmenter = make_augmenter(augment, seed) if training else None
     ds = tf.data.Dataset.from_tensor_slices((x, y))
     if training:

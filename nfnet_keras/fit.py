@@ -71,8 +71,9 @@ def build_parser():
     g.add_argument("--export-dir", default="saved_models", help="the folder TF Serving watches")
     g.add_argument("--no-export", action="store_true", help="skip the SavedModel export")
     g.add_argument("--tta", choices=TTA_POLICIES, default=d.tta,
-                   help="the test-time augmentation reported at the end besides flip: none, flip, or "
-                   "flip_translate (6 views)")
+                   help="the test-time augmentation reported at the end besides flip: none, flip, "
+                   "flip_translate (6 views), or flip_translate_weighted (the same views weighted as airbench94's, "
+                   "log-probabilities averaged)")
     g.add_argument("--quiet", action="store_true", help="no per-step progress bar (one line per epoch)")
     return p
 

@@ -45,41 +45,67 @@ TTA_VIEWS = {
     "mirror+translate(-1,-1)": lambda x: _translate(_mirror(x), -1, -1),
     "mirror+translate(+1,+1)": lambda x: _translate(_mirror(x), 1, 1),
 }
-# The views of each policy of `config.TTA_POLICIES`.
-TTA_POLICY_VIEWS = {
-    "none": ("identity",),
-    "flip": ("identity", "mirror"),
-    "flip_translate": tuple(TTA_VIEWS),
+# Each policy of `config.TTA_POLICIES`: its views and their weights (summing to 1). Declared
+# here once; `TTA_POLICY_VIEWS` and `with_tta` read it.
+TTA_POLICY_WEIGHTS = {
+    "none": (("identity", 1.0),),
+    "flip": (("identity", 0.5), ("mirror", 0.5)),
+    "flip_translate": tuple((view, 1 / 6) for view in TTA_VIEWS),
+    # airbench94's weighting: 0.5 for the (image, mirror) pair, 0.25 for each pair moved by one pixel.
+    "flip_translate_weighted": (
+        ("identity", 0.25), ("mirror", 0.25),
+        ("translate(-1,-1)", 0.125), ("translate(+1,+1)", 0.125),
+        ("mirror+translate(-1,-1)", 0.125), ("mirror+translate(+1,+1)", 0.125),
+    ),
 }
+# The policies that average log-probabilities (logit-equivalent) instead of probabilities.
+TTA_LOG_AVERAGED = frozenset({"flip_translate_weighted"})
+# The views of each policy, in order.
+TTA_POLICY_VIEWS = {policy: tuple(view for view, _ in pairs) for policy, pairs in TTA_POLICY_WEIGHTS.items()}
 
 
 def with_tta(predict, policy="flip"):
-    """Test-time augmentation: the mean of the probabilities over the views of `policy`.
+    """Test-time augmentation: a weighted average of the predictions over the views of `policy`.
 
     `flip` averages each image and its mirror: CIFAR-10's classes are
     mirror-symmetric and the models train with random flips, so this is a free
     ensemble of two views, and its prediction is the same for an image and its
     mirror. `flip_translate` adds the image and its mirror moved by one pixel
     up-left and down-right (reflected borders): six views, each weighted alike.
-    `none` returns `predict` itself.
+    These two average probabilities.
+
+    `flip_translate_weighted` (airbench94's) weighs the same six views 0.25
+    for the image and its mirror and 0.125 for each moved view, and averages
+    log-probabilities: it returns `softmax(sum_v w_v * log p_v)`. Since
+    `log p_v = logits_v - logsumexp(logits_v)` and the weights sum to 1, that is
+    `softmax(sum_v w_v * logits_v)` exactly: the prediction of the averaged
+    logits (what airbench averages), computed from the probabilities every
+    predictor here returns. `none` returns `predict` itself.
 
     Args:
         predict: `predict(uint8 images) -> probabilities`.
-        policy: str. A key of `TTA_POLICY_VIEWS`. Defaults to `"flip"`.
+        policy: str. A key of `TTA_POLICY_WEIGHTS`. Defaults to `"flip"`.
 
     Returns:
-        A function of the same signature.
+        A function of the same signature, returning probabilities.
     """
-    if policy not in TTA_POLICY_VIEWS:
-        raise ValueError(f"Unknown test-time augmentation {policy!r}. Use one of: {', '.join(TTA_POLICY_VIEWS)}.")
-    views = TTA_POLICY_VIEWS[policy]
-    if views == ("identity",):
+    if policy not in TTA_POLICY_WEIGHTS:
+        raise ValueError(f"Unknown test-time augmentation {policy!r}. Use one of: {', '.join(TTA_POLICY_WEIGHTS)}.")
+    pairs = TTA_POLICY_WEIGHTS[policy]
+    if len(pairs) == 1:
         return predict
+    log_averaged = policy in TTA_LOG_AVERAGED
 
     def predict_tta(images):
         images = np.asarray(images)
-        total = sum(predict(np.ascontiguousarray(TTA_VIEWS[view](images))) for view in views)
-        return total / len(views)
+        outputs = [np.asarray(predict(np.ascontiguousarray(TTA_VIEWS[view](images)))) for view, _ in pairs]
+        if not log_averaged:
+            return sum(weight * p for (_, weight), p in zip(pairs, outputs))
+        # A probability of 0 (an underflowed softmax) counts as the smallest positive float32.
+        tiny = np.finfo("float32").tiny
+        total = sum(weight * np.log(np.maximum(p.astype("float64"), tiny)) for (_, weight), p in zip(pairs, outputs))
+        total = np.exp(total - total.max(axis=-1, keepdims=True))
+        return (total / total.sum(axis=-1, keepdims=True)).astype(outputs[0].dtype)
 
     return predict_tta
 

@@ -18,10 +18,11 @@ import tensorflow as tf
 
 from nfnet_keras import data as data_lib
 from nfnet_keras import distribution, rundir
-from nfnet_keras.callbacks import DivergenceMonitor, EpochCheckpoint, EpochTimer
+from nfnet_keras.callbacks import DivergenceMonitor, EpochCheckpoint, EpochTimer, FreezeAfterEpochs
 from nfnet_keras.config import PRECISIONS, RECIPES, SCHEDULES, STRATEGIES, TrainConfig  # noqa: F401  (re-exported)
-from nfnet_keras.inference import TTA_POLICY_VIEWS, keras_predictor, with_tta
+from nfnet_keras.inference import TTA_POLICY_VIEWS, TTA_POLICY_WEIGHTS, keras_predictor, with_tta
 from nfnet_keras.models import BATCHNORM_TWIN, adapt_model, build_model
+from nfnet_keras.models.initialization import dirac_initialize
 from nfnet_keras.optimization import make_loss, make_optimizer
 from nfnet_keras.tensorboard import SignalPropagationLogger, TensorBoard, log_hparams, log_test_metrics, session_dir
 
@@ -98,9 +99,16 @@ def compile_model(model, config, steps_per_epoch):
 
 
 def build_for(config):
-    """The model of `config`: its preset and overrides, or their BatchNorm twin (`norm="batch"`)."""
+    """The model of `config`: its preset and overrides, or their BatchNorm twin (`norm="batch"`).
+
+    With `conv_init="dirac"` every conv but the stem starts with its first `C_in`
+    filters the identity (`models.initialization.dirac_initialize`).
+    """
     twin = BATCHNORM_TWIN if config.norm == "batch" else {}
-    return build_model(config.preset, **{**twin, **config.overrides})
+    model = build_model(config.preset, **{**twin, **config.overrides})
+    if config.conv_init == "dirac":
+        dirac_initialize(model)
+    return model
 
 
 # Training images a data-dependent layer (the whitening stem) is adapted to.
@@ -141,7 +149,7 @@ def make_datasets(config, train, val, batch_size=None):
     batch_size = batch_size or config.batch_size
     one_hot = bool(config.label_smoothing)
     train_ds = data_lib.make_dataset(*train, batch_size, training=True, augment=config.augment, seed=config.seed,
-                                     one_hot=one_hot)
+                                     one_hot=one_hot, epochs=config.epochs)
     val_ds = data_lib.make_dataset(*val, batch_size, one_hot=one_hot)
     return train_ds, val_ds
 
@@ -183,7 +191,10 @@ def fit_model(model, config, train_ds, val_ds, callbacks=(), verbose="auto"):
     Args:
         model: keras.Model. Compiled (see `compile_model`).
         config: TrainConfig.
-        train_ds, val_ds: tf.data.Dataset. From `make_datasets`.
+        train_ds, val_ds: tf.data.Dataset. From `make_datasets`. A training
+            pipeline with an `epoch_feed` (an epoch-indexed augmentation) is
+            read `epoch_feed.steps_per_epoch` batches per epoch from one
+            iterator, and the feed is told the epoch fit starts at.
         callbacks: sequence of keras.callbacks.Callback. Extra callbacks,
             after the divergence monitor and the epoch timer.
         verbose: Keras' `verbose`. Defaults to `"auto"`.
@@ -194,6 +205,11 @@ def fit_model(model, config, train_ds, val_ds, callbacks=(), verbose="auto"):
     monitor = DivergenceMonitor()
     timer = EpochTimer(total_epochs=config.epochs)
     callbacks = [monitor, timer, *callbacks]
+    feed = getattr(train_ds, "epoch_feed", None)
+    if feed is not None:
+        callbacks.insert(0, feed)
+    if config.whitening_bias_epochs is not None:
+        callbacks.append(FreezeAfterEpochs(_whitening_layers(model, config), config.whitening_bias_epochs))
     if config.ema:
         # Validation sees the moving average; after a checkpoint (which keeps the raw weights, and
         # the average in the optimizer) the epoch ends with the average in the model, for the
@@ -205,6 +221,7 @@ def fit_model(model, config, train_ds, val_ds, callbacks=(), verbose="auto"):
         epochs=config.epochs,
         callbacks=callbacks,
         shuffle=False,  # the tf.data pipeline shuffles
+        steps_per_epoch=None if feed is None else feed.steps_per_epoch,
         verbose=verbose,
     )
     return FitResult(
@@ -212,6 +229,14 @@ def fit_model(model, config, train_ds, val_ds, callbacks=(), verbose="auto"):
         diverged_at=monitor.diverged_at,
         seconds_per_epoch=timer.seconds_per_epoch,
     )
+
+
+def _whitening_layers(model, config):
+    """The names of the model's whitening stems (layers with `adapt` and a `bias`), for --whitening-bias-epochs."""
+    names = [layer.name for layer in model.layers if callable(getattr(layer, "adapt", None)) and hasattr(layer, "bias")]
+    if not names:
+        raise ValueError(f"--whitening-bias-epochs needs a network with a whitening stem; {config.preset} has none.")
+    return names
 
 
 def _accuracy(predict, split):
@@ -349,8 +374,9 @@ def _train_locked(config, run_dir, strategy, splits, fingerprint, export_name, e
         model.save(tmp)
     metrics.update(diverged=False, test_accuracy=float(test_accuracy), test_loss=float(test_loss),
                    test_accuracy_flip_tta=test_accuracy_flip_tta, tta=config.tta,
-                   tta_views=list(TTA_POLICY_VIEWS[config.tta]), test_accuracy_tta=tta[config.tta],
-                   test_images=len(test_arr[0]),
+                   tta_views=list(TTA_POLICY_VIEWS[config.tta]),
+                   tta_weights=[weight for _, weight in TTA_POLICY_WEIGHTS[config.tta]],
+                   test_accuracy_tta=tta[config.tta], test_images=len(test_arr[0]),
                    model_path=model_path)
     if export_name:
         from nfnet_keras.export import export_saved_model

@@ -155,6 +155,10 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(tmp_path, synthetic_cifar_
         (["--ema", "1"], "--ema must be in [0, 1)"),
         (["--norm", "layer"], "invalid choice: 'layer'"),
         (["--tta", "rotate"], "invalid choice: 'rotate'"),
+        (["--augment", "altflip"], "invalid choice: 'altflip'"),
+        (["--conv-init", "orthogonal"], "invalid choice: 'orthogonal'"),
+        (["--preset", "tiny_speed", "--whitening-bias-epochs", "-1"], "--whitening-bias-epochs must be >= 0"),
+        (["--preset", "tiny", "--whitening-bias-epochs", "3"], "needs a network with a whitening stem"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(argv, message, capsys):

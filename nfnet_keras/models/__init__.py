@@ -3,6 +3,7 @@ tools that read a model block by block (signal propagation, multiply-add counts)
 
 from nfnet_keras.models.conv_groups import ConvGroup, ConvGroupsConfig, NormConvGroup
 from nfnet_keras.models.flops import count_macs
+from nfnet_keras.models.initialization import dirac_initialize
 from nfnet_keras.models.nf_resnet import NFBlock, NFResNetConfig, PreActBottleneck
 from nfnet_keras.models.registry import BATCHNORM_TWIN, PRESETS, build_model, check_preset, resolve_config
 from nfnet_keras.models.signal import signal_propagation
@@ -22,6 +23,7 @@ __all__ = [
     "build_model",
     "check_preset",
     "count_macs",
+    "dirac_initialize",
     "model_convs",
     "resolve_config",
     "signal_blocks",
