@@ -446,7 +446,7 @@ def test_a_run_resumed_after_the_freeze_ends_with_the_uninterrupted_weights_and_
         ({"preset": "tiny", "whitening_bias_epochs": 3},
          "--whitening-bias-epochs needs a network with a whitening stem (e.g. --preset cifar_speed); tiny has none."),
         ({"preset": "tiny_speed", "whitening_bias_epochs": 2.5},
-         "--whitening-bias-epochs must be an integer, got 2.5 (float)."),
+         'key "whitening_bias_epochs" must be an integer, got 2.5 (float)'),
     ],
 )
 def test_bad_hparams_values_exit_2_with_one_line(hparams, message, tmp_path, capsys):
