@@ -14,6 +14,7 @@ from nfnet_keras.config import (
     NORMS,
     PRECISIONS,
     SCHEDULES,
+    WEIGHT_DECAY_MODES,
 )
 from nfnet_keras.presets import PRESET_ALIASES, PRESETS
 
@@ -48,7 +49,14 @@ def add_optimisation_flags(group, defaults, schedule_help):
     group.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help=schedule_help)
     group.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warm-up (cosine)")
     group.add_argument("--weight-decay", type=float, default=d.weight_decay,
-                       help="decoupled weight decay (not applied to gains, skip gains, biases)")
+                       help="weight decay (not applied to gains, skip gains, biases)")
+    group.add_argument("--weight-decay-mode", choices=WEIGHT_DECAY_MODES, default=d.weight_decay_mode,
+                       help="decoupled: w -= lr*wd*w before the step (Keras); coupled: wd*w added to the gradient "
+                       "before momentum (L2, torch SGD)")
+    for name in ("bias", "gain", "head"):
+        what = {"bias": "biases", "gain": "WS gains and skip gains", "head": "the classifier's kernel and bias"}[name]
+        group.add_argument(f"--{name}-lr-mult", type=float, default=getattr(d, f"{name}_lr_mult"), metavar="M",
+                           help=f"learning-rate multiplier of {what}")
     group.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="label smoothing factor")
     group.add_argument("--agc", type=float, default=d.agc, metavar="LAMBDA",
                        help="adaptive gradient clipping factor (e.g. 0.01); 0 disables it")

@@ -23,6 +23,8 @@ AUGMENTATION_ALIASES = {"seed": "noise_rotate_flip"}
 NORMS = ("none", "batch")
 # Test-time augmentation of fit's final report and `evaluate --tta` (views in nfnet_keras.inference).
 TTA_POLICIES = ("none", "flip", "flip_translate")
+# How weight decay acts (nfnet_keras.optimizers.groups): decoupled (Keras) or coupled (L2 in the gradient).
+WEIGHT_DECAY_MODES = ("decoupled", "coupled")
 # Fields that say where things are, not what the experiment is: they may
 # differ between the runs of one experiment (e.g. on resume, after moving the data).
 LOCATION_FIELDS = ("data_dir", "tfds_dir")
@@ -71,6 +73,10 @@ class TrainConfig:
     label_smoothing: float = 0.0
     agc: float = 0.0  # AGC clipping factor; 0 disables it
     ema: float = 0.0  # momentum of an exponential moving average of the weights; 0 disables it
+    weight_decay_mode: str = "decoupled"
+    bias_lr_mult: float = 1.0  # learning-rate multipliers of the parameter groups
+    gain_lr_mult: float = 1.0
+    head_lr_mult: float = 1.0
     augment: str = "noise_rotate_flip"
     jit: bool | None = None  # None: True on GPU, False on CPU (measured faster there)
     precision: str = "float32"
@@ -109,6 +115,11 @@ class TrainConfig:
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}."),
             (self.agc >= 0, f"--agc must be >= 0 (0 disables it), got {self.agc}."),
             (0 <= self.ema < 1, f"--ema must be in [0, 1) (0 disables it), got {self.ema}."),
+            (self.weight_decay_mode in WEIGHT_DECAY_MODES,
+             f"--weight-decay-mode must be one of {', '.join(WEIGHT_DECAY_MODES)}, got {self.weight_decay_mode!r}."),
+            (self.bias_lr_mult > 0, f"--bias-lr-mult must be a positive number, got {self.bias_lr_mult}."),
+            (self.gain_lr_mult > 0, f"--gain-lr-mult must be a positive number, got {self.gain_lr_mult}."),
+            (self.head_lr_mult > 0, f"--head-lr-mult must be a positive number, got {self.head_lr_mult}."),
             (self.norm in NORMS, f"--norm must be one of {', '.join(NORMS)}, got {self.norm!r}."),
             (self.tta in TTA_POLICIES, f"--tta must be one of {', '.join(TTA_POLICIES)}, got {self.tta!r}."),
             (self.augment in AUGMENTATIONS,
@@ -171,7 +182,8 @@ def with_defaults(recorded):
 
 _FIELD_KINDS = dict(
     preset=str, epochs=int, batch_size=int, lr=float, momentum=float, nesterov=bool, schedule=str,
-    warmup_epochs=float, weight_decay=float, label_smoothing=float, agc=float, ema=float, augment=str, jit=bool,
+    warmup_epochs=float, weight_decay=float, label_smoothing=float, agc=float, ema=float,
+    weight_decay_mode=str, bias_lr_mult=float, gain_lr_mult=float, head_lr_mult=float, augment=str, jit=bool,
     precision=str, seed=int, deterministic=bool, train_limit=int, val_size=int, data_dir=str, tfds_dir=str,
     strategy=str, norm=str, tta=str, overrides=dict,
 )

@@ -5,9 +5,7 @@ import math
 import keras
 
 from nfnet_keras.agc import with_agc
-
-# Variables that get no weight decay: WS gains, skip gains and biases.
-NO_DECAY_NAMES = ("bias", "gain", "skip_gain")
+from nfnet_keras.optimizers.groups import NO_DECAY_NAMES, GroupSGD
 
 
 @keras.saving.register_keras_serializable(package="nfnet_keras")
@@ -100,23 +98,41 @@ def make_schedule(config, steps_per_epoch):
     raise ValueError(f"Unknown schedule {config.schedule!r}.")
 
 
-def make_optimizer(config, steps_per_epoch):
-    """SGD with momentum, the schedule, decoupled weight decay (not on gains or biases), AGC, EMA.
+def lr_multipliers(config):
+    """`{group: multiplier}` of the config's parameter groups (see `nfnet_keras.optimizers.groups`)."""
+    return {"kernel": 1.0, "bias": config.bias_lr_mult, "gain": config.gain_lr_mult, "head": config.head_lr_mult}
 
-    With `config.ema`, the optimizer keeps an exponential moving average of
-    the weights (Keras' `use_ema`); `fit_model` evaluates and checkpoints it
-    (`keras.callbacks.SwapEMAWeights`) and the model ends with it.
-    """
-    optimizer = keras.optimizers.SGD(
-        learning_rate=make_schedule(config, steps_per_epoch),
+
+def make_sgd(config, learning_rate):
+    """The config's SGD: Keras' own, or `GroupSGD` when a group lr multiplier is not 1 or decay is coupled."""
+    common = dict(
+        learning_rate=learning_rate,
         momentum=config.momentum,
         nesterov=config.nesterov,
         weight_decay=config.weight_decay or None,
         use_ema=bool(config.ema),
         ema_momentum=config.ema or 0.99,
     )
+    multipliers = lr_multipliers(config)
+    if config.weight_decay_mode != "decoupled" or any(m != 1.0 for m in multipliers.values()):
+        return GroupSGD(weight_decay_mode=config.weight_decay_mode, lr_multipliers=multipliers, **common)
+    optimizer = keras.optimizers.SGD(**common)
     if config.weight_decay:
         optimizer.exclude_from_weight_decay(var_names=list(NO_DECAY_NAMES))
+    return optimizer
+
+
+def make_optimizer(config, steps_per_epoch):
+    """SGD with momentum, the schedule, weight decay (not on gains or biases), AGC, EMA.
+
+    Group learning-rate multipliers and coupled decay make it a `GroupSGD`
+    (see `make_sgd`).
+
+    With `config.ema`, the optimizer keeps an exponential moving average of
+    the weights (Keras' `use_ema`); `fit_model` evaluates and checkpoints it
+    (`keras.callbacks.SwapEMAWeights`) and the model ends with it.
+    """
+    optimizer = make_sgd(config, make_schedule(config, steps_per_epoch))
     if config.agc:
         optimizer = with_agc(optimizer, clipping=config.agc)
     return optimizer

@@ -154,6 +154,9 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(tmp_path, synthetic_cifar_
         (["--ema", "1"], "--ema must be in [0, 1)"),
         (["--norm", "layer"], "invalid choice: 'layer'"),
         (["--tta", "rotate"], "invalid choice: 'rotate'"),
+        (["--weight-decay-mode", "l2"], "invalid choice: 'l2'"),
+        (["--bias-lr-mult", "0"], "--bias-lr-mult must be a positive number, got 0.0"),
+        (["--head-lr-mult", "-1"], "--head-lr-mult must be a positive number, got -1.0"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(argv, message, capsys):

@@ -1,0 +1,244 @@
+"""Optimizers of the speed recipes: parameter groups, Lookahead, filter renormalization, Muon.
+
+Each update is checked against a step computed here with NumPy; every
+optimizer saves and restores its state mid-run and continues identically.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+from nfnet_keras import build_model
+from nfnet_keras.agc import clip_gradient
+from nfnet_keras.config import TrainConfig
+from nfnet_keras.optimization import NO_DECAY_NAMES, make_optimizer
+from nfnet_keras.optimizers.groups import GroupSGD, decays, param_group
+
+LR, WD = 0.1, 0.05
+MULTS = {"kernel": 1.0, "bias": 2.0, "gain": 3.0, "head": 0.5}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny NF-ResNet (conv kernels, biases, gains, skip gains, the classifier), built once."""
+    return build_model("tiny")
+
+
+def _randomize(variables, seed=0):
+    rng = np.random.default_rng(seed)
+    for v in variables:
+        v.assign(rng.normal(size=v.shape).astype("float32"))
+    return {v.path: np.array(v) for v in variables}
+
+
+def _grads(variables, seed):
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=v.shape).astype("float32") for v in variables]
+
+
+def _steps(optimizer, variables, n, seed=1):
+    for i in range(n):
+        optimizer.apply([keras.ops.convert_to_tensor(g) for g in _grads(variables, seed + i)], variables)
+    return {v.path: np.array(v) for v in variables}
+
+
+# === Parameter groups ===
+
+
+def test_param_groups_of_the_tiny_model(tiny):
+    groups = {v.path: param_group(v) for v in tiny.trainable_variables}
+    assert groups["classifier/kernel"] == groups["classifier/bias"] == "head"
+    assert groups["stem_conv1/kernel"] == "kernel" and groups["stem_conv1/bias"] == "bias"
+    assert groups["stem_conv1/gain"] == groups["stage1_block1/skip_gain"] == "gain"
+    assert set(groups.values()) == {"kernel", "bias", "gain", "head"}
+    decayed = {v.path for v in tiny.trainable_variables if decays(v)}
+    assert "classifier/kernel" in decayed and "classifier/bias" not in decayed
+    assert all(v.path.endswith("/kernel") for v in tiny.trainable_variables if v.path in decayed)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_defaults_give_exactly_the_keras_sgd_update(tiny, nesterov):
+    config = TrainConfig(lr=LR, momentum=0.9, nesterov=nesterov, weight_decay=WD, schedule="constant").validate()
+    today = make_optimizer(config, 10)
+    assert type(today) is keras.optimizers.SGD  # the defaults build what they always built
+    variables = tiny.trainable_variables
+    start = _randomize(variables)
+    expected = _steps(today, variables, 3)
+    for v in variables:
+        v.assign(start[v.path])
+    grouped = GroupSGD(LR, momentum=0.9, nesterov=nesterov, weight_decay=WD)
+    got = _steps(grouped, variables, 3)
+    for path in expected:
+        np.testing.assert_array_equal(got[path], expected[path], err_msg=path)  # bit for bit
+
+
+def _hand_sgd(start, grads_per_step, variables, mults, wd, mode, momentum, nesterov, lr=LR):
+    w = {v.path: start[v.path].astype("float64") for v in variables}
+    m = {p: np.zeros_like(x) for p, x in w.items()}
+    for grads in grads_per_step:
+        for v, g in zip(variables, grads):
+            p, g = v.path, g.astype("float64")
+            lr_g = lr * mults[param_group(v)]
+            if decays(v) and mode == "coupled":
+                g = g + wd * w[p]
+            elif decays(v):
+                w[p] = w[p] - lr_g * wd * w[p]
+            m[p] = momentum * m[p] - lr_g * g
+            w[p] = w[p] + (momentum * m[p] - lr_g * g if nesterov else m[p])
+    return w
+
+
+@pytest.mark.parametrize("mode, nesterov", [("decoupled", False), ("coupled", False), ("coupled", True)])
+def test_group_multipliers_and_decay_mode_match_a_hand_computed_momentum_step(tiny, mode, nesterov):
+    variables = tiny.trainable_variables
+    start = _randomize(variables)
+    optimizer = GroupSGD(LR, momentum=0.9, nesterov=nesterov, weight_decay=WD, weight_decay_mode=mode,
+                         lr_multipliers=MULTS)
+    got = _steps(optimizer, variables, 2)
+    expected = _hand_sgd(start, [_grads(variables, 1), _grads(variables, 2)], variables, MULTS, WD, mode, 0.9,
+                         nesterov)
+    for path in expected:
+        np.testing.assert_allclose(got[path], expected[path], rtol=1e-6, atol=1e-6, err_msg=path)
+
+
+def test_coupled_decay_passes_through_momentum_and_decoupled_does_not(tiny):
+    # With a zero gradient: coupled decay builds momentum (-lr*wd*w each step); decoupled shrinks w only.
+    kernel = tiny.get_layer("classifier").kernel
+    variables = [kernel]
+    start = _randomize(variables)[kernel.path]
+    for mode in ("coupled", "decoupled"):
+        kernel.assign(start)
+        opt = GroupSGD(LR, momentum=0.9, weight_decay=WD, weight_decay_mode=mode, lr_multipliers={"head": 2.0})
+        for _ in range(2):
+            opt.apply([keras.ops.zeros_like(kernel)], variables)
+        lr = 2 * LR
+        if mode == "coupled":
+            m1 = -lr * WD * start
+            w1 = start + m1
+            w2 = w1 + 0.9 * m1 - lr * WD * w1
+        else:
+            w1 = start * (1 - lr * WD)
+            w2 = w1 * (1 - lr * WD)
+        np.testing.assert_allclose(np.array(kernel), w2, rtol=1e-6, atol=1e-7, err_msg=mode)
+
+
+def test_make_optimizer_composes_groups_with_agc_and_ema(tiny):
+    config = TrainConfig(lr=LR, momentum=0.9, weight_decay=WD, schedule="constant", agc=0.01, ema=0.9,
+                         weight_decay_mode="coupled", bias_lr_mult=2.0, gain_lr_mult=3.0,
+                         head_lr_mult=0.5).validate()
+    optimizer = make_optimizer(config, 10)
+    assert isinstance(optimizer, GroupSGD) and optimizer.agc_clipping == 0.01 and optimizer.use_ema
+    assert optimizer.lr_multipliers == MULTS
+    variables = tiny.trainable_variables
+    start = _randomize(variables)
+    grads = _grads(variables, 1)
+    got = _steps(optimizer, variables, 1)
+    # AGC clips against the weights before the step (not the classifier), then the grouped coupled step.
+    clipped = [g if param_group(v) == "head" else np.array(clip_gradient(g, start[v.path], 0.01))
+               for v, g in zip(variables, grads)]
+    expected = _hand_sgd(start, [clipped], variables, MULTS, WD, "coupled", 0.9, False)
+    for path in expected:
+        np.testing.assert_allclose(got[path], expected[path], rtol=1e-6, atol=1e-6, err_msg=path)
+    ema = {v.path: np.array(a) for v, a in zip(variables, optimizer._model_variables_moving_average)}
+    second = _steps(optimizer, variables, 1, seed=2)
+    for path in expected:  # Keras' EMA: the weights after step 1, then 0.9 * average + 0.1 * weights
+        np.testing.assert_allclose(np.array(ema[path]), got[path], rtol=1e-6, atol=1e-7)
+    ema = {v.path: np.array(a) for v, a in zip(variables, optimizer._model_variables_moving_average)}
+    for path in expected:
+        np.testing.assert_allclose(ema[path], 0.9 * got[path] + 0.1 * second[path], rtol=1e-5, atol=1e-6)
+
+
+def test_group_sgd_under_loss_scaling_takes_the_unscaled_step(tiny):
+    variables = tiny.trainable_variables
+    start = _randomize(variables)
+    plain = _steps(GroupSGD(LR, momentum=0.9, weight_decay=WD, weight_decay_mode="coupled",
+                            lr_multipliers=MULTS), variables, 1)
+    for v in variables:
+        v.assign(start[v.path])
+    scaled = keras.optimizers.LossScaleOptimizer(
+        GroupSGD(LR, momentum=0.9, weight_decay=WD, weight_decay_mode="coupled", lr_multipliers=MULTS),
+        initial_scale=256.0)
+    scaled.apply([keras.ops.convert_to_tensor(g * 256.0) for g in _grads(variables, 1)], variables)
+    for v in variables:
+        np.testing.assert_allclose(np.array(v), plain[v.path], rtol=1e-6, atol=1e-6, err_msg=v.path)
+
+
+def test_group_sgd_config_round_trip():
+    opt = GroupSGD(keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5), momentum=0.8, nesterov=True,
+                   weight_decay=1e-3, weight_decay_mode="coupled", lr_multipliers={"head": 0.25}, use_ema=True)
+    again = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
+    assert type(again) is GroupSGD
+    assert again.get_config() == opt.get_config()
+    assert again.lr_multipliers == {"kernel": 1.0, "bias": 1.0, "gain": 1.0, "head": 0.25}
+
+
+def test_group_sgd_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="weight_decay_mode must be one of decoupled, coupled, got 'l2'"):
+        GroupSGD(weight_decay_mode="l2")
+    with pytest.raises(ValueError, match="Unknown parameter group"):
+        GroupSGD(lr_multipliers={"norm": 2.0})
+    with pytest.raises(ValueError, match="lr multiplier of group 'bias' must be a positive number"):
+        GroupSGD(lr_multipliers={"bias": 0})
+
+
+def test_no_decay_names_are_those_of_make_optimizer():
+    assert NO_DECAY_NAMES == ("bias", "gain", "skip_gain")
+
+
+# === Save and resume ===
+
+_X = np.random.default_rng(0).normal(size=(8, 32, 32, 3)).astype("float32")
+_Y = np.arange(8) % 10
+
+
+def _trained(optimizer_factory, initial, steps, restore_from=None, save_to=None, run_eagerly=True):
+    model = build_model("tiny_speed")
+    model.set_weights(initial)
+    model.compile(optimizer=optimizer_factory(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  run_eagerly=run_eagerly)
+    if restore_from:  # as EpochCheckpoint restores: build the optimizer, then load weights and its state
+        model.optimizer.build(model.trainable_variables)
+        model.load_weights(restore_from)
+    for i in range(steps):
+        model.train_on_batch(_X[4 * (i % 2):4 * (i % 2) + 4], _Y[4 * (i % 2):4 * (i % 2) + 4])
+    if save_to:
+        model.save_weights(save_to)
+    return model
+
+
+def assert_resumes_exactly(optimizer_factory, tmp_path, steps=2, run_eagerly=True):
+    """`2 * steps` steps in one go == `steps`, save model and optimizer, restore into a new model, `steps` more."""
+    initial = build_model("tiny_speed").get_weights()
+    whole = _trained(optimizer_factory, initial, 2 * steps, run_eagerly=run_eagerly)
+    path = str(tmp_path / "half.weights.h5")
+    half = _trained(optimizer_factory, initial, steps, save_to=path, run_eagerly=run_eagerly)
+    resumed = _trained(optimizer_factory, initial, steps, restore_from=path, run_eagerly=run_eagerly)
+    changed = [not np.array_equal(a, b) for a, b in zip(half.get_weights(), whole.get_weights())]
+    assert any(changed)  # the second half moved the weights
+    for a, b in zip(resumed.get_weights(), whole.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(resumed.optimizer.variables, whole.optimizer.variables):
+        np.testing.assert_array_equal(np.array(a), np.array(b), err_msg=a.path)
+    return whole
+
+
+def test_group_sgd_with_agc_and_ema_resumes_exactly(tmp_path):
+    config = TrainConfig(lr=LR, momentum=0.9, weight_decay=WD, schedule="triangle", epochs=1, agc=0.01, ema=0.9,
+                         weight_decay_mode="coupled", bias_lr_mult=2.0, head_lr_mult=0.5).validate()
+    assert_resumes_exactly(lambda: make_optimizer(config, 4), tmp_path, run_eagerly=False)
+
+
+def test_group_flags_and_hparams_reach_the_optimizer(tmp_path):
+    from nfnet_keras import fit
+
+    config, _ = fit.parse_config(["--bias-lr-mult", "2", "--gain-lr-mult", "3", "--head-lr-mult", "0.5",
+                                  "--weight-decay-mode", "coupled"])
+    optimizer = make_optimizer(config, 10)
+    assert isinstance(optimizer, GroupSGD) and optimizer.weight_decay_mode == "coupled"
+    assert optimizer.lr_multipliers == MULTS and optimizer.group_weight_decay == config.weight_decay
+    path = tmp_path / "h.json"
+    path.write_text('{"head_lr_mult": 4.0, "weight_decay_mode": "coupled"}')
+    config, _ = fit.parse_config(["--hparams", str(path)])
+    assert (config.head_lr_mult, config.weight_decay_mode, config.bias_lr_mult) == (4.0, "coupled", 1.0)
+    with pytest.raises(ValueError, match="--weight-decay-mode must be one of decoupled, coupled, got 'l2'"):
+        TrainConfig(weight_decay_mode="l2").validate()
