@@ -11,6 +11,7 @@ from nfnet_keras.config import (
     AUGMENTATION_ALIASES,
     AUGMENTATIONS,
     CONFIG_FIELDS,
+    LOOKAHEAD_SCHEDULES,
     NORMS,
     PRECISIONS,
     SCHEDULES,
@@ -57,6 +58,13 @@ def add_optimisation_flags(group, defaults, schedule_help):
         what = {"bias": "biases", "gain": "WS gains and skip gains", "head": "the classifier's kernel and bias"}[name]
         group.add_argument(f"--{name}-lr-mult", type=float, default=getattr(d, f"{name}_lr_mult"), metavar="M",
                            help=f"learning-rate multiplier of {what}")
+    group.add_argument("--lookahead", type=int, default=d.lookahead, metavar="K",
+                       help="Lookahead: sync slow weights every K steps; 0 disables it")
+    group.add_argument("--lookahead-alpha", type=float, default=d.lookahead_alpha, metavar="A",
+                       help="Lookahead: slow <- slow + A * (fast - slow) (schedule constant)")
+    group.add_argument("--lookahead-schedule", choices=LOOKAHEAD_SCHEDULES, default=d.lookahead_schedule,
+                       help="constant: alpha; airbench: alpha = 1 - 0.95**K * (step/steps)**3, and the slow "
+                       "weights at the end")
     group.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="label smoothing factor")
     group.add_argument("--agc", type=float, default=d.agc, metavar="LAMBDA",
                        help="adaptive gradient clipping factor (e.g. 0.01); 0 disables it")

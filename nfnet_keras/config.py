@@ -25,6 +25,8 @@ NORMS = ("none", "batch")
 TTA_POLICIES = ("none", "flip", "flip_translate")
 # How weight decay acts (nfnet_keras.optimizers.groups): decoupled (Keras) or coupled (L2 in the gradient).
 WEIGHT_DECAY_MODES = ("decoupled", "coupled")
+# How Lookahead's slow weights step (nfnet_keras.optimizers.lookahead): a constant alpha, or airbench94's schedule.
+LOOKAHEAD_SCHEDULES = ("constant", "airbench")
 # Fields that say where things are, not what the experiment is: they may
 # differ between the runs of one experiment (e.g. on resume, after moving the data).
 LOCATION_FIELDS = ("data_dir", "tfds_dir")
@@ -77,6 +79,9 @@ class TrainConfig:
     bias_lr_mult: float = 1.0  # learning-rate multipliers of the parameter groups
     gain_lr_mult: float = 1.0
     head_lr_mult: float = 1.0
+    lookahead: int = 0  # Lookahead's sync period k in steps; 0 disables it
+    lookahead_alpha: float = 0.5
+    lookahead_schedule: str = "constant"
     augment: str = "noise_rotate_flip"
     jit: bool | None = None  # None: True on GPU, False on CPU (measured faster there)
     precision: str = "float32"
@@ -120,6 +125,13 @@ class TrainConfig:
             (self.bias_lr_mult > 0, f"--bias-lr-mult must be a positive number, got {self.bias_lr_mult}."),
             (self.gain_lr_mult > 0, f"--gain-lr-mult must be a positive number, got {self.gain_lr_mult}."),
             (self.head_lr_mult > 0, f"--head-lr-mult must be a positive number, got {self.head_lr_mult}."),
+            (self.lookahead >= 0,
+             f"--lookahead must be >= 0 (steps between syncs; 0 disables it), got {self.lookahead}."),
+            (0 < self.lookahead_alpha <= 1, f"--lookahead-alpha must be in (0, 1], got {self.lookahead_alpha}."),
+            (self.lookahead_schedule in LOOKAHEAD_SCHEDULES, f"--lookahead-schedule must be one of "
+             f"{', '.join(LOOKAHEAD_SCHEDULES)}, got {self.lookahead_schedule!r}."),
+            (not (self.lookahead and self.strategy == "mirrored"),
+             "--lookahead is not supported with --strategy mirrored; use --strategy none or data_parallel."),
             (self.norm in NORMS, f"--norm must be one of {', '.join(NORMS)}, got {self.norm!r}."),
             (self.tta in TTA_POLICIES, f"--tta must be one of {', '.join(TTA_POLICIES)}, got {self.tta!r}."),
             (self.augment in AUGMENTATIONS,
@@ -183,7 +195,8 @@ def with_defaults(recorded):
 _FIELD_KINDS = dict(
     preset=str, epochs=int, batch_size=int, lr=float, momentum=float, nesterov=bool, schedule=str,
     warmup_epochs=float, weight_decay=float, label_smoothing=float, agc=float, ema=float,
-    weight_decay_mode=str, bias_lr_mult=float, gain_lr_mult=float, head_lr_mult=float, augment=str, jit=bool,
+    weight_decay_mode=str, bias_lr_mult=float, gain_lr_mult=float, head_lr_mult=float,
+    lookahead=int, lookahead_alpha=float, lookahead_schedule=str, augment=str, jit=bool,
     precision=str, seed=int, deterministic=bool, train_limit=int, val_size=int, data_dir=str, tfds_dir=str,
     strategy=str, norm=str, tta=str, overrides=dict,
 )

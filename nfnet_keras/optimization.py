@@ -6,6 +6,7 @@ import keras
 
 from nfnet_keras.agc import with_agc
 from nfnet_keras.optimizers.groups import NO_DECAY_NAMES, GroupSGD
+from nfnet_keras.optimizers.lookahead import Lookahead
 
 
 @keras.saving.register_keras_serializable(package="nfnet_keras")
@@ -126,7 +127,7 @@ def make_optimizer(config, steps_per_epoch):
     """SGD with momentum, the schedule, weight decay (not on gains or biases), AGC, EMA.
 
     Group learning-rate multipliers and coupled decay make it a `GroupSGD`
-    (see `make_sgd`).
+    (see `make_sgd`); `config.lookahead` wraps it in `Lookahead`.
 
     With `config.ema`, the optimizer keeps an exponential moving average of
     the weights (Keras' `use_ema`); `fit_model` evaluates and checkpoints it
@@ -135,6 +136,9 @@ def make_optimizer(config, steps_per_epoch):
     optimizer = make_sgd(config, make_schedule(config, steps_per_epoch))
     if config.agc:
         optimizer = with_agc(optimizer, clipping=config.agc)
+    if config.lookahead:
+        optimizer = Lookahead(optimizer, sync_period=config.lookahead, alpha=config.lookahead_alpha,
+                              schedule=config.lookahead_schedule, total_steps=config.epochs * steps_per_epoch)
     return optimizer
 
 

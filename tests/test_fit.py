@@ -157,6 +157,9 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(tmp_path, synthetic_cifar_
         (["--weight-decay-mode", "l2"], "invalid choice: 'l2'"),
         (["--bias-lr-mult", "0"], "--bias-lr-mult must be a positive number, got 0.0"),
         (["--head-lr-mult", "-1"], "--head-lr-mult must be a positive number, got -1.0"),
+        (["--lookahead", "-1"], "--lookahead must be >= 0"),
+        (["--lookahead-alpha", "0"], "--lookahead-alpha must be in (0, 1], got 0.0"),
+        (["--lookahead-schedule", "cubic"], "invalid choice: 'cubic'"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(argv, message, capsys):

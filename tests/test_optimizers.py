@@ -13,6 +13,7 @@ from nfnet_keras.agc import clip_gradient
 from nfnet_keras.config import TrainConfig
 from nfnet_keras.optimization import NO_DECAY_NAMES, make_optimizer
 from nfnet_keras.optimizers.groups import GroupSGD, decays, param_group
+from nfnet_keras.optimizers.lookahead import Lookahead
 
 LR, WD = 0.1, 0.05
 MULTS = {"kernel": 1.0, "bias": 2.0, "gain": 3.0, "head": 0.5}
@@ -242,3 +243,102 @@ def test_group_flags_and_hparams_reach_the_optimizer(tmp_path):
     assert (config.head_lr_mult, config.weight_decay_mode, config.bias_lr_mult) == (4.0, "coupled", 1.0)
     with pytest.raises(ValueError, match="--weight-decay-mode must be one of decoupled, coupled, got 'l2'"):
         TrainConfig(weight_decay_mode="l2").validate()
+
+
+# === Lookahead ===
+
+
+def _hand_lookahead(start, grads_per_step, lr, k, alpha_at, total=None):
+    """Plain SGD (no momentum) fast weights; slow weights synced every k steps."""
+    fast = {p: x.astype("float64") for p, x in start.items()}
+    slow = {p: x.copy() for p, x in fast.items()}
+    for t, grads in enumerate(grads_per_step, start=1):
+        for p, g in grads.items():
+            fast[p] = fast[p] - lr * g
+            if t % k == 0:
+                slow[p] = slow[p] + alpha_at(t) * (fast[p] - slow[p])
+            if t % k == 0 or t == total:
+                fast[p] = slow[p].copy()
+    return fast, slow
+
+
+@pytest.mark.parametrize("schedule", ["constant", "airbench"])
+def test_lookahead_matches_a_hand_computed_sequence_over_two_periods(tiny, schedule):
+    variables = tiny.trainable_variables
+    k, total, steps = 3, 7, 7  # syncs at 3 and 6; airbench also copies the slow weights in at 7
+    start = _randomize(variables)
+    opt = Lookahead(keras.optimizers.SGD(LR), sync_period=k, alpha=0.5, schedule=schedule, total_steps=total)
+    grads = [_grads(variables, 10 + i) for i in range(steps)]
+    seen = []
+    for g in grads:
+        opt.apply([keras.ops.convert_to_tensor(x) for x in g], variables)
+        seen.append({v.path: np.array(v) for v in variables})
+
+    def alpha_at(t):
+        return 0.5 if schedule == "constant" else 1 - 0.95**k * (t / total) ** 3
+
+    for n in range(1, steps + 1):
+        fast, slow = _hand_lookahead(start, [{v.path: x for v, x in zip(variables, g)} for g in grads[:n]], LR, k,
+                                     alpha_at, total if schedule == "airbench" else None)
+        for path in fast:
+            np.testing.assert_allclose(seen[n - 1][path], fast[path], rtol=1e-5, atol=1e-6, err_msg=f"{n} {path}")
+    for slow_var, v in zip(opt._slow_weights, variables):
+        np.testing.assert_allclose(np.array(slow_var), slow[v.path], rtol=1e-5, atol=1e-6)
+    if schedule == "constant":  # after step 7 the fast weights took one step past the slow ones
+        assert not np.allclose(seen[-1][variables[0].path], slow[variables[0].path])
+    else:
+        np.testing.assert_array_equal(seen[-1][variables[0].path], np.array(opt._slow_weights[0]))
+
+
+def test_lookahead_starts_from_the_weights_at_the_first_step_not_at_build(tiny):
+    kernel = tiny.get_layer("classifier").kernel
+    opt = Lookahead(keras.optimizers.SGD(LR), sync_period=2, alpha=0.5)
+    opt.build([kernel])
+    start = _randomize([kernel])[kernel.path]  # e.g. adapted or restored after the optimizer was built
+    for _ in range(2):
+        opt.apply([keras.ops.ones_like(kernel)], [kernel])
+    np.testing.assert_allclose(np.array(kernel), start - 0.5 * 2 * LR, rtol=1e-6, atol=1e-6)
+
+
+def test_lookahead_composes_with_groups_agc_and_ema_and_resumes_exactly(tmp_path):
+    config = TrainConfig(lr=LR, momentum=0.9, weight_decay=WD, schedule="triangle", epochs=1, agc=0.01, ema=0.9,
+                         bias_lr_mult=2.0, lookahead=3, lookahead_alpha=0.5).validate()
+    optimizer = make_optimizer(config, 4)
+    assert isinstance(optimizer, Lookahead) and isinstance(optimizer.inner_optimizer, GroupSGD)
+    assert optimizer.inner_optimizer.agc_clipping == 0.01 and optimizer.inner_optimizer.use_ema
+    # 4 steps in one go against 2 + save + restore + 2: the restore lands between syncs (at 3).
+    assert_resumes_exactly(lambda: make_optimizer(config, 4), tmp_path)
+
+
+def test_lookahead_under_loss_scaling_with_ema_swaps_and_finalizes(tmp_path):
+    """mixed_float16: compile puts a LossScaleOptimizer around Lookahead; SwapEMAWeights finds the inner EMA."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = build_model("tiny_speed")
+        model.compile(optimizer=Lookahead(keras.optimizers.SGD(LR, momentum=0.9, use_ema=True), sync_period=2),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), run_eagerly=True)
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+        model.fit(_X, _Y, batch_size=4, epochs=2, verbose=0,
+                  callbacks=[keras.callbacks.SwapEMAWeights(swap_on_epoch=True)])
+        inner = model.optimizer.inner_optimizer.inner_optimizer
+        assert int(inner.iterations) == 4
+        for v, average in zip(model.trainable_variables, inner._model_variables_moving_average):
+            np.testing.assert_array_equal(np.array(v), np.array(average))  # the model ends with the EMA
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_lookahead_config_round_trip_and_bad_arguments():
+    opt = Lookahead(GroupSGD(0.1, lr_multipliers={"head": 2.0}), sync_period=5, schedule="airbench",
+                    total_steps=100)
+    again = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
+    assert type(again) is Lookahead and type(again.inner_optimizer) is GroupSGD
+    assert again.get_config() == opt.get_config()
+    with pytest.raises(ValueError, match="schedule 'airbench' needs total_steps"):
+        Lookahead(keras.optimizers.SGD(), schedule="airbench")
+    with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\], got 1.5"):
+        Lookahead(keras.optimizers.SGD(), alpha=1.5)
+    with pytest.raises(ValueError, match="sync_period must be an integer >= 1, got 0"):
+        Lookahead(keras.optimizers.SGD(), sync_period=0)
+    with pytest.raises(ValueError, match="--lookahead is not supported with --strategy mirrored"):
+        TrainConfig(lookahead=5, strategy="mirrored").validate()
