@@ -13,6 +13,7 @@ from nfnet_keras.config import (
     CONFIG_FIELDS,
     LOOKAHEAD_SCHEDULES,
     NORMS,
+    OPTIMIZERS,
     PRECISIONS,
     SCHEDULES,
     WEIGHT_DECAY_MODES,
@@ -58,6 +59,15 @@ def add_optimisation_flags(group, defaults, schedule_help):
         what = {"bias": "biases", "gain": "WS gains and skip gains", "head": "the classifier's kernel and bias"}[name]
         group.add_argument(f"--{name}-lr-mult", type=float, default=getattr(d, f"{name}_lr_mult"), metavar="M",
                            help=f"learning-rate multiplier of {what}")
+    group.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
+                       help="the conv kernels' optimizer: sgd (as the rest); renorm_sgd: Nesterov SGD on per-filter "
+                       "normalized gradients, filters kept at unit norm; muon: Muon on the filters. The rest: SGD")
+    group.add_argument("--kernel-lr", type=float, default=d.kernel_lr, metavar="LR",
+                       help="peak lr of the conv kernels' optimizer under renorm_sgd/muon (default: --lr)")
+    group.add_argument("--kernel-momentum", type=float, default=d.kernel_momentum, metavar="M",
+                       help="momentum of the conv kernels' optimizer under renorm_sgd/muon (default: --momentum)")
+    group.add_argument("--muon-ns-steps", type=int, default=d.muon_ns_steps, metavar="N",
+                       help="Newton-Schulz iterations of Muon (airbench94_muon: 3)")
     group.add_argument("--lookahead", type=int, default=d.lookahead, metavar="K",
                        help="Lookahead: sync slow weights every K steps; 0 disables it")
     group.add_argument("--lookahead-alpha", type=float, default=d.lookahead_alpha, metavar="A",

@@ -160,6 +160,10 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(tmp_path, synthetic_cifar_
         (["--lookahead", "-1"], "--lookahead must be >= 0"),
         (["--lookahead-alpha", "0"], "--lookahead-alpha must be in (0, 1], got 0.0"),
         (["--lookahead-schedule", "cubic"], "invalid choice: 'cubic'"),
+        (["--optimizer", "adam"], "invalid choice: 'adam'"),
+        (["--kernel-lr", "0"], "--kernel-lr must be a positive number, got 0.0"),
+        (["--kernel-momentum", "1"], "--kernel-momentum must be in [0, 1), got 1.0"),
+        (["--muon-ns-steps", "0"], "--muon-ns-steps must be >= 1, got 0"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(argv, message, capsys):

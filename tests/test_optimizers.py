@@ -12,11 +12,14 @@ from nfnet_keras import build_model
 from nfnet_keras.agc import clip_gradient
 from nfnet_keras.config import TrainConfig
 from nfnet_keras.optimization import NO_DECAY_NAMES, make_optimizer
+from nfnet_keras.optimizers.conv_muon import ConvMuon
 from nfnet_keras.optimizers.groups import GroupSGD, decays, param_group
 from nfnet_keras.optimizers.lookahead import Lookahead
+from nfnet_keras.optimizers.renorm import RenormSGD
 
 LR, WD = 0.1, 0.05
 MULTS = {"kernel": 1.0, "bias": 2.0, "gain": 3.0, "head": 0.5}
+MULTS_HEAD = {"head": 0.5}
 
 
 @pytest.fixture(scope="module")
@@ -342,3 +345,114 @@ def test_lookahead_config_round_trip_and_bad_arguments():
         Lookahead(keras.optimizers.SGD(), sync_period=0)
     with pytest.raises(ValueError, match="--lookahead is not supported with --strategy mirrored"):
         TrainConfig(lookahead=5, strategy="mirrored").validate()
+
+
+# === Filter renormalization and Muon for the conv kernels ===
+
+
+def _filter_norms(x):
+    return np.sqrt((np.asarray(x, "float64") ** 2).reshape(-1, x.shape[-1]).sum(0))
+
+
+def test_renorm_sgd_keeps_unit_filters_and_matches_a_hand_computed_nesterov_step(tiny):
+    kernels = [v for v in tiny.trainable_variables if len(v.shape) >= 2]  # conv kernels and the dense kernel
+    start = _randomize(kernels)
+    opt = RenormSGD(0.03, momentum=0.9, nesterov=True)
+    grads = [_grads(kernels, 1), _grads(kernels, 2)]
+    got = _steps(opt, kernels, 2)
+    for i, v in enumerate(kernels):
+        w, m = start[v.path].astype("float64"), 0.0
+        for step in grads:
+            g = step[i].astype("float64")
+            g = g / _filter_norms(g)
+            m = 0.9 * m + g
+            w = w - 0.03 * (g + 0.9 * m)
+            w = w / _filter_norms(w)
+        np.testing.assert_allclose(got[v.path], w, rtol=1e-5, atol=1e-6, err_msg=v.path)
+        np.testing.assert_allclose(_filter_norms(got[v.path]), 1.0, atol=1e-6, err_msg=v.path)
+
+
+def test_renorm_sgd_refuses_vectors():
+    with pytest.raises(ValueError, match="RenormSGD normalizes the filters of kernels"):
+        RenormSGD().build([keras.Variable(np.ones(3, "float32"), name="bias")])
+
+
+def _newton_schulz(g, steps, a=3.4445, b=-4.7750, c=2.0315):
+    """airbench94_muon's orthogonalization of a (filters, fan-in) matrix, in float64."""
+    x = g / (np.linalg.norm(g) + 1e-7)
+    transpose = x.shape[0] > x.shape[1]
+    if transpose:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if transpose else x
+
+
+def test_conv_muon_step_on_a_conv_kernel_matches_an_explicit_newton_schulz():
+    rng = np.random.default_rng(3)
+    kernel = keras.Variable(rng.normal(size=(3, 3, 2, 4)).astype("float32"), name="kernel")
+    start = np.array(kernel).astype("float64")
+    grads = [rng.normal(size=(3, 3, 2, 4)).astype("float32") for _ in range(2)]
+    opt = ConvMuon(0.24, momentum=0.6, nesterov=True, ns_steps=3, rms_rate=None, weight_decay=None)
+    for g in grads:
+        opt.apply([keras.ops.convert_to_tensor(g)], [kernel])
+    assert opt.adam_velocities == [None]  # the Muon step, not Keras Muon's AdamW fallback for 4-D variables
+    w, m = start, 0.0
+    for g in grads:
+        g = g.astype("float64")
+        m = 0.6 * m + g
+        nesterov = g + 0.6 * m
+        # torch layout (filters, in * h * w): the filters' rows, fan-in in HWIO order (a row permutation).
+        matrix = nesterov.reshape(-1, 4).T
+        w = w - 0.24 * _newton_schulz(matrix, 3).T.reshape(w.shape)
+    np.testing.assert_allclose(np.array(kernel), w, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(np.array(kernel), start - 0.24 * sum(grads))  # not a plain SGD step
+
+
+@pytest.mark.parametrize("name, kernel_type", [("renorm_sgd", RenormSGD), ("muon", ConvMuon)])
+def test_split_sends_conv_kernels_to_their_optimizer_and_the_rest_to_sgd(tiny, name, kernel_type):
+    config = TrainConfig(optimizer=name, lr=LR, kernel_lr=0.03, momentum=0.9, weight_decay=0.0,
+                         schedule="constant", head_lr_mult=0.5).validate()
+    opt = make_optimizer(config, 10)
+    assert isinstance(opt, keras.optimizers.MultiOptimizer)
+    variables = tiny.trainable_variables
+    start = _randomize(variables)
+    grads = _grads(variables, 1)
+    got = _steps(opt, variables, 1)
+    kernel_opt, rest_opt = opt.optimizers
+    assert type(kernel_opt) is kernel_type and isinstance(rest_opt, GroupSGD)
+    for v, g in zip(variables, grads):
+        owner = opt.optimizers[opt._var_to_optimizer_idx[opt._var_key(v)]]
+        is_conv = len(v.shape) == 4
+        assert (owner is kernel_opt) == is_conv, v.path
+        if not is_conv:  # the SGD's first momentum step: -lr_group * g
+            expected = start[v.path] - LR * MULTS_HEAD.get(param_group(v), 1.0) * g
+            np.testing.assert_allclose(got[v.path], expected, rtol=1e-6, atol=1e-6, err_msg=v.path)
+        elif name == "renorm_sgd":
+            np.testing.assert_allclose(_filter_norms(got[v.path]), 1.0, atol=1e-6, err_msg=v.path)
+
+
+@pytest.mark.parametrize("name", ["renorm_sgd", "muon"])
+def test_kernel_optimizers_with_agc_ema_and_lookahead_train_and_resume_exactly(tmp_path, name):
+    config = TrainConfig(optimizer=name, lr=LR, kernel_lr=0.03, kernel_momentum=0.6, muon_ns_steps=3,
+                         momentum=0.9, nesterov=True, weight_decay=WD, schedule="triangle", epochs=1, agc=0.01,
+                         ema=0.9, lookahead=3).validate()
+    whole = assert_resumes_exactly(lambda: make_optimizer(config, 4), tmp_path, run_eagerly=name == "renorm_sgd")
+    kernel_opt = whole.optimizer.inner_optimizer.optimizers[0]
+    assert kernel_opt.momentum == 0.6 and kernel_opt.agc_clipping == 0.01 and kernel_opt.use_ema
+
+
+def test_kernel_optimizer_flags_and_hparams(tmp_path):
+    from nfnet_keras import fit
+
+    config, _ = fit.parse_config(["--optimizer", "muon", "--kernel-lr", "0.24", "--kernel-momentum", "0.6",
+                                  "--muon-ns-steps", "3"])
+    kernel_opt = make_optimizer(config, 10).optimizers[0]
+    assert type(kernel_opt) is ConvMuon and (kernel_opt.momentum, kernel_opt.ns_steps) == (0.6, 3)
+    assert kernel_opt.rms_rate is None and kernel_opt.nesterov == config.nesterov
+    path = tmp_path / "h.json"
+    path.write_text('{"optimizer": "renorm_sgd", "kernel_lr": 0.03}')
+    config, _ = fit.parse_config(["--hparams", str(path)])
+    assert (config.optimizer, config.kernel_lr, config.kernel_momentum) == ("renorm_sgd", 0.03, None)
+    assert type(make_optimizer(config, 10).optimizers[0]) is RenormSGD
