@@ -229,7 +229,7 @@ def assert_resumes_exactly(optimizer_factory, tmp_path, steps=2, run_eagerly=Tru
 def test_group_sgd_with_agc_and_ema_resumes_exactly(tmp_path):
     config = TrainConfig(lr=LR, momentum=0.9, weight_decay=WD, schedule="triangle", epochs=1, agc=0.01, ema=0.9,
                          weight_decay_mode="coupled", bias_lr_mult=2.0, head_lr_mult=0.5).validate()
-    assert_resumes_exactly(lambda: make_optimizer(config, 4), tmp_path, run_eagerly=False)
+    assert_resumes_exactly(lambda: make_optimizer(config, 4), tmp_path)
 
 
 def test_group_flags_and_hparams_reach_the_optimizer(tmp_path):
@@ -246,6 +246,11 @@ def test_group_flags_and_hparams_reach_the_optimizer(tmp_path):
     assert (config.head_lr_mult, config.weight_decay_mode, config.bias_lr_mult) == (4.0, "coupled", 1.0)
     with pytest.raises(ValueError, match="--weight-decay-mode must be one of decoupled, coupled, got 'l2'"):
         TrainConfig(weight_decay_mode="l2").validate()
+    from nfnet_keras.tensorboard import fit_hparams
+
+    values = fit_hparams(TrainConfig(head_lr_mult=4.0, weight_decay_mode="coupled", optimizer="muon"))
+    assert (values["head_lr_mult"], values["weight_decay_mode"], values["optimizer"]) == (4.0, "coupled", "muon")
+    assert "kernel_lr" not in values  # unset: --lr
 
 
 # === Lookahead ===
