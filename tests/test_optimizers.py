@@ -114,7 +114,7 @@ def test_coupled_decay_passes_through_momentum_and_decoupled_does_not(tiny):
         kernel.assign(start)
         opt = GroupSGD(LR, momentum=0.9, weight_decay=WD, weight_decay_mode=mode, lr_multipliers={"head": 2.0})
         for _ in range(2):
-            opt.apply([keras.ops.zeros_like(kernel)], variables)
+            opt.apply([np.zeros(kernel.shape, "float32")], variables)
         lr = 2 * LR
         if mode == "coupled":
             m1 = -lr * WD * start
@@ -152,6 +152,8 @@ def test_make_optimizer_composes_groups_with_agc_and_ema(tiny):
         np.testing.assert_allclose(ema[path], 0.9 * got[path] + 0.1 * second[path], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.tensorflow_only(reason="an eager LossScaleOptimizer.apply (ops.cond around variable updates) fails "
+                             "under JAX outside its trainer; the mixed_float16 fit test below runs there")
 def test_group_sgd_under_loss_scaling_takes_the_unscaled_step(tiny):
     variables = tiny.trainable_variables
     start = _randomize(variables)
@@ -304,7 +306,7 @@ def test_lookahead_starts_from_the_weights_at_the_first_step_not_at_build(tiny):
     opt.build([kernel])
     start = _randomize([kernel])[kernel.path]  # e.g. adapted or restored after the optimizer was built
     for _ in range(2):
-        opt.apply([keras.ops.ones_like(kernel)], [kernel])
+        opt.apply([np.ones(kernel.shape, "float32")], [kernel])
     np.testing.assert_allclose(np.array(kernel), start - 0.5 * 2 * LR, rtol=1e-6, atol=1e-6)
 
 

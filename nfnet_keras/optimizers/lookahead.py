@@ -125,20 +125,22 @@ class Lookahead(keras.optimizers.Optimizer):
         if not self.built:
             self.build(trainable_variables)
         trainable_variables = list(trainable_variables)
-        first = ops.equal(self.inner_optimizer.iterations, 0)
+        value = ops.convert_to_tensor  # a variable's current value (also inside JAX's stateless scope)
+        first = ops.equal(value(self.inner_optimizer.iterations), 0)
         for slow, fast in zip(self._slow_weights, trainable_variables):
-            slow.assign(ops.where(first, fast, slow))  # the weights before the first step
+            slow.assign(ops.where(first, value(fast), value(slow)))  # the weights before the first step
         self.inner_optimizer.apply(grads, trainable_variables)
-        step = self.inner_optimizer.iterations
+        step = value(self.inner_optimizer.iterations)
         mix = ops.equal(ops.mod(step, self.sync_period), 0)
         copy = mix
         if self.schedule == "airbench":
             copy = ops.logical_or(mix, ops.equal(step, self.total_steps))
         alpha = self.alpha_at(step)
         for slow, fast in zip(self._slow_weights, trainable_variables):
-            new_slow = ops.where(mix, slow + ops.cast(alpha, slow.dtype) * (fast - slow), slow)
+            slow_value, fast_value = value(slow), value(fast)
+            new_slow = ops.where(mix, slow_value + ops.cast(alpha, slow.dtype) * (fast_value - slow_value), slow_value)
             slow.assign(new_slow)
-            fast.assign(ops.where(copy, new_slow, fast))
+            fast.assign(ops.where(copy, new_slow, fast_value))
         self._iterations.assign_add(1)
 
     def finalize_variable_values(self, var_list):
