@@ -2,7 +2,8 @@
 
 Keras 3.15's `keras.optimizers.Muon` applies its Muon step only to 2-D
 variables and sends every other one, conv kernels included, to its AdamW
-step (`Muon._should_use_adamw`: `len(variable.shape) != 2`). The CIFAR-10
+step (`Muon._should_use_adamw`: `len(variable.shape) != 2`, by design since
+https://github.com/keras-team/keras/pull/21885). The CIFAR-10
 speed runs (airbench94_muon) use Muon on the conv filters reshaped to
 (filters, fan-in). `ConvMuon` does that: an HWIO kernel `(h, w, in, out)`
 is reshaped to `(h * w * in, out)` for the momentum's Newton-Schulz
