@@ -463,3 +463,18 @@ def test_kernel_optimizer_flags_and_hparams(tmp_path):
     config, _ = fit.parse_config(["--hparams", str(path)])
     assert (config.optimizer, config.kernel_lr, config.kernel_momentum) == ("renorm_sgd", 0.03, None)
     assert type(make_optimizer(config, 10).optimizers[0]) is RenormSGD
+
+
+def test_a_model_compiled_with_every_part_saves_and_loads_with_its_optimizer_state(tmp_path):
+    config = TrainConfig(optimizer="muon", kernel_lr=0.03, lr=LR, momentum=0.9, weight_decay=WD, agc=0.01, ema=0.9,
+                         weight_decay_mode="coupled", head_lr_mult=2.0, lookahead=2,
+                         lookahead_schedule="airbench", schedule="triangle", epochs=1).validate()
+    model = _trained(lambda: make_optimizer(config, 4), build_model("tiny_speed").get_weights(), 1)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.optimizer.get_config() == model.optimizer.get_config()
+    assert [type(o) for o in loaded.optimizer.optimizers] == [type(o) for o in model.optimizer.optimizers]
+    assert len(loaded.optimizer.variables) == len(model.optimizer.variables)
+    for a, b in zip(loaded.optimizer.variables, model.optimizer.variables):
+        np.testing.assert_array_equal(np.array(a), np.array(b))
