@@ -320,20 +320,27 @@ def test_lookahead_composes_with_groups_agc_and_ema_and_resumes_exactly(tmp_path
     assert_resumes_exactly(lambda: make_optimizer(config, 4), tmp_path)
 
 
-def test_lookahead_under_loss_scaling_with_ema_swaps_and_finalizes(tmp_path):
-    """mixed_float16: compile puts a LossScaleOptimizer around Lookahead; SwapEMAWeights finds the inner EMA."""
+@pytest.mark.parametrize("kernels", ["sgd", "muon"])
+def test_lookahead_under_loss_scaling_with_ema_swaps_and_finalizes(tmp_path, kernels):
+    """mixed_float16: compile puts a LossScaleOptimizer around Lookahead; SwapEMAWeights finds the inner EMAs."""
+    config = TrainConfig(optimizer=kernels, lr=LR, ema=0.9, lookahead=2, schedule="constant").validate()
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         model = build_model("tiny_speed")
-        model.compile(optimizer=Lookahead(keras.optimizers.SGD(LR, momentum=0.9, use_ema=True), sync_period=2),
+        model.compile(optimizer=make_optimizer(config, 2),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), run_eagerly=True)
         assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
         model.fit(_X, _Y, batch_size=4, epochs=2, verbose=0,
                   callbacks=[keras.callbacks.SwapEMAWeights(swap_on_epoch=True)])
-        inner = model.optimizer.inner_optimizer.inner_optimizer
-        assert int(inner.iterations) == 4
-        for v, average in zip(model.trainable_variables, inner._model_variables_moving_average):
-            np.testing.assert_array_equal(np.array(v), np.array(average))  # the model ends with the EMA
+        lookahead = model.optimizer.inner_optimizer
+        assert isinstance(lookahead, Lookahead) and int(lookahead.iterations) == 4
+        averages = {}
+        for opt in lookahead.optimizers:
+            assert opt.use_ema and int(opt.iterations) == 4
+            averages.update({id(v): a for v, a in zip(opt._trainable_variables, opt._model_variables_moving_average)})
+        assert len(averages) == len(model.trainable_variables)
+        for v in model.trainable_variables:  # the model ends with the EMA
+            np.testing.assert_array_equal(np.array(v), np.array(averages[id(v)]))
     finally:
         keras.mixed_precision.set_global_policy("float32")
 
