@@ -10,6 +10,7 @@ import_backend_quietly()
 
 # isort: split
 
+from nfnet_keras import optimizers  # noqa: F401  (registers the optimizers a compiled .keras file names)
 from nfnet_keras.agc import clip_gradient, unitwise_norm, with_agc
 from nfnet_keras.contract import CLASS_NAMES
 from nfnet_keras.layers import (

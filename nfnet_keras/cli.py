@@ -12,9 +12,12 @@ from nfnet_keras.config import (
     AUGMENTATIONS,
     CONFIG_FIELDS,
     CONV_INITS,
+    LOOKAHEAD_SCHEDULES,
     NORMS,
+    OPTIMIZERS,
     PRECISIONS,
     SCHEDULES,
+    WEIGHT_DECAY_MODES,
 )
 from nfnet_keras.models.registry import PRESETS
 
@@ -64,7 +67,30 @@ def add_optimisation_flags(group, defaults, schedule_help):
     group.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help=schedule_help)
     group.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="linear warm-up (cosine)")
     group.add_argument("--weight-decay", type=float, default=d.weight_decay,
-                       help="decoupled weight decay (not applied to gains, skip gains, biases)")
+                       help="weight decay (not applied to gains, skip gains, biases)")
+    group.add_argument("--weight-decay-mode", choices=WEIGHT_DECAY_MODES, default=d.weight_decay_mode,
+                       help="decoupled: w -= lr*wd*w before the step (Keras); coupled: wd*w added to the gradient "
+                       "before momentum (L2, torch SGD)")
+    for name in ("bias", "gain", "head"):
+        what = {"bias": "biases", "gain": "WS gains and skip gains", "head": "the classifier's kernel and bias"}[name]
+        group.add_argument(f"--{name}-lr-mult", type=float, default=getattr(d, f"{name}_lr_mult"), metavar="M",
+                           help=f"learning-rate multiplier of {what}")
+    group.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
+                       help="the conv kernels' optimizer: sgd (as the rest); renorm_sgd: Nesterov SGD on per-filter "
+                       "normalized gradients, filters kept at unit norm; muon: Muon on the filters. The rest: SGD")
+    group.add_argument("--kernel-lr", type=float, default=d.kernel_lr, metavar="LR",
+                       help="peak lr of the conv kernels' optimizer under renorm_sgd/muon (default: --lr)")
+    group.add_argument("--kernel-momentum", type=float, default=d.kernel_momentum, metavar="M",
+                       help="momentum of the conv kernels' optimizer under renorm_sgd/muon (default: --momentum)")
+    group.add_argument("--muon-ns-steps", type=int, default=d.muon_ns_steps, metavar="N",
+                       help="Newton-Schulz iterations of Muon (airbench94_muon: 3)")
+    group.add_argument("--lookahead", type=int, default=d.lookahead, metavar="K",
+                       help="Lookahead: sync slow weights every K steps; 0 disables it")
+    group.add_argument("--lookahead-alpha", type=float, default=d.lookahead_alpha, metavar="A",
+                       help="Lookahead: slow <- slow + A * (fast - slow) (schedule constant)")
+    group.add_argument("--lookahead-schedule", choices=LOOKAHEAD_SCHEDULES, default=d.lookahead_schedule,
+                       help="constant: alpha; airbench: alpha = 1 - 0.95**K * (step/steps)**3, and the slow "
+                       "weights at the end")
     group.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="label smoothing factor")
     group.add_argument("--agc", type=float, default=d.agc, metavar="LAMBDA",
                        help="adaptive gradient clipping factor (e.g. 0.01); 0 disables it")

@@ -25,6 +25,13 @@ NORMS = ("none", "batch")
 CONV_INITS = ("he_normal", "dirac")
 # Test-time augmentation of fit's final report and `evaluate --tta` (views in nfnet_keras.inference).
 TTA_POLICIES = ("none", "flip", "flip_translate", "flip_translate_weighted")
+# How weight decay acts (nfnet_keras.optimizers.groups): decoupled (Keras) or coupled (L2 in the gradient).
+WEIGHT_DECAY_MODES = ("decoupled", "coupled")
+# How Lookahead's slow weights step (nfnet_keras.optimizers.lookahead): a constant alpha, or airbench94's schedule.
+LOOKAHEAD_SCHEDULES = ("constant", "airbench")
+# The optimizer of the conv kernels (nfnet_keras.optimizers): SGD like the rest, SGD that keeps every
+# filter at unit norm, or Muon; the rest is always (group) SGD.
+OPTIMIZERS = ("sgd", "renorm_sgd", "muon")
 # Fields that say where things are, not what the experiment is: they may
 # differ between the runs of one experiment (e.g. on resume, after moving the data).
 LOCATION_FIELDS = ("data_dir", "tfds_dir")
@@ -73,6 +80,17 @@ class TrainConfig:
     label_smoothing: float = 0.0
     agc: float = 0.0  # AGC clipping factor; 0 disables it
     ema: float = 0.0  # momentum of an exponential moving average of the weights; 0 disables it
+    weight_decay_mode: str = "decoupled"
+    bias_lr_mult: float = 1.0  # learning-rate multipliers of the parameter groups
+    gain_lr_mult: float = 1.0
+    head_lr_mult: float = 1.0
+    lookahead: int = 0  # Lookahead's sync period k in steps; 0 disables it
+    lookahead_alpha: float = 0.5
+    lookahead_schedule: str = "constant"
+    optimizer: str = "sgd"
+    kernel_lr: float | None = None  # peak lr of the conv kernels' optimizer (renorm_sgd, muon); None: --lr
+    kernel_momentum: float | None = None  # its momentum; None: --momentum
+    muon_ns_steps: int = 5
     augment: str = "noise_rotate_flip"
     jit: bool | None = None  # None: True on GPU, False on CPU (measured faster there)
     precision: str = "float32"
@@ -117,6 +135,25 @@ class TrainConfig:
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}."),
             (self.agc >= 0, f"--agc must be >= 0 (0 disables it), got {self.agc}."),
             (0 <= self.ema < 1, f"--ema must be in [0, 1) (0 disables it), got {self.ema}."),
+            (self.weight_decay_mode in WEIGHT_DECAY_MODES,
+             f"--weight-decay-mode must be one of {', '.join(WEIGHT_DECAY_MODES)}, got {self.weight_decay_mode!r}."),
+            (self.bias_lr_mult > 0, f"--bias-lr-mult must be a positive number, got {self.bias_lr_mult}."),
+            (self.gain_lr_mult > 0, f"--gain-lr-mult must be a positive number, got {self.gain_lr_mult}."),
+            (self.head_lr_mult > 0, f"--head-lr-mult must be a positive number, got {self.head_lr_mult}."),
+            (self.lookahead >= 0,
+             f"--lookahead must be >= 0 (steps between syncs; 0 disables it), got {self.lookahead}."),
+            (0 < self.lookahead_alpha <= 1, f"--lookahead-alpha must be in (0, 1], got {self.lookahead_alpha}."),
+            (self.lookahead_schedule in LOOKAHEAD_SCHEDULES, f"--lookahead-schedule must be one of "
+             f"{', '.join(LOOKAHEAD_SCHEDULES)}, got {self.lookahead_schedule!r}."),
+            (self.optimizer in OPTIMIZERS,
+             f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}."),
+            (self.kernel_lr is None or self.kernel_lr > 0,
+             f"--kernel-lr must be a positive number, got {self.kernel_lr}."),
+            (self.kernel_momentum is None or 0 <= self.kernel_momentum < 1,
+             f"--kernel-momentum must be in [0, 1), got {self.kernel_momentum}."),
+            (self.muon_ns_steps >= 1, f"--muon-ns-steps must be >= 1, got {self.muon_ns_steps}."),
+            (not (self.lookahead and self.strategy == "mirrored"),
+             "--lookahead is not supported with --strategy mirrored; use --strategy none or data_parallel."),
             (self.norm in NORMS, f"--norm must be one of {', '.join(NORMS)}, got {self.norm!r}."),
             (self.conv_init in CONV_INITS,
              f"--conv-init must be one of {', '.join(CONV_INITS)}, got {self.conv_init!r}."),
@@ -196,11 +233,15 @@ def with_defaults(recorded):
 
 _FIELD_KINDS = dict(
     preset=str, epochs=int, batch_size=int, lr=float, momentum=float, nesterov=bool, schedule=str,
-    warmup_epochs=float, weight_decay=float, label_smoothing=float, agc=float, ema=float, augment=str, jit=bool,
+    warmup_epochs=float, weight_decay=float, label_smoothing=float, agc=float, ema=float,
+    weight_decay_mode=str, bias_lr_mult=float, gain_lr_mult=float, head_lr_mult=float,
+    lookahead=int, lookahead_alpha=float, lookahead_schedule=str, optimizer=str, kernel_lr=float,
+    kernel_momentum=float, muon_ns_steps=int, augment=str, jit=bool,
     precision=str, seed=int, deterministic=bool, train_limit=int, test_limit=int, val_size=int, data_dir=str,
     tfds_dir=str, strategy=str, norm=str, tta=str, conv_init=str, whitening_bias_epochs=int, overrides=dict,
 )
-_OPTIONAL = ("jit", "train_limit", "test_limit", "data_dir", "tfds_dir", "whitening_bias_epochs")
+_OPTIONAL = ("jit", "train_limit", "test_limit", "data_dir", "tfds_dir", "whitening_bias_epochs", "kernel_lr",
+             "kernel_momentum")
 
 
 def field_type_problem(name, value):

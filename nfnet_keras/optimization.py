@@ -1,13 +1,16 @@
 """The optimizer of a training run: SGD, the learning-rate schedules, weight decay, AGC, the loss."""
 
+import dataclasses
 import math
 
 import keras
 
 from nfnet_keras.agc import with_agc
-
-# Variables that get no weight decay: WS gains, skip gains and biases.
-NO_DECAY_NAMES = ("bias", "gain", "skip_gain")
+from nfnet_keras.optimizers.conv_muon import ConvMuon
+from nfnet_keras.optimizers.groups import NO_DECAY_NAMES, GroupSGD
+from nfnet_keras.optimizers.lookahead import Lookahead
+from nfnet_keras.optimizers.renorm import RenormSGD
+from nfnet_keras.optimizers.split import split_kernels
 
 
 @keras.saving.register_keras_serializable(package="nfnet_keras")
@@ -100,25 +103,73 @@ def make_schedule(config, steps_per_epoch):
     raise ValueError(f"Unknown schedule {config.schedule!r}.")
 
 
-def make_optimizer(config, steps_per_epoch):
-    """SGD with momentum, the schedule, decoupled weight decay (not on gains or biases), AGC, EMA.
+def lr_multipliers(config):
+    """`{group: multiplier}` of the config's parameter groups (see `nfnet_keras.optimizers.groups`)."""
+    return {"kernel": 1.0, "bias": config.bias_lr_mult, "gain": config.gain_lr_mult, "head": config.head_lr_mult}
 
-    With `config.ema`, the optimizer keeps an exponential moving average of
-    the weights (Keras' `use_ema`); `fit_model` evaluates and checkpoints it
-    (`keras.callbacks.SwapEMAWeights`) and the model ends with it.
-    """
-    optimizer = keras.optimizers.SGD(
-        learning_rate=make_schedule(config, steps_per_epoch),
+
+def make_sgd(config, learning_rate):
+    """The config's SGD: Keras' own, or `GroupSGD` when a group lr multiplier is not 1 or decay is coupled."""
+    common = dict(
+        learning_rate=learning_rate,
         momentum=config.momentum,
         nesterov=config.nesterov,
         weight_decay=config.weight_decay or None,
         use_ema=bool(config.ema),
         ema_momentum=config.ema or 0.99,
     )
+    multipliers = lr_multipliers(config)
+    if config.weight_decay_mode != "decoupled" or any(m != 1.0 for m in multipliers.values()):
+        return GroupSGD(weight_decay_mode=config.weight_decay_mode, lr_multipliers=multipliers, **common)
+    optimizer = keras.optimizers.SGD(**common)
     if config.weight_decay:
         optimizer.exclude_from_weight_decay(var_names=list(NO_DECAY_NAMES))
-    if config.agc:
+    return optimizer
+
+
+def make_kernel_optimizer(config, steps_per_epoch):
+    """The conv kernels' optimizer of `config.optimizer` (`renorm_sgd` or `muon`), on the config's schedule.
+
+    Its peak lr is `config.kernel_lr` (default `config.lr`), its momentum `config.kernel_momentum`
+    (default `config.momentum`). Muon decays the kernels decoupled (Keras' Muon) by
+    `config.weight_decay`, without the Moonlight rescaling (`rms_rate=None`), as the speed runs;
+    `renorm_sgd` needs no decay (its filters stay at unit norm).
+    """
+    schedule = make_schedule(dataclasses.replace(config, lr=config.kernel_lr or config.lr), steps_per_epoch)
+    momentum = config.momentum if config.kernel_momentum is None else config.kernel_momentum
+    ema = dict(use_ema=bool(config.ema), ema_momentum=config.ema or 0.99)
+    if config.optimizer == "renorm_sgd":
+        return RenormSGD(schedule, momentum=momentum, nesterov=config.nesterov, **ema)
+    if config.optimizer == "muon":
+        return ConvMuon(schedule, momentum=momentum, nesterov=config.nesterov, ns_steps=config.muon_ns_steps,
+                        weight_decay=config.weight_decay or None, rms_rate=None, **ema)
+    raise ValueError(f"Unknown kernel optimizer {config.optimizer!r}; expected renorm_sgd or muon.")
+
+
+def make_optimizer(config, steps_per_epoch):
+    """SGD with momentum, the schedule, weight decay (not on gains or biases), AGC, EMA.
+
+    Group learning-rate multipliers and coupled decay make it a `GroupSGD`
+    (see `make_sgd`). `config.optimizer` `renorm_sgd` or `muon` gives the conv
+    kernels their own optimizer (`make_kernel_optimizer`) in a `MultiOptimizer`
+    with the SGD for the rest. `config.lookahead` wraps it all in `Lookahead`.
+
+    With `config.ema`, the optimizer keeps an exponential moving average of
+    the weights (Keras' `use_ema`); `fit_model` evaluates and checkpoints it
+    (`keras.callbacks.SwapEMAWeights`) and the model ends with it.
+    """
+    optimizer = make_sgd(config, make_schedule(config, steps_per_epoch))
+    if config.optimizer != "sgd":
+        kernels = make_kernel_optimizer(config, steps_per_epoch)
+        if config.agc:
+            kernels = with_agc(kernels, clipping=config.agc)
+            optimizer = with_agc(optimizer, clipping=config.agc)
+        optimizer = split_kernels(kernels, optimizer)
+    elif config.agc:
         optimizer = with_agc(optimizer, clipping=config.agc)
+    if config.lookahead:
+        optimizer = Lookahead(optimizer, sync_period=config.lookahead, alpha=config.lookahead_alpha,
+                              schedule=config.lookahead_schedule, total_steps=config.epochs * steps_per_epoch)
     return optimizer
 
 

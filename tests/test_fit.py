@@ -159,6 +159,16 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(tmp_path, synthetic_cifar_
         (["--conv-init", "orthogonal"], "invalid choice: 'orthogonal'"),
         (["--preset", "tiny_speed", "--whitening-bias-epochs", "-1"], "--whitening-bias-epochs must be >= 0"),
         (["--preset", "tiny", "--whitening-bias-epochs", "3"], "needs a network with a whitening stem"),
+        (["--weight-decay-mode", "l2"], "invalid choice: 'l2'"),
+        (["--bias-lr-mult", "0"], "--bias-lr-mult must be a positive number, got 0.0"),
+        (["--head-lr-mult", "-1"], "--head-lr-mult must be a positive number, got -1.0"),
+        (["--lookahead", "-1"], "--lookahead must be >= 0"),
+        (["--lookahead-alpha", "0"], "--lookahead-alpha must be in (0, 1], got 0.0"),
+        (["--lookahead-schedule", "cubic"], "invalid choice: 'cubic'"),
+        (["--optimizer", "adam"], "invalid choice: 'adam'"),
+        (["--kernel-lr", "0"], "--kernel-lr must be a positive number, got 0.0"),
+        (["--kernel-momentum", "1"], "--kernel-momentum must be in [0, 1), got 1.0"),
+        (["--muon-ns-steps", "0"], "--muon-ns-steps must be >= 1, got 0"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(argv, message, capsys):

@@ -2,7 +2,7 @@
 
 import time
 
-from nfnet_keras.config import AUGMENTATIONS, PRECISIONS, SCHEDULES
+from nfnet_keras.config import AUGMENTATIONS, OPTIMIZERS, PRECISIONS, SCHEDULES, WEIGHT_DECAY_MODES
 from nfnet_keras.models.registry import PRESETS
 
 _KINDS = {float: "DATA_TYPE_FLOAT64", int: "DATA_TYPE_FLOAT64", bool: "DATA_TYPE_BOOL", str: "DATA_TYPE_STRING"}
@@ -83,6 +83,13 @@ FIT_HPARAMS = (
     ("warmup_epochs", float, None, False, "linear warm-up, in epochs"),
     ("label_smoothing", float, None, False, "label smoothing"),
     ("agc", float, None, False, "adaptive gradient clipping factor (0: off)"),
+    ("weight_decay_mode", str, WEIGHT_DECAY_MODES, False, "decoupled, or coupled (L2 through momentum)"),
+    ("bias_lr_mult", float, None, False, "learning-rate multiplier of the biases"),
+    ("gain_lr_mult", float, None, False, "learning-rate multiplier of the gains"),
+    ("head_lr_mult", float, None, False, "learning-rate multiplier of the classifier"),
+    ("optimizer", str, OPTIMIZERS, False, "the conv kernels' optimizer"),
+    ("kernel_lr", float, None, False, "peak lr of the conv kernels' optimizer (unset: lr)"),
+    ("lookahead", int, None, False, "Lookahead sync period in steps (0: off)"),
     ("augment", str, AUGMENTATIONS, False, "augmentation policy"),
     ("precision", str, PRECISIONS, False, "Keras dtype policy"),
     ("seed", int, None, False, "random seed"),
