@@ -1,77 +1,50 @@
-"""nfnet-keras: Normalizer-Free ResNets (NFNets) for Keras 3."""
+"""nfnet-keras: Normalizer-Free ResNets (NFNets) for Keras 3.
 
-# ruff: noqa: E402  (the quiet start-up must come before the imports that load the backend)
+`import nfnet_keras` loads Keras quietly (TensorFlow's C++ start-up lines are
+kept out of the terminal; `NFNET_VERBOSE=1` shows them) and registers every
+layer, block, schedule and optimizer of the package with Keras, so that
+`keras.saving.load_model` finds them in a `.keras` file. The package's own
+commands (`nfnet-fit`, `python -m nfnet_keras.fit`, ...) skip that: they parse
+and check their flags first, answering `--help` and bad input without loading
+the framework, and call `load_framework()` when they need it. Either way the
+public names below import their module on first use.
+"""
 
-from nfnet_keras.console import import_backend_quietly
+import importlib
 
-# TensorFlow's C++ start-up lines bury the output of the command-line tools:
-# they are kept out of the terminal during the import (NFNET_VERBOSE=1 shows them).
-import_backend_quietly()
-
-# isort: split
-
-from nfnet_keras import optimizers  # noqa: F401  (registers the optimizers a compiled .keras file names)
-from nfnet_keras.agc import clip_gradient, unitwise_norm, with_agc
-from nfnet_keras.contract import CLASS_NAMES
-from nfnet_keras.layers import (
-    GAMMAS,
-    PartialDirac,
-    PatchWhitening,
-    ScaledActivation,
-    SqueezeExcite,
-    StochasticDepth,
-    WSConv2D,
-)
-from nfnet_keras.models import (
-    BATCHNORM_TWIN,
-    PRESETS,
-    ConvGroup,
-    NFBlock,
-    NormConvGroup,
-    PreActBottleneck,
-    SignalBlock,
-    adapt_model,
-    build_model,
-    count_macs,
-    dirac_initialize,
-    signal_propagation,
-)
+from nfnet_keras import lazy
+from nfnet_keras.console import import_backend_quietly, started_as_command
 
 __version__ = "0.2.0"
 
+__getattr__, __dir__, __all__ = lazy.attach(
+    __name__,
+    {
+        ".agc": ["clip_gradient", "unitwise_norm", "with_agc"],
+        ".contract": ["CLASS_NAMES"],
+        ".data": ["preprocess"],
+        ".layers": ["GAMMAS", "PartialDirac", "PatchWhitening", "ScaledActivation", "SqueezeExcite",
+                    "StochasticDepth", "WSConv2D"],
+        ".models": ["BATCHNORM_TWIN", "PRESETS", "ConvGroup", "NFBlock", "NormConvGroup", "PreActBottleneck",
+                    "SignalBlock", "adapt_model", "build_model", "count_macs", "dirac_initialize",
+                    "signal_propagation"],
+    },
+    submodules=("layers", "models", "optimizers", "tensorboard", "tuner"),
+)
+__all__ += ["load_framework"]
 
-def __getattr__(name):
-    # `preprocess` lives in the TensorFlow data pipeline: imported on first use, so that
-    # `import nfnet_keras` loads no TensorFlow under the JAX and PyTorch backends.
-    if name == "preprocess":
-        from nfnet_keras.data import preprocess
+# The modules that register Keras objects (layers, blocks, initializers, schedules, optimizers): importing
+# them makes every class a `.keras` file of this package can name known to Keras' deserialization.
+KERAS_OBJECT_MODULES = ("nfnet_keras.models.registry", "nfnet_keras.models.initialization",
+                        "nfnet_keras.optimization")
 
-        return preprocess
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = [
-    "BATCHNORM_TWIN",
-    "CLASS_NAMES",
-    "ConvGroup",
-    "GAMMAS",
-    "PRESETS",
-    "NFBlock",
-    "NormConvGroup",
-    "PartialDirac",
-    "PatchWhitening",
-    "PreActBottleneck",
-    "ScaledActivation",
-    "SignalBlock",
-    "SqueezeExcite",
-    "StochasticDepth",
-    "WSConv2D",
-    "adapt_model",
-    "build_model",
-    "clip_gradient",
-    "count_macs",
-    "dirac_initialize",
-    "preprocess",
-    "signal_propagation",
-    "unitwise_norm",
-    "with_agc",
-]
+def load_framework():
+    """Imports Keras quietly and registers every Keras object of the package (see the module docstring)."""
+    import_backend_quietly()
+    for module in KERAS_OBJECT_MODULES:
+        importlib.import_module(module)
+
+
+if not started_as_command():
+    load_framework()

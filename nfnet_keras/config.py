@@ -3,11 +3,12 @@
 A config is plain data: it is written to `<run>/config.json`, compared on
 resume, and passed from the command line, a `--hparams` JSON file, a recipe or
 Python. `validate()` checks the type and range of every field however it
-arrived, and turns aliases into canonical names.
+arrived.
 """
 
 import dataclasses
 import math
+import typing
 
 SCHEDULES = ("step", "cosine", "onecycle", "triangle", "constant")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -16,7 +17,6 @@ STRATEGIES = ("none", "mirrored", "data_parallel")
 # per-image policy, pad-4 crop + flip, +-2 px reflect-padded translation + flip, the same translation
 # with each image mirrored on alternate epochs (airbench94's), and none.
 AUGMENTATIONS = ("noise_rotate_flip", "standard", "translate_flip", "translate_altflip", "none")
-AUGMENTATION_ALIASES = {"seed": "noise_rotate_flip"}
 # What normalizes the network: nothing (Normalizer-Free), or BatchNorm where the NF
 # network has its scaled activations (the BatchNorm twin, for comparisons).
 NORMS = ("none", "batch")
@@ -59,94 +59,173 @@ RECIPES = {
 }
 
 
-def canonical_augmentation(name):
-    """The policy name for `name` (an alias such as `seed` gives `noise_rotate_flip`)."""
-    return AUGMENTATION_ALIASES.get(name, name)
+def option(default=None, help="", *, group, choices=None, metavar=None, commands=("fit", "grid"), hparam=None,
+           shown=False, default_factory=None):
+    """A `TrainConfig` field and everything said about it: its flag, its HParams column, its docs row.
+
+    Args:
+        default: the field's default (`default_factory` for a mutable one).
+        help: str. The flag's help, and the docs table's text.
+        group: str. The `--help` section and docs table group: "model",
+            "optimisation", "data", "runtime" or "output".
+        choices: tuple or None. The values a string field takes (its flag's
+            choices, checked by `validate`, listed in HParams).
+        metavar: str or None. The flag's value name in `--help`.
+        commands: the commands with the flag (`"fit"`, `"grid"`); `()`: none.
+        hparam: str or None. The HParams column's description; None: no column.
+        shown: bool. Whether the HParams dashboard shows the column at first.
+        default_factory: callable or None. Makes the default (e.g. `dict`).
+    """
+    metadata = dict(help=help, group=group, choices=choices, metavar=metavar, commands=tuple(commands),
+                    hparam=hparam, shown=shown)
+    if default_factory is not None:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+_MODEL, _OPT, _DATA, _RUNTIME, _OUTPUT = "model", "optimisation", "data", "runtime", "output"
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Everything a training run depends on. Defaults: the report's final run."""
+    """Everything a training run depends on. Defaults: the report's final run.
 
-    preset: str = "report_resnet"
-    epochs: int = 200
-    batch_size: int = 64
-    lr: float = 0.01
-    momentum: float = 0.9
-    nesterov: bool = False
-    schedule: str = "step"
-    warmup_epochs: float = 0.0
-    weight_decay: float = 2e-4
-    label_smoothing: float = 0.0
-    agc: float = 0.0  # AGC clipping factor; 0 disables it
-    ema: float = 0.0  # momentum of an exponential moving average of the weights; 0 disables it
-    weight_decay_mode: str = "decoupled"
-    bias_lr_mult: float = 1.0  # learning-rate multipliers of the parameter groups
-    gain_lr_mult: float = 1.0
-    head_lr_mult: float = 1.0
-    lookahead: int = 0  # Lookahead's sync period k in steps; 0 disables it
-    lookahead_alpha: float = 0.5
-    lookahead_schedule: str = "constant"
-    optimizer: str = "sgd"
-    kernel_lr: float | None = None  # peak lr of the conv kernels' optimizer (renorm_sgd, muon); None: --lr
-    kernel_momentum: float | None = None  # its momentum; None: --momentum
-    muon_ns_steps: int = 5
-    augment: str = "noise_rotate_flip"
-    jit: bool | None = None  # None: True on GPU, False on CPU (measured faster there)
-    precision: str = "float32"
-    seed: int = 0
-    deterministic: bool = False
-    train_limit: int | None = None
-    # Test images of the final evaluation; None: all, or `default_test_limit(train_limit)` with --train-limit.
-    test_limit: int | None = None
-    val_size: int = 5000
-    data_dir: str | None = None
-    tfds_dir: str | None = None
-    strategy: str = "none"
-    norm: str = "none"
-    tta: str = "flip"
-    conv_init: str = "he_normal"
-    whitening_bias_epochs: int | None = None  # epochs the whitening stem's bias trains; None: all of them
-    overrides: dict = dataclasses.field(default_factory=dict)  # preset overrides
+    Each field is declared once, with `option`: its type and default here, its
+    flag (`nfnet_keras.cli.add_config_flags`), its HParams column
+    (`nfnet_keras.tensorboard.hparams.FIT_HPARAMS`) and its row of the flags
+    table in docs/training.md (`nfnet_keras.cli.flags_markdown`) follow from it.
+    """
+
+    # === Model ===
+    preset: str = option("report_resnet", "model preset: {presets}", group=_MODEL, hparam="model variant",
+                         shown=True)
+    overrides: dict = option(default_factory=dict, group=_MODEL, metavar="KEY=VALUE",
+                             help="replace a preset key, e.g. --override 'widths=(96,192,384)'; repeatable",
+                             hparam="preset keys changed (none: the preset as is)")
+    norm: str = option("none", "none: Normalizer-Free; batch: the BatchNorm twin of the same network", group=_MODEL,
+                       choices=NORMS, hparam="normalization: none (NF) or batch (the BatchNorm twin)", shown=True)
+    conv_init: str = option("he_normal", "he_normal; or dirac: every conv but the stem starts with its first C_in "
+                            "filters the identity (airbench94's init)", group=_MODEL, choices=CONV_INITS,
+                            hparam="conv kernel initialization")
+    whitening_bias_epochs: int | None = option(
+        None, "train the whitening stem's bias for the first N epochs only, as airbench94 (3); default: every epoch",
+        group=_MODEL, metavar="N", hparam="epochs the whitening stem's bias trains (unset: all)")
+    # === Optimisation ===
+    epochs: int = option(200, "training epochs", group=_OPT, hparam="epochs of the run", shown=True)
+    batch_size: int = option(64, "images per step", group=_OPT, commands=("fit",), hparam="images per step",
+                             shown=True)
+    lr: float = option(0.01, "peak learning rate", group=_OPT, commands=("fit",), hparam="peak learning rate",
+                       shown=True)
+    momentum: float = option(0.9, "SGD momentum", group=_OPT, hparam="SGD momentum")
+    nesterov: bool = option(False, "Nesterov momentum", group=_OPT, hparam="Nesterov momentum")
+    schedule: str = option("step", "step: lr/10 at 25/50/75%% of the epochs; cosine; onecycle; triangle: 0.2x -> 1x "
+                           "at 23%% -> 0.07x; constant", group=_OPT, choices=SCHEDULES,
+                           hparam="learning-rate schedule")
+    warmup_epochs: float = option(0.0, "linear warm-up of the cosine schedule, in epochs", group=_OPT,
+                                  hparam="linear warm-up, in epochs")
+    weight_decay: float = option(2e-4, "weight decay (not applied to gains, skip gains, biases)", group=_OPT,
+                                 hparam="weight decay")
+    weight_decay_mode: str = option(
+        "decoupled", "decoupled: w -= lr*wd*w before the step (Keras); coupled: wd*w added to the gradient before "
+        "momentum (L2, torch SGD)", group=_OPT, choices=WEIGHT_DECAY_MODES,
+        hparam="decoupled, or coupled (L2 through momentum)")
+    bias_lr_mult: float = option(1.0, "learning-rate multiplier of biases", group=_OPT, metavar="M",
+                                 hparam="learning-rate multiplier of the biases")
+    gain_lr_mult: float = option(1.0, "learning-rate multiplier of WS gains and skip gains", group=_OPT, metavar="M",
+                                 hparam="learning-rate multiplier of the gains")
+    head_lr_mult: float = option(1.0, "learning-rate multiplier of the classifier's kernel and bias", group=_OPT,
+                                 metavar="M", hparam="learning-rate multiplier of the classifier")
+    optimizer: str = option("sgd", "the conv kernels' optimizer: sgd (as the rest); renorm_sgd: Nesterov SGD on "
+                            "per-filter normalized gradients, filters kept at unit norm; muon: Muon on the filters. "
+                            "The rest: SGD", group=_OPT, choices=OPTIMIZERS, hparam="the conv kernels' optimizer")
+    kernel_lr: float | None = option(None, "peak lr of the conv kernels' optimizer under renorm_sgd/muon (default: "
+                                     "--lr)", group=_OPT, metavar="LR",
+                                     hparam="peak lr of the conv kernels' optimizer (unset: lr)")
+    kernel_momentum: float | None = option(None, "momentum of the conv kernels' optimizer under renorm_sgd/muon "
+                                           "(default: --momentum)", group=_OPT, metavar="M",
+                                           hparam="momentum of the conv kernels' optimizer (unset: momentum)")
+    muon_ns_steps: int = option(5, "Newton-Schulz iterations of Muon (airbench94_muon: 3)", group=_OPT, metavar="N",
+                                hparam="Newton-Schulz iterations of Muon")
+    lookahead: int = option(0, "Lookahead: sync slow weights every K steps; 0 disables it", group=_OPT, metavar="K",
+                            hparam="Lookahead sync period in steps (0: off)")
+    lookahead_alpha: float = option(0.5, "Lookahead: slow <- slow + A * (fast - slow) (schedule constant)",
+                                    group=_OPT, metavar="A", hparam="Lookahead step of the slow weights")
+    lookahead_schedule: str = option("constant", "constant: alpha; airbench: alpha = 1 - 0.95**K * (step/steps)**3, "
+                                     "and the slow weights at the end", group=_OPT, choices=LOOKAHEAD_SCHEDULES,
+                                     hparam="Lookahead schedule")
+    label_smoothing: float = option(0.0, "label smoothing factor", group=_OPT, hparam="label smoothing")
+    agc: float = option(0.0, "adaptive gradient clipping factor (e.g. 0.01); 0 disables it", group=_OPT,
+                        metavar="LAMBDA", hparam="adaptive gradient clipping factor (0: off)")
+    ema: float = option(0.0, "evaluate and keep an exponential moving average of the weights (e.g. 0.99); 0: off",
+                        group=_OPT, metavar="MOMENTUM", hparam="momentum of the weights' moving average (0: off)")
+    augment: str = option("noise_rotate_flip", "noise_rotate_flip: the report's per-image policy; standard: pad-4 "
+                          "crop + flip; translate_flip: +-2 px reflect-padded shift + flip; translate_altflip: the "
+                          "same shift, each image mirrored on alternate epochs; none", group=_OPT,
+                          choices=AUGMENTATIONS, hparam="augmentation policy")
+    # === Data ===
+    data_dir: str | None = option(None, "folder with cifar-10-batches-py/ or cifar-10-python.tar.gz (default: "
+                                  "$NFNET_DATA_DIR, then TFDS)", group=_DATA)
+    tfds_dir: str | None = option(None, "TFDS data_dir, used only when no --data-dir or $NFNET_DATA_DIR is given "
+                                  "(default: ~/tensorflow_datasets)", group=_DATA)
+    train_limit: int | None = option(None, "train on the first N training images (default: all)", group=_DATA,
+                                     metavar="N", hparam="training images used (unset: all)")
+    val_size: int = option(5000, "validation images held out of the 50,000", group=_DATA,
+                           hparam="validation images held out of the training set")
+    test_limit: int | None = option(None, "evaluate the trained model on the first N test images (default: all "
+                                    "10,000; with --train-limit N: min(10000, max(1000, N)))", group=_DATA,
+                                    metavar="N", commands=("fit",), hparam="test images of the final evaluation")
+    # === Runtime ===
+    jit: bool | None = option(None, "XLA-compile the train step (default: on with a GPU or under KERAS_BACKEND=jax, "
+                              "off for TensorFlow on CPU where it is slower)", group=_RUNTIME)
+    precision: str = option("float32", "float32, or mixed precision (mixed_bfloat16 on CPUs with native bf16, "
+                            "mixed_float16 on GPUs)", group=_RUNTIME, choices=PRECISIONS, hparam="Keras dtype policy")
+    seed: int = option(0, "random seed (weights, shuffling, augmentation)", group=_RUNTIME, hparam="random seed")
+    deterministic: bool = option(False, "op determinism: bitwise-reproducible runs", group=_RUNTIME)
+    strategy: str = option("none", "mirrored: tf.distribute.MirroredStrategy over all GPUs (2 logical CPUs without "
+                           "one; TensorFlow backend); data_parallel: keras.distribution.DataParallel over all devices "
+                           "(KERAS_BACKEND=jax; see docs/backends.md)", group=_RUNTIME, choices=STRATEGIES,
+                           commands=("fit",))
+    # === Output ===
+    tta: str = option("flip", "the test-time augmentation reported at the end besides flip: none, flip, "
+                      "flip_translate (6 views), or flip_translate_weighted (the same views weighted as airbench94's, "
+                      "log-probabilities averaged)", group=_OUTPUT, choices=TTA_POLICIES, commands=("fit",),
+                      hparam="test-time augmentation of the final report")
+    recipe: str = option("report", "the recipe whose defaults the run started from (fit's --recipe)", group=_OUTPUT,
+                         choices=tuple(RECIPES), commands=(), hparam="the recipe the run started from")
 
     def validate(self):
-        """Checks every field; canonicalises aliases. Returns `self`.
+        """Checks every field. Returns `self`.
 
         Raises:
             ValueError: one line naming the flag, the bad value and what is allowed.
         """
         self._check_types()
-        import keras
-
+        self._check_choices()
+        from nfnet_keras.console import keras_backend
         from nfnet_keras.models.conv_groups.presets import ConvGroupsConfig
-        from nfnet_keras.models.registry import resolve_config
+        from nfnet_keras.models.presets import resolve_config
 
-        self.augment = canonical_augmentation(self.augment)
         resolved = resolve_config(self.preset, self.overrides)
         checks = [
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}."),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}."),
             (self.lr > 0, f"--lr must be a positive number, got {self.lr}."),
             (0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}."),
-            (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}."),
             (0 <= self.warmup_epochs < self.epochs,
              f"--warmup-epochs must be in [0, epochs), got {self.warmup_epochs}."),
+            (self.warmup_epochs == 0 or self.schedule == "cosine",
+             f"--warmup-epochs is the cosine schedule's warm-up; --schedule {self.schedule} has none of it "
+             "(use --schedule cosine, or drop --warmup-epochs)."),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}."),
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}."),
             (self.agc >= 0, f"--agc must be >= 0 (0 disables it), got {self.agc}."),
             (0 <= self.ema < 1, f"--ema must be in [0, 1) (0 disables it), got {self.ema}."),
-            (self.weight_decay_mode in WEIGHT_DECAY_MODES,
-             f"--weight-decay-mode must be one of {', '.join(WEIGHT_DECAY_MODES)}, got {self.weight_decay_mode!r}."),
             (self.bias_lr_mult > 0, f"--bias-lr-mult must be a positive number, got {self.bias_lr_mult}."),
             (self.gain_lr_mult > 0, f"--gain-lr-mult must be a positive number, got {self.gain_lr_mult}."),
             (self.head_lr_mult > 0, f"--head-lr-mult must be a positive number, got {self.head_lr_mult}."),
             (self.lookahead >= 0,
              f"--lookahead must be >= 0 (steps between syncs; 0 disables it), got {self.lookahead}."),
             (0 < self.lookahead_alpha <= 1, f"--lookahead-alpha must be in (0, 1], got {self.lookahead_alpha}."),
-            (self.lookahead_schedule in LOOKAHEAD_SCHEDULES, f"--lookahead-schedule must be one of "
-             f"{', '.join(LOOKAHEAD_SCHEDULES)}, got {self.lookahead_schedule!r}."),
-            (self.optimizer in OPTIMIZERS,
-             f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}."),
             (self.kernel_lr is None or self.kernel_lr > 0,
              f"--kernel-lr must be a positive number, got {self.kernel_lr}."),
             (self.kernel_momentum is None or 0 <= self.kernel_momentum < 1,
@@ -154,16 +233,6 @@ class TrainConfig:
             (self.muon_ns_steps >= 1, f"--muon-ns-steps must be >= 1, got {self.muon_ns_steps}."),
             (not (self.lookahead and self.strategy == "mirrored"),
              "--lookahead is not supported with --strategy mirrored; use --strategy none or data_parallel."),
-            (self.norm in NORMS, f"--norm must be one of {', '.join(NORMS)}, got {self.norm!r}."),
-            (self.conv_init in CONV_INITS,
-             f"--conv-init must be one of {', '.join(CONV_INITS)}, got {self.conv_init!r}."),
-            (self.tta in TTA_POLICIES, f"--tta must be one of {', '.join(TTA_POLICIES)}, got {self.tta!r}."),
-            (self.augment in AUGMENTATIONS,
-             f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}."),
-            (self.precision in PRECISIONS,
-             f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}."),
-            (self.strategy in STRATEGIES,
-             f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}."),
             (self.val_size >= 1, f"--val-size must be >= 1, got {self.val_size}."),
             (self.train_limit is None or self.train_limit >= 1,
              f"--train-limit must be >= 1, got {self.train_limit}."),
@@ -174,22 +243,29 @@ class TrainConfig:
             (self.whitening_bias_epochs is None or isinstance(resolved, ConvGroupsConfig),
              f"--whitening-bias-epochs needs a network with a whitening stem (e.g. --preset cifar_speed); "
              f"{self.preset} has none."),
-            (self.whitening_bias_epochs is None or keras.backend.backend() == "tensorflow",
+            (self.whitening_bias_epochs is None or keras_backend() == "tensorflow",
              f"--whitening-bias-epochs needs KERAS_BACKEND=tensorflow (it freezes a layer during fit, done here "
-             f"on TensorFlow only), got {keras.backend.backend()}."),
+             f"on TensorFlow only), got {keras_backend()}."),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
         return self
 
+    def _check_choices(self):
+        for field in dataclasses.fields(self):
+            choices = field.metadata["choices"]
+            value = getattr(self, field.name)
+            if choices is not None and value not in choices and not (value is None and field.name in OPTIONAL_FIELDS):
+                raise ValueError(f"{flag_name(field.name)} must be one of {', '.join(choices)}, got {value!r}.")
+
     def _check_types(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             problem = field_type_problem(field.name, value)
             if problem:
-                raise ValueError(f"--{field.name.replace('_', '-')} {problem}.")
-            if _FIELD_KINDS[field.name] is float and value is not None:
+                raise ValueError(f"{flag_name(field.name)} {problem}.")
+            if FIELD_KINDS[field.name] is float and value is not None:
                 setattr(self, field.name, float(value))
 
     def evaluation_test_limit(self):
@@ -207,8 +283,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def identity(self):
-        """What makes two runs the same experiment: every field but the locations."""
-        return {k: v for k, v in self.to_dict().items() if k not in LOCATION_FIELDS}
+        """What makes two runs the same experiment (`identity_of`)."""
+        return identity_of(self.to_dict())
 
 
 def default_test_limit(train_limit):
@@ -221,6 +297,14 @@ def default_test_limit(train_limit):
     return min(10000, max(1000, train_limit))
 
 
+def identity_of(config_dict):
+    """What makes two runs the same experiment: every field but the locations and the recipe's name.
+
+    A recorded config that lacks a field counts with that field's default (`with_defaults`).
+    """
+    return {k: v for k, v in with_defaults(config_dict).items() if k not in LOCATION_FIELDS + ("recipe",)}
+
+
 def with_defaults(recorded):
     """A recorded config dict with the fields it lacks at their defaults.
 
@@ -231,17 +315,24 @@ def with_defaults(recorded):
     return {**{k: v for k, v in defaults.items() if k not in recorded}, **recorded}
 
 
-_FIELD_KINDS = dict(
-    preset=str, epochs=int, batch_size=int, lr=float, momentum=float, nesterov=bool, schedule=str,
-    warmup_epochs=float, weight_decay=float, label_smoothing=float, agc=float, ema=float,
-    weight_decay_mode=str, bias_lr_mult=float, gain_lr_mult=float, head_lr_mult=float,
-    lookahead=int, lookahead_alpha=float, lookahead_schedule=str, optimizer=str, kernel_lr=float,
-    kernel_momentum=float, muon_ns_steps=int, augment=str, jit=bool,
-    precision=str, seed=int, deterministic=bool, train_limit=int, test_limit=int, val_size=int, data_dir=str,
-    tfds_dir=str, strategy=str, norm=str, tta=str, conv_init=str, whitening_bias_epochs=int, overrides=dict,
-)
-_OPTIONAL = ("jit", "train_limit", "test_limit", "data_dir", "tfds_dir", "whitening_bias_epochs", "kernel_lr",
-             "kernel_momentum")
+def _kind(annotation):
+    """(kind, optional) of a field's annotation: `int | None` -> (int, True)."""
+    args = typing.get_args(annotation)
+    if args:
+        return next(a for a in args if a is not type(None)), type(None) in args
+    return annotation, False
+
+
+FIELDS = dataclasses.fields(TrainConfig)
+CONFIG_FIELDS = frozenset(f.name for f in FIELDS)
+# Each field's kind (int, float, bool, str, dict), and the fields that may be None (unset).
+FIELD_KINDS = {f.name: _kind(f.type)[0] for f in FIELDS}
+OPTIONAL_FIELDS = frozenset(f.name for f in FIELDS if _kind(f.type)[1])
+
+
+def flag_name(field):
+    """The flag of a `TrainConfig` field: `batch_size` -> `--batch-size` (`overrides` -> `--override`)."""
+    return "--override" if field == "overrides" else "--" + field.replace("_", "-")
 
 
 def field_type_problem(name, value):
@@ -254,8 +345,8 @@ def field_type_problem(name, value):
     Returns:
         str or None.
     """
-    kind = _FIELD_KINDS[name]
-    if value is None and name in _OPTIONAL:
+    kind = FIELD_KINDS[name]
+    if value is None and name in OPTIONAL_FIELDS:
         return None
     if kind is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
@@ -270,5 +361,3 @@ def field_type_problem(name, value):
     else:
         ok, what = isinstance(value, dict), "an object of preset keys"
     return None if ok else f"must be {what}, got {value!r} ({type(value).__name__})"
-CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
-assert set(_FIELD_KINDS) == CONFIG_FIELDS, "every TrainConfig field needs a kind"

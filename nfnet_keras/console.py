@@ -12,6 +12,7 @@ Set `NFNET_VERBOSE=1` to see the lines.
 """
 
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -65,6 +66,35 @@ def import_backend_quietly():
             import tensorflow as tf
 
             tf.config.list_physical_devices()
+
+
+def keras_backend():
+    """The Keras backend this process uses, read without importing Keras when it is not loaded yet.
+
+    Keras' own order: `$KERAS_BACKEND`, then `"backend"` in `$KERAS_HOME/keras.json`
+    (`~/.keras/keras.json`), then TensorFlow.
+    """
+    if "keras" in sys.modules:
+        return sys.modules["keras"].backend.backend()
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    try:
+        with open(os.path.join(home, "keras.json")) as f:
+            return json.load(f).get("backend", "tensorflow")
+    except (OSError, ValueError, AttributeError):
+        return "tensorflow"
+
+
+def started_as_command():
+    """Whether this process is one of the package's commands, which load Keras only after parsing.
+
+    True for a console script (`nfnet-fit`, ...: `sys.argv[0]` names it) and for
+    `python -m nfnet_keras.<command>` (Python sets `sys.argv[0]` to `"-m"` while
+    it imports the packages above the module it runs).
+    """
+    argv0 = sys.argv[0] if sys.argv else ""
+    return argv0 == "-m" or os.path.basename(argv0).startswith("nfnet-")
 
 
 def prog(module):

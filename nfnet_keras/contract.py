@@ -7,6 +7,8 @@ reads it, `inference` and `data` check images against it. Imports no
 TensorFlow.
 """
 
+import re
+
 import numpy as np
 
 CLASS_NAMES = (
@@ -23,6 +25,8 @@ PROBABILITIES = "probabilities"  # float32 [batch, num_classes]
 CLASS_ID = "class_id"  # int64 [batch]
 OUTPUTS = (PROBABILITIES, CLASS_ID)
 CLASS_NAMES_ASSET = "class_names.txt"  # under assets/, one name per line in class-id order
+# A model's name in TF Serving's model folder (`<base>/<name>/<version>/`).
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class InputError(ValueError):
@@ -54,3 +58,12 @@ def check_images(images, where="images", allow_single=False):
         expected = "N x 32 x 32 x 3" + (" or 32 x 32 x 3" if allow_single else "")
         raise InputError(f"{where}: expected shape {expected}, got {images.shape}.")
     return images
+
+
+def check_model_name(name):
+    """Raises a ValueError unless `name` can name a model in TF Serving's model folder."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ValueError(
+            f"Model name {name!r} is not valid: use letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit (e.g. 'nfnet')."
+        )

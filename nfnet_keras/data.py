@@ -15,7 +15,7 @@ import tensorflow as tf
 # Keras' base of its tf.data-safe layers (not exported; its docstring shows this import).
 from keras.src.layers.preprocessing.data_layer import DataLayer
 
-from nfnet_keras.config import AUGMENTATION_ALIASES, AUGMENTATIONS, canonical_augmentation
+from nfnet_keras.config import AUGMENTATIONS
 from nfnet_keras.contract import NUM_CLASSES
 
 # Channel statistics of the 50,000 CIFAR-10 training images on the [0, 1] scale.
@@ -440,13 +440,12 @@ def make_epoch_dataset(x, y, batch_size, epochs, augment="translate_altflip", se
 def make_augmenter(policy, seed=None):
     """Returns a callable on normalised float batches for a policy of `config.AUGMENTATIONS`.
 
-    `noise_rotate_flip` (alias `seed`): the report's per-image policy;
+    `noise_rotate_flip`: the report's per-image policy;
     `standard`: pad-4 random crop + horizontal flip; `translate_flip`: a
     random translation of up to 2 px with reflected borders + horizontal
     flip; `none`: None. The policies of `EPOCH_AUGMENTATIONS` depend on the
     epoch and have no batch augmenter: `make_dataset(..., epochs=N)` builds them.
     """
-    policy = canonical_augmentation(policy)
     if policy in EPOCH_AUGMENTATIONS:
         raise ValueError(f"{policy!r} depends on the epoch: build its pipeline with make_dataset(..., epochs=N).")
     if policy == "noise_rotate_flip":
@@ -457,10 +456,7 @@ def make_augmenter(policy, seed=None):
         return _translate_flip(2, "reflect", seed)
     if policy == "none":
         return None
-    raise ValueError(
-        f"Unknown augmentation {policy!r}. Use one of: {', '.join(AUGMENTATIONS)} "
-        f"(aliases: {', '.join(AUGMENTATION_ALIASES)})."
-    )
+    raise ValueError(f"Unknown augmentation {policy!r}. Use one of: {', '.join(AUGMENTATIONS)}.")
 
 
 def make_dataset(x, y, batch_size, training=False, augment="none", seed=None, repeat=False, one_hot=False,
@@ -476,7 +472,7 @@ def make_dataset(x, y, batch_size, training=False, augment="none", seed=None, re
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}.")
-    if training and canonical_augmentation(augment) in EPOCH_AUGMENTATIONS:
+    if training and augment in EPOCH_AUGMENTATIONS:
         if epochs is None or repeat:
             raise ValueError(f"augmentation {augment!r} depends on the epoch: pass epochs=N (and no repeat).")
         return make_epoch_dataset(x, y, batch_size, epochs, augment, seed=seed or 0, one_hot=one_hot,

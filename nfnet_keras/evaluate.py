@@ -8,11 +8,10 @@ import sys
 
 import numpy as np
 
-from nfnet_keras import data as data_lib
 from nfnet_keras import fileio
+from nfnet_keras.config import TTA_POLICIES
 from nfnet_keras.console import prog
 from nfnet_keras.contract import CLASS_NAMES, NUM_CLASSES
-from nfnet_keras.inference import TTA_POLICY_VIEWS, InputError, load_predictor, with_tta
 
 
 def confusion_matrix(labels, predictions, num_classes=NUM_CLASSES):
@@ -42,9 +41,10 @@ def main(argv=None):
     p.add_argument("--tfds-dir", help="TFDS data_dir, used only when no --data-dir or $NFNET_DATA_DIR is given "
                    "(default: ~/tensorflow_datasets)")
     p.add_argument("--limit", type=int, help="evaluate on the first N test images")
-    p.add_argument("--tta", choices=list(TTA_POLICY_VIEWS), default="none",
+    p.add_argument("--tta", choices=TTA_POLICIES, default="none",
                    help="test-time augmentation: flip averages each image's and its mirror's probabilities; "
-                        "flip_translate adds both moved by one pixel up-left and down-right (6 views)")
+                        "flip_translate adds both moved by one pixel up-left and down-right (6 views); "
+                        "flip_translate_weighted weights those views 0.25, 0.25, 0.125 x 4 and averages logits")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
     if args.limit is not None and args.limit < 1:
@@ -53,6 +53,12 @@ def main(argv=None):
         problem = fileio.unwritable(args.json)
         if problem:
             p.error(f"--json {args.json}: {problem}.")
+    from nfnet_keras import data as data_lib
+    from nfnet_keras import load_framework
+
+    load_framework()
+    from nfnet_keras.inference import TTA_POLICY_VIEWS, InputError, load_predictor, with_tta
+
     try:
         predict = load_predictor(args.model)
         _, (x, y) = data_lib.load_cifar10(args.data_dir, args.tfds_dir, test_only=True)

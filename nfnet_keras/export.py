@@ -42,11 +42,11 @@ from nfnet_keras.contract import (
     INPUT,
     PROBABILITIES,
     SIGNATURE,
+    check_model_name,
 )
 from nfnet_keras.data import preprocess
 
 _TMP_PREFIX = ".export-tmp-"  # not a number: TF Serving ignores it
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _VERSION_RE = re.compile(r"[0-9]+")
 
 
@@ -85,15 +85,6 @@ def _float32_config(obj):
     if isinstance(obj, list):
         return [_float32_config(v) for v in obj]
     return obj
-
-
-def check_model_name(name):
-    """Raises a ValueError unless `name` can name a model in TF Serving's model folder."""
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise ValueError(
-            f"Model name {name!r} is not valid: use letters, digits, '.', '_' and '-', "
-            "starting with a letter or digit (e.g. 'nfnet')."
-        )
 
 
 def float32_twin(model):

@@ -19,9 +19,9 @@ import os
 import sys
 
 from nfnet_keras import cli, rundir
-from nfnet_keras.config import RECIPES, STRATEGIES, TTA_POLICIES, TrainConfig, field_type_problem
+from nfnet_keras.config import CONFIG_FIELDS, RECIPES, TrainConfig, field_type_problem
 from nfnet_keras.console import prog
-from nfnet_keras.export import check_model_name
+from nfnet_keras.contract import check_model_name
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
@@ -30,11 +30,10 @@ EXIT_ENVIRONMENT = 5
 EXIT_INTERRUPTED = 130
 
 # Keys of a --hparams JSON file (e.g. the tuner's best_hparams.json) -> flags.
-HPARAM_KEYS = cli.CONFIG_FIELDS
+HPARAM_KEYS = CONFIG_FIELDS - {"recipe"}
 
 
 def build_parser():
-    d = TrainConfig()
     p = argparse.ArgumentParser(
         prog=prog("nfnet_keras.fit"),
         description="Train a Normalizer-Free ResNet on CIFAR-10 (defaults: the report's final run).",
@@ -44,36 +43,18 @@ def build_parser():
                    help="a named set of defaults: report (the report's final run), fast (20 epochs) or "
                    "speed (the cifar_speed network, 10 epochs); see docs/training.md. Explicit flags and "
                    "--hparams win")
-    cli.add_model_flags(p.add_argument_group("model"), d)
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step")
-    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    cli.add_optimisation_flags(g, d, "step: lr/10 at 25/50/75%% of the epochs; cosine; onecycle; "
-                               "triangle: 0.2x -> 1x at 23%% -> 0.07x; constant")
-    g.add_argument("--hparams", metavar="FILE",
-                   help="JSON of hyperparameters (e.g. the tuner's best_hparams.json); explicit flags win")
-    g = p.add_argument_group("data")
-    cli.add_data_flags(g, d)
-    cli.add_test_flags(g, d)
-    g = p.add_argument_group("runtime")
-    cli.add_runtime_flags(g, d)
-    g.add_argument("--mixed-precision", dest="precision", action="store_const", const="mixed_float16",
-                   help="shorthand for --precision mixed_float16 (GPU)")
-    g.add_argument("--strategy", choices=STRATEGIES, default=d.strategy,
-                   help="mirrored: tf.distribute.MirroredStrategy over all GPUs (2 logical CPUs without one; "
-                   "TensorFlow backend); data_parallel: keras.distribution.DataParallel over all devices "
-                   "(KERAS_BACKEND=jax; see docs/backends.md)")
-    g = p.add_argument_group("output")
+    groups = cli.add_config_flags(p, "fit")
+    groups["optimisation"].add_argument(
+        "--hparams", metavar="FILE",
+        help="JSON of hyperparameters (e.g. the tuner's best_hparams.json); explicit flags win")
+    groups["runtime"].add_argument("--mixed-precision", dest="precision", action="store_const",
+                                   const="mixed_float16", help="shorthand for --precision mixed_float16 (GPU)")
+    g = groups["output"]
     g.add_argument("--run-dir", help="logs, checkpoints, model.keras, metrics.json (default: the newest "
                    "unfinished run with the same flags under runs/, else runs/<time>)")
     g.add_argument("--export-name", default="nfnet", help="SavedModel name under --export-dir")
     g.add_argument("--export-dir", default="saved_models", help="the folder TF Serving watches")
     g.add_argument("--no-export", action="store_true", help="skip the SavedModel export")
-    g.add_argument("--tta", choices=TTA_POLICIES, default=d.tta,
-                   help="the test-time augmentation reported at the end besides flip: none, flip, "
-                   "flip_translate (6 views), or flip_translate_weighted (the same views weighted as airbench94's, "
-                   "log-probabilities averaged)")
     g.add_argument("--quiet", action="store_true", help="no per-step progress bar (one line per epoch)")
     return p
 
@@ -113,7 +94,7 @@ def parse_config(argv=None):
     args = parser.parse_args(argv)
     values = cli.config_values(args)
     values["overrides"] = {**file_overrides, **values["overrides"]}
-    config = TrainConfig(**values)
+    config = TrainConfig(**values)  # with the --recipe it started from
     try:
         config.validate()
         if not args.no_export:  # before hours of training, not after them
@@ -141,15 +122,18 @@ def output_problem(run_dir, args):
 
 def main(argv=None):
     config, args = parse_config(argv)
-    from nfnet_keras import fileio, training
-    from nfnet_keras.callbacks import CheckpointError
-    from nfnet_keras.data import DataError
-
     run_dir = args.run_dir or rundir.default_run_dir(config)
     problem = output_problem(run_dir, args)
     if problem:  # before hours of training, and before anything is written
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    # The flags are checked: now load the framework.
+    from nfnet_keras import fileio, load_framework
+
+    load_framework()
+    from nfnet_keras import training
+    from nfnet_keras.callbacks import CheckpointError
+    from nfnet_keras.data import DataError
     try:
         metrics = training.train(
             config,

@@ -121,7 +121,9 @@ def load_predictor(path, batch_size=256):
             raise InputError(f"--model {path}: no such file.")
         import keras
 
-        import nfnet_keras  # noqa: F401  (registers the custom layers)
+        from nfnet_keras import load_framework
+
+        load_framework()  # registers the package's layers with Keras
 
         if not zipfile.is_zipfile(path):
             raise InputError(f"--model {path} is not a loadable .keras model (not a zip archive); pass the "

@@ -14,7 +14,6 @@ import numpy as np
 from nfnet_keras import fileio
 from nfnet_keras.console import prog
 from nfnet_keras.contract import CLASS_NAMES, InputError
-from nfnet_keras.inference import load_predictor, read_images
 
 
 def write_predictions(path, names, probabilities):
@@ -42,6 +41,11 @@ def main(argv=None):
     problem = fileio.unwritable(args.out)
     if problem:
         p.error(f"--out {args.out}: {problem}.")
+    from nfnet_keras import load_framework
+
+    load_framework()
+    from nfnet_keras.inference import load_predictor, read_images
+
     try:
         names, images = read_images(args.images)
         if len(images) == 0:

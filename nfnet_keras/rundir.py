@@ -18,6 +18,7 @@ import os
 import shutil
 
 from nfnet_keras import fileio
+from nfnet_keras.config import identity_of
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
@@ -44,21 +45,9 @@ def read_record(run_dir):
         record = fileio.read_json(os.path.join(run_dir, CONFIG_FILE))
     except (OSError, ValueError):
         return None
-    if not isinstance(record, dict):
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
         return None
-    if "config" not in record:  # the older flat layout: the config itself
-        record = {"config": record, "data": None}
     return record
-
-
-def _identity(config_dict):
-    """A recorded config's identity, with an augmentation alias under its canonical name."""
-    from nfnet_keras.config import LOCATION_FIELDS, canonical_augmentation, with_defaults
-
-    identity = {k: v for k, v in with_defaults(config_dict).items() if k not in LOCATION_FIELDS}
-    if isinstance(identity.get("augment"), str):
-        identity["augment"] = canonical_augmentation(identity["augment"])
-    return identity
 
 
 def _json_roundtrip(obj):
@@ -88,7 +77,7 @@ def default_run_dir(config, root="runs", say=print):
         record = read_record(path)
         if record is None or is_finished(path):
             continue
-        previous = _identity(record["config"])
+        previous = identity_of(record["config"])
         if previous == identity:
             return path
         changed = differences(previous, identity)
@@ -106,7 +95,7 @@ def check_run_dir(run_dir, config):
     """Raises ValueError if `run_dir` holds a finished run or another experiment's run."""
     record = read_record(run_dir)
     if record is not None:
-        changed = differences(_identity(record["config"]), _json_roundtrip(config.identity()))
+        changed = differences(identity_of(record["config"]), _json_roundtrip(config.identity()))
         if changed:
             raise ValueError(
                 f"{run_dir} holds a run with a different config ({', '.join(changed)} differ); "

@@ -28,8 +28,6 @@ import urllib.request
 
 import grpc
 import numpy as np
-import tensorflow as tf
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from nfnet_keras.console import prog
 from nfnet_keras.contract import (
@@ -42,7 +40,6 @@ from nfnet_keras.contract import (
     InputError,
     check_images,
 )
-from nfnet_keras.inference import read_images
 
 REST_PORT = 8501
 GRPC_PORT = 8500
@@ -196,6 +193,9 @@ def predict_rest(url, images, signature_name=SIGNATURE, class_names=CLASS_NAMES,
 
 def grpc_request(images, model_name, signature_name=SIGNATURE, version=None):
     """Returns a `tensorflow.serving.PredictRequest` for `images`."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
+
     images = as_image_batch(images)
     request = predict_pb2.PredictRequest()
     request.model_spec.name = model_name
@@ -208,6 +208,8 @@ def grpc_request(images, model_name, signature_name=SIGNATURE, version=None):
 
 def parse_grpc_response(response, class_names=CLASS_NAMES):
     """Parses a `PredictResponse` into `Prediction`s."""
+    import tensorflow as tf
+
     missing = {PROBABILITIES, CLASS_ID} - set(response.outputs)
     if missing:
         raise ServingError(
@@ -235,6 +237,8 @@ def predict_grpc(
         ServingError: the call failed; the message holds the gRPC status and details.
             `ServerUnreachable` (a `ServingError`) for UNAVAILABLE and DEADLINE_EXCEEDED.
     """
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
     request = grpc_request(images, model_name, signature_name, version)
     options = [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -271,6 +275,8 @@ def read_inputs(paths):
     Raises:
         InputError: a path that cannot be read, or an array with no images.
     """
+    from nfnet_keras.inference import read_images
+
     labels, batches = [], []
     for path in paths:
         names, images = read_images(path, flag="")

@@ -497,9 +497,9 @@ def test_help_names_the_command_typed_and_tells_each_default_once(command, main,
     entries = re.split(r"\n  (?=-)", text.split("options:", 1)[1])  # one per flag
     assert len(entries) > 3 and all(entry.count("(default") <= 1 for entry in entries), entries
     if command == "nfnet-fit":
-        assert "--train-limit TRAIN_LIMIT train on the first N training images (default: all) --val-size" in flat
+        assert "--train-limit N train on the first N training images (default: all) --val-size" in flat
         assert "--val-size VAL_SIZE validation images held out of the 50,000 (default: 5000)" in flat
-        assert "--no-jit do not XLA-compile the train step" in flat
+        assert "--jit, --no-jit XLA-compile the train step" in flat  # one help for both
         assert "--seed SEED random seed (weights, shuffling, augmentation) (default: 0)" in flat  # 0 is a default
     if command == "nfnet-evaluate":
         assert "--tfds-dir TFDS_DIR TFDS data_dir, used only when no --data-dir" in flat

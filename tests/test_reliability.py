@@ -207,20 +207,6 @@ def test_a_near_miss_unfinished_run_is_named_with_how_to_resume_it(tmp_path):
                     f"--run-dir {run} and those settings."]
 
 
-def test_aliases_are_the_same_experiment(tmp_path):
-    a = TrainConfig(augment="seed").validate()
-    b = TrainConfig().validate()
-    assert a.identity() == b.identity()
-    assert a.augment == "noise_rotate_flip"
-    # A run recorded with the flat config of the old names is the same experiment.
-    run = tmp_path / "runs" / "20260101-000000"
-    run.mkdir(parents=True)
-    old = {**b.to_dict(), "augment": "seed"}
-    (run / "config.json").write_text(json.dumps(old))
-    assert rundir.default_run_dir(b, root=str(tmp_path / "runs")) == str(run)
-    rundir.check_run_dir(str(run), b)
-
-
 # === Every bad input: one line, exit 2, nothing written ===
 
 

@@ -36,7 +36,7 @@ pytestmark = [
 ]
 
 STATUSES = ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]
-SHOWN_HPARAMS = {"lr", "batch_size", "schedule", "epochs", "preset"}
+SHOWN_HPARAMS = {"preset", "norm", "epochs", "batch_size", "lr"}
 # The HParams dashboard shows the first five hyperparameters TensorBoard lists, and the first five metrics.
 SHOWN = 5
 

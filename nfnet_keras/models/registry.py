@@ -1,61 +1,26 @@
 """`build_model(name)`: a preset name -> its family's builder, with no branches on the network.
 
-`PRESETS` maps every name to a typed config (`NFResNetConfig`,
-`ConvGroupsConfig`); `BUILDERS` maps each config type to its family's builder.
-A new family adds a config type, its presets and one `BUILDERS` entry.
+`PRESETS` (`nfnet_keras.models.presets`) maps every name to a typed config
+(`NFResNetConfig`, `ConvGroupsConfig`); `BUILDERS` maps each config type to its
+family's builder. A new family adds a config type, its presets (in both
+tables) and one `BUILDERS` entry.
 """
 
-import dataclasses
 import numbers
 
 import keras
 
 from nfnet_keras.layers import WSConv2D, resolve_layer_class
 from nfnet_keras.models.conv_groups import backbone as conv_groups_backbone
-from nfnet_keras.models.conv_groups.presets import PRESETS as CONV_GROUPS_PRESETS
 from nfnet_keras.models.conv_groups.presets import ConvGroupsConfig
 from nfnet_keras.models.nf_resnet import backbone as nf_resnet_backbone
-from nfnet_keras.models.nf_resnet.presets import PRESETS as NF_RESNET_PRESETS
 from nfnet_keras.models.nf_resnet.presets import NFResNetConfig
+from nfnet_keras.models.presets import PRESETS, check_preset, resolve_config  # noqa: F401  (re-exported)
 
-PRESETS = {**NF_RESNET_PRESETS, **CONV_GROUPS_PRESETS}
 BUILDERS = {NFResNetConfig: nf_resnet_backbone.build, ConvGroupsConfig: conv_groups_backbone.build}
 # `build_model` arguments that give a network's BatchNorm twin: BatchNorm -> activation where the
 # Normalizer-Free network has its scaled activations, plain convolutions without biases.
 BATCHNORM_TWIN = dict(conv_layer=keras.layers.Conv2D, norm_layer=keras.layers.BatchNormalization, conv_bias=False)
-
-
-def check_preset(name):
-    """Returns `name` if it is a key of `PRESETS`, else raises a one-line ValueError listing them."""
-    if not (isinstance(name, str) and name in PRESETS):
-        raise ValueError(f"Unknown preset {name!r}. Use one of: {', '.join(PRESETS)}.")
-    return name
-
-
-def resolve_config(preset, overrides=None):
-    """The typed config of `preset` with `overrides` applied, every value checked.
-
-    Args:
-        preset: str. A key of `PRESETS`.
-        overrides: dict or None. Config fields to replace.
-
-    Returns:
-        An `NFResNetConfig` or `ConvGroupsConfig`.
-
-    Raises:
-        ValueError: on an unknown preset, an unknown override key, or a bad value;
-            the one-line message names the key, the value and what is allowed.
-    """
-    config = PRESETS[check_preset(preset)]
-    overrides = dict(overrides or {})
-    fields = [f.name for f in dataclasses.fields(config)]
-    unknown = sorted(set(overrides) - set(fields))
-    if unknown:
-        raise ValueError(
-            f"Unknown override(s) {', '.join(map(repr, unknown))} for preset {preset!r}. "
-            f"Allowed: {', '.join(sorted(fields))}."
-        )
-    return dataclasses.replace(config, **overrides)
 
 
 def build_model(preset="report_resnet", num_classes=10, input_shape=(32, 32, 3), *, conv_layer=WSConv2D,

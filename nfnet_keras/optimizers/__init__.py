@@ -6,10 +6,12 @@ filter renormalization (`RenormSGD`), Muon for conv kernels (`ConvMuon`), and
 gradient clipping is `nfnet_keras.agc`.
 """
 
-from nfnet_keras.optimizers.conv_muon import ConvMuon
-from nfnet_keras.optimizers.groups import GROUPS, GroupSGD, param_group
-from nfnet_keras.optimizers.lookahead import Lookahead
-from nfnet_keras.optimizers.renorm import RenormSGD
-from nfnet_keras.optimizers.split import CONV_KERNELS, split_kernels
+from nfnet_keras import lazy
 
-__all__ = ["CONV_KERNELS", "GROUPS", "ConvMuon", "GroupSGD", "Lookahead", "RenormSGD", "param_group", "split_kernels"]
+__getattr__, __dir__, __all__ = lazy.attach(__name__, {
+    ".conv_muon": ["ConvMuon"],
+    ".groups": ["GROUPS", "GroupSGD", "param_group"],
+    ".lookahead": ["Lookahead"],
+    ".renorm": ["RenormSGD"],
+    ".split": ["CONV_KERNELS", "split_kernels"],
+})

@@ -21,47 +21,12 @@ session too: KerasTuner writes its hyperparameters into
 `validation/` (see `nfnet_keras.tuner.hypermodel`).
 """
 
-from nfnet_keras.tensorboard.callbacks import (
-    SESSION,
-    SIGNAL_FILE,
-    SIGNAL_TAG,
-    SignalPropagationLogger,
-    TensorBoard,
-    log_test_metrics,
-    session_dir,
-)
-from nfnet_keras.tensorboard.hparams import (
-    FIT_HPARAMS,
-    FIT_METRICS,
-    experiment,
-    fit_experiment,
-    fit_hparams,
-    format_overrides,
-    hparam,
-    log_hparams,
-    metric,
-)
-from nfnet_keras.tensorboard.signal_plot import logged_epochs, measure, plot_signal, signal_caption
+from nfnet_keras import lazy
 
-__all__ = [
-    "FIT_HPARAMS",
-    "FIT_METRICS",
-    "SESSION",
-    "SIGNAL_FILE",
-    "SIGNAL_TAG",
-    "SignalPropagationLogger",
-    "TensorBoard",
-    "experiment",
-    "fit_experiment",
-    "fit_hparams",
-    "format_overrides",
-    "hparam",
-    "log_hparams",
-    "log_test_metrics",
-    "logged_epochs",
-    "measure",
-    "metric",
-    "plot_signal",
-    "session_dir",
-    "signal_caption",
-]
+__getattr__, __dir__, __all__ = lazy.attach(__name__, {
+    ".callbacks": ["SESSION", "SIGNAL_FILE", "SIGNAL_TAG", "SignalPropagationLogger", "TensorBoard",
+                   "log_test_metrics", "session_dir"],
+    ".hparams": ["FIT_HPARAMS", "FIT_METRICS", "experiment", "fit_experiment", "fit_hparams", "format_overrides",
+                 "hparam", "log_hparams", "metric"],
+    ".signal_plot": ["logged_epochs", "measure", "plot_signal", "signal_caption"],
+})

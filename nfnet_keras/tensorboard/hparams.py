@@ -2,8 +2,8 @@
 
 import time
 
-from nfnet_keras.config import AUGMENTATIONS, OPTIMIZERS, PRECISIONS, SCHEDULES, WEIGHT_DECAY_MODES
-from nfnet_keras.models.registry import PRESETS
+from nfnet_keras.config import FIELD_KINDS, FIELDS
+from nfnet_keras.models.presets import PRESETS
 
 _KINDS = {float: "DATA_TYPE_FLOAT64", int: "DATA_TYPE_FLOAT64", bool: "DATA_TYPE_BOOL", str: "DATA_TYPE_STRING"}
 
@@ -70,33 +70,27 @@ def experiment_summary(exp):
     return summary.SerializeToString()
 
 
+def _fit_hparams():
+    """The columns of a fit run, one per `TrainConfig` field with an `hparam` description, shown ones first:
+    (field, kind, values or None, shown at first, description)."""
+    rows = []
+    for field in FIELDS:
+        meta = field.metadata
+        if meta["hparam"] is None:
+            continue
+        kind, values = FIELD_KINDS[field.name], meta["choices"]
+        if field.name == "preset":
+            values = tuple(PRESETS)
+        elif kind is bool:
+            values = (False, True)
+        elif kind is dict:  # the overrides, as text (`format_overrides`)
+            kind = str
+        rows.append((field.name, kind, values, meta["shown"], meta["hparam"]))
+    return tuple(sorted(rows, key=lambda row: not row[3]))
+
+
 # The columns of a fit run: (config field, kind, values, shown by default, description).
-FIT_HPARAMS = (
-    ("lr", float, None, True, "peak learning rate"),
-    ("batch_size", int, None, True, "images per step"),
-    ("schedule", str, SCHEDULES, True, "learning-rate schedule"),
-    ("epochs", int, None, True, "epochs of the run"),
-    ("preset", str, tuple(PRESETS), True, "model variant"),
-    ("weight_decay", float, None, False, "L2 weight decay"),
-    ("momentum", float, None, False, "SGD momentum"),
-    ("nesterov", bool, (False, True), False, "Nesterov momentum"),
-    ("warmup_epochs", float, None, False, "linear warm-up, in epochs"),
-    ("label_smoothing", float, None, False, "label smoothing"),
-    ("agc", float, None, False, "adaptive gradient clipping factor (0: off)"),
-    ("weight_decay_mode", str, WEIGHT_DECAY_MODES, False, "decoupled, or coupled (L2 through momentum)"),
-    ("bias_lr_mult", float, None, False, "learning-rate multiplier of the biases"),
-    ("gain_lr_mult", float, None, False, "learning-rate multiplier of the gains"),
-    ("head_lr_mult", float, None, False, "learning-rate multiplier of the classifier"),
-    ("optimizer", str, OPTIMIZERS, False, "the conv kernels' optimizer"),
-    ("kernel_lr", float, None, False, "peak lr of the conv kernels' optimizer (unset: lr)"),
-    ("lookahead", int, None, False, "Lookahead sync period in steps (0: off)"),
-    ("augment", str, AUGMENTATIONS, False, "augmentation policy"),
-    ("precision", str, PRECISIONS, False, "Keras dtype policy"),
-    ("seed", int, None, False, "random seed"),
-    ("train_limit", int, None, False, "training images used (unset: all)"),
-    ("val_size", int, None, False, "validation images held out of the training set"),
-    ("overrides", str, None, False, "preset keys changed (none: the preset as is)"),
-)
+FIT_HPARAMS = _fit_hparams()
 FIT_METRICS = (
     ("epoch_accuracy", "validation", "validation accuracy"),
     ("epoch_loss", "validation", "validation loss"),

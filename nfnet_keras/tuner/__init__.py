@@ -1,6 +1,8 @@
 """The report's hyperparameter study (lr x batch size) on KerasTuner: `python -m nfnet_keras.tuner.grid`."""
 
-from nfnet_keras.tuner.hypermodel import NFNetHyperModel
-from nfnet_keras.tuner.oracle import NFNetGridSearch, ResumableGridSearchOracle, is_diverged
+from nfnet_keras import lazy
 
-__all__ = ["NFNetGridSearch", "NFNetHyperModel", "ResumableGridSearchOracle", "is_diverged"]
+__getattr__, __dir__, __all__ = lazy.attach(__name__, {
+    ".hypermodel": ["NFNetHyperModel"],
+    ".oracle": ["NFNetGridSearch", "ResumableGridSearchOracle", "is_diverged"],
+})

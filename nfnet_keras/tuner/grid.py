@@ -26,13 +26,9 @@ import json
 import os
 import sys
 
-from nfnet_keras import cli, fileio, rundir, training
+from nfnet_keras import cli, fileio, rundir
 from nfnet_keras.config import LOCATION_FIELDS, TrainConfig, with_defaults
 from nfnet_keras.console import prog
-from nfnet_keras.data import DataError
-from nfnet_keras.tuner import results as results_lib
-from nfnet_keras.tuner.hypermodel import OBJECTIVE, NFNetHyperModel, hparams_experiment, tensorboard_callback
-from nfnet_keras.tuner.oracle import NFNetGridSearch, trial_number
 
 EXIT_FAILED_TRIALS = 1
 EXIT_BAD_INPUT = 2
@@ -41,6 +37,8 @@ EXIT_INTERRUPTED = 130
 
 DEFAULT_LRS = (0.001, 0.01, 0.1)
 DEFAULT_BATCH_SIZES = (32, 64, 128, 256)
+
+
 def _number_list(kind, name, allow_zero=False):
     def parse(text):
         try:
@@ -76,16 +74,12 @@ def build_parser():
                    help="trainings per grid point (seeds seed, seed+1, ...); the objective is their mean")
     g.add_argument("--max-retries-per-trial", type=int, default=0,
                    help="reruns of a trial that crashed (a diverged trial is never rerun)")
-    g = p.add_argument_group("trial")
-    cli.add_model_flags(g, d)
-    g.add_argument("--epochs", type=int, default=40, help="epochs per trial")
-    cli.add_optimisation_flags(
-        g, dataclasses.replace(d, schedule="constant"),
-        "lr schedule within a trial (the report's step schedule never fires in 40 epochs)",
+    groups = cli.add_config_flags(
+        p, "grid", defaults=dataclasses.replace(d, schedule="constant", epochs=40),
+        helps={"epochs": "epochs per trial",
+               "schedule": "lr schedule within a trial (the report's step schedule never fires in 40 epochs)"},
     )
-    cli.add_runtime_flags(g, d)
-    cli.add_data_flags(p.add_argument_group("data"), d)
-    g = p.add_argument_group("output")
+    g = groups["output"]
     g.add_argument("--directory", default="tuner_runs", help="the tuner's directory; the tables go here too")
     g.add_argument("--project-name", default="nfnet_grid",
                    help="the search's folder under --directory (trials, logs); the tables are named after it")
@@ -193,6 +187,13 @@ def main(argv=None):
             print(f"error: {flag} {getattr(args, flag[2:].replace('-', '_'))}: {problem}; give a folder to write "
                   "the search in.", file=sys.stderr)
             return EXIT_BAD_INPUT
+    # The flags are checked: now load the framework.
+    from nfnet_keras import load_framework
+
+    load_framework()
+    from nfnet_keras import training
+    from nfnet_keras.data import DataError
+
     try:
         if not overwrite:
             check_study(project_dir, study)
@@ -214,6 +215,9 @@ def main(argv=None):
 
 
 def _search(config, args, who, overwrite, project_dir, log_dir, study, grid_size, train, val):
+    from nfnet_keras.tuner.hypermodel import OBJECTIVE, NFNetHyperModel, hparams_experiment, tensorboard_callback
+    from nfnet_keras.tuner.oracle import NFNetGridSearch
+
     train_size = None if train is None else len(train[0])
     hypermodel = NFNetHyperModel(config, args.lrs, args.batch_sizes, train_size=train_size, project_dir=project_dir,
                                  agcs=args.agcs)
@@ -259,6 +263,9 @@ def _search(config, args, who, overwrite, project_dir, log_dir, study, grid_size
 
 def report(tuner, config, args):
     """Prints the table, writes the outputs; returns the exit code."""
+    from nfnet_keras.tuner import results as results_lib
+    from nfnet_keras.tuner.oracle import trial_number
+
     agcs = tuple(args.agcs) if args.agcs is not None else (None,)
     cells = results_lib.collect(tuner.oracle, args.lrs, args.batch_sizes, agcs)
     title = (f"Best validation accuracy (%) of `python -m nfnet_keras.tuner.grid`: preset `{config.preset}`, "

@@ -1,6 +1,8 @@
 """The CIFAR speed network: ConvGroup and its BatchNorm twin, the builder, the typed presets."""
 
-from nfnet_keras.models.conv_groups.conv_group import ConvGroup, NormConvGroup
-from nfnet_keras.models.conv_groups.presets import PRESETS, ConvGroupsConfig
+from nfnet_keras import lazy
 
-__all__ = ["ConvGroup", "ConvGroupsConfig", "NormConvGroup", "PRESETS"]
+__getattr__, __dir__, __all__ = lazy.attach(__name__, {
+    ".conv_group": ["ConvGroup", "NormConvGroup"],
+    ".presets": ["PRESETS", "ConvGroupsConfig"],
+})

@@ -1,8 +1,8 @@
-"""The speed network's presets: a typed config, validated once, and the named variants as data."""
+"""The speed network's presets: a typed config, validated once, and the named variants as data. Imports no Keras."""
 
 import dataclasses
 
-from nfnet_keras.layers import check_activation
+from nfnet_keras.layers.gammas import check_activation
 from nfnet_keras.models import config_checks as checks
 
 

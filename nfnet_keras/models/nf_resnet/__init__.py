@@ -1,6 +1,8 @@
 """The NF-ResNet family: NFBlock and its BatchNorm twin, the backbone builder, the typed presets (NFNet-F0...F6)."""
 
-from nfnet_keras.models.nf_resnet.blocks import NFBlock, PreActBottleneck
-from nfnet_keras.models.nf_resnet.presets import PRESETS, NFResNetConfig
+from nfnet_keras import lazy
 
-__all__ = ["NFBlock", "NFResNetConfig", "PRESETS", "PreActBottleneck"]
+__getattr__, __dir__, __all__ = lazy.attach(__name__, {
+    ".blocks": ["NFBlock", "PreActBottleneck"],
+    ".presets": ["PRESETS", "NFResNetConfig"],
+})

@@ -1,10 +1,58 @@
-"""The NF-ResNet family's presets: a typed config, validated once, and the named variants as data."""
+"""The NF-ResNet family's presets: a typed config, validated once, and the named variants as data.
+
+The family's rules live here, each checked in one place that the blocks call
+too. Imports no Keras: a command checks its flags before loading the framework.
+"""
 
 import dataclasses
 
-from nfnet_keras.layers import check_activation
+from nfnet_keras.layers.gammas import check_activation
 from nfnet_keras.models import config_checks as checks
-from nfnet_keras.models.nf_resnet.blocks import check_beta, check_bottleneck
+
+# What an NFBlock divides its input by: the expected standard deviation (the papers) or the
+# expected variance (the report's code, kept to reproduce it).
+BETAS = ("std", "var")
+
+
+def bottleneck_width(filters, bottleneck_ratio):
+    """The channels of a block's 3x3 convs: `filters * bottleneck_ratio`, rounded."""
+    return int(round(filters * bottleneck_ratio))
+
+
+def check_bottleneck(filters, bottleneck_ratio, group_width, where=""):
+    """Checks that a bottleneck's 3x3 width is >= 1 and a multiple of `group_width`; returns it.
+
+    The one check of this rule: the blocks and the presets both call it.
+
+    Args:
+        filters: int. The block's output channels.
+        bottleneck_ratio: float. The 3x3 width as a fraction of `filters`.
+        group_width: int or None. Channels per group of the 3x3 convs.
+        where: str. What the message names (e.g. `" of stage 2"`).
+
+    Raises:
+        ValueError: one line naming the width, the ratio and the group width.
+    """
+    width = bottleneck_width(filters, bottleneck_ratio)
+    if width < 1:
+        raise ValueError(
+            f"bottleneck_ratio {bottleneck_ratio!r} rounds the 3x3 conv width{where} "
+            f"({filters} x {bottleneck_ratio!r}) to {width}; it must give at least 1 channel."
+        )
+    if group_width is not None and width % group_width:
+        raise ValueError(
+            f"group_width {group_width!r} does not divide the 3x3 conv width {width}{where} "
+            f"({filters} x bottleneck_ratio {bottleneck_ratio!r}); use None or a divisor of "
+            + ("every stage's 3x3 conv width." if where else f"{width}.")
+        )
+    return width
+
+
+def check_beta(beta):
+    """Checks an NFBlock's `beta` (a key of `BETAS`); returns it."""
+    if beta not in BETAS:
+        raise ValueError(f"beta must be one of {', '.join(map(repr, BETAS))}, got {beta!r}.")
+    return beta
 
 
 @dataclasses.dataclass(frozen=True)
