@@ -134,6 +134,13 @@ def add_runtime_flags(group, defaults):
     group.add_argument("--deterministic", action="store_true", help="op determinism: bitwise-reproducible runs")
 
 
+def add_checkpoint_flags(group, defaults):
+    """How often a run is checkpointed inside an epoch (fit only: a grid trial restarts)."""
+    group.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, metavar="N",
+                       help="also checkpoint every N training steps inside an epoch (the newest two are kept); "
+                       "0: only at epoch ends. SIGTERM and Ctrl-C checkpoint at the next step either way")
+
+
 def config_values(args):
     """The `TrainConfig` fields among the parsed flags (overrides as a dict)."""
     values = {k: v for k, v in vars(args).items() if k in CONFIG_FIELDS and k != "overrides"}

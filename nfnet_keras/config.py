@@ -32,9 +32,9 @@ LOOKAHEAD_SCHEDULES = ("constant", "airbench")
 # The optimizer of the conv kernels (nfnet_keras.optimizers): SGD like the rest, SGD that keeps every
 # filter at unit norm, or Muon; the rest is always (group) SGD.
 OPTIMIZERS = ("sgd", "renorm_sgd", "muon")
-# Fields that say where things are, not what the experiment is: they may
-# differ between the runs of one experiment (e.g. on resume, after moving the data).
-LOCATION_FIELDS = ("data_dir", "tfds_dir")
+# Fields that say where things are (or how often a checkpoint is written), not what the experiment
+# is: they may differ between the runs of one experiment (e.g. on resume, after moving the data).
+LOCATION_FIELDS = ("data_dir", "tfds_dir", "checkpoint_every")
 
 # Named sets of TrainConfig values: `python -m nfnet_keras.fit --recipe NAME`
 # (explicit flags and --hparams win). docs/training.md explains each choice.
@@ -107,6 +107,7 @@ class TrainConfig:
     tta: str = "flip"
     conv_init: str = "he_normal"
     whitening_bias_epochs: int | None = None  # epochs the whitening stem's bias trains; None: all of them
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints; 0: at epoch ends (and on SIGTERM/Ctrl-C)
     overrides: dict = dataclasses.field(default_factory=dict)  # preset overrides
 
     def validate(self):
@@ -167,6 +168,8 @@ class TrainConfig:
             (self.val_size >= 1, f"--val-size must be >= 1, got {self.val_size}."),
             (self.train_limit is None or self.train_limit >= 1,
              f"--train-limit must be >= 1, got {self.train_limit}."),
+            (self.checkpoint_every >= 0,
+             f"--checkpoint-every must be >= 0 (steps; 0: only at epoch ends), got {self.checkpoint_every}."),
             (self.test_limit is None or self.test_limit >= 1,
              f"--test-limit must be >= 1, got {self.test_limit}."),
             (self.whitening_bias_epochs is None or self.whitening_bias_epochs >= 0,
@@ -238,7 +241,8 @@ _FIELD_KINDS = dict(
     lookahead=int, lookahead_alpha=float, lookahead_schedule=str, optimizer=str, kernel_lr=float,
     kernel_momentum=float, muon_ns_steps=int, augment=str, jit=bool,
     precision=str, seed=int, deterministic=bool, train_limit=int, test_limit=int, val_size=int, data_dir=str,
-    tfds_dir=str, strategy=str, norm=str, tta=str, conv_init=str, whitening_bias_epochs=int, overrides=dict,
+    tfds_dir=str, strategy=str, norm=str, tta=str, conv_init=str, whitening_bias_epochs=int, checkpoint_every=int,
+    overrides=dict,
 )
 _OPTIONAL = ("jit", "train_limit", "test_limit", "data_dir", "tfds_dir", "whitening_bias_epochs", "kernel_lr",
              "kernel_momentum")
