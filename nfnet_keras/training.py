@@ -355,7 +355,7 @@ def _train_locked(config, run_dir, strategy, splits, fingerprint, export_name, e
     try:
         with stop:  # SIGTERM / Ctrl-C: a checkpoint at the next step's end, then Preempted
             result = fit_model(model, config, train_ds, val_ds, callbacks=callbacks, verbose=verbose)
-            if stop.received is not None:  # during the last epoch's end: it is checkpointed
+            if stop.received is not None and not result.diverged:  # during the last epoch's end: checkpointed
                 raise Preempted(stop.received, checkpoint.latest_epoch())
     except Preempted as e:
         raise TrainingInterrupted(e.completed, config.epochs, e.step, e.steps, e.signum) from None
