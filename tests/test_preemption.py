@@ -280,3 +280,63 @@ def test_rotate_batch_turns_about_the_centre():
     np.testing.assert_array_equal(data.rotate_batch(images, np.zeros(2, "float32")).numpy(), images)
     quarter = data.rotate_batch(images, np.full(2, 90.0, "float32")).numpy()
     np.testing.assert_allclose(quarter, np.rot90(images, k=1, axes=(1, 2)), atol=1e-5)
+
+
+# === In process: training.fit_model with a StepCheckpoint ===
+
+
+class _SignalAt(keras.callbacks.Callback):
+    """Sets `stop.received` to SIGTERM at the end of step `at = (epoch, batch)`, as the signal handler would."""
+
+    def __init__(self, stop, at):
+        super().__init__()
+        self.stop, self.at, self.epoch = stop, at, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if (self.epoch, batch) == self.at:
+            self.stop.received = signal.SIGTERM
+
+
+def _fit_in_process(folder, stop_at=None):
+    """3 epochs of 4 steps of a small classifier through `training.fit_model`; returns (weights, history)."""
+    from types import SimpleNamespace
+
+    from nfnet_keras import training
+    from nfnet_keras.config import TrainConfig
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8), rng.integers(0, 10, 20)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten(), keras.layers.Dense(10)])
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.9),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    train_ds = data.make_dataset(x, y, 6, training=True, augment="noise_rotate_flip", seed=1, epochs=3)
+    stop = SimpleNamespace(received=None)
+    callbacks = [_SignalAt(stop, stop_at), StepCheckpoint(str(folder), stop=stop)]
+    result = training.fit_model(model, TrainConfig(epochs=3), train_ds, data.make_dataset(x[:12], y[:12], 6),
+                                callbacks=callbacks, verbose=0)
+    return [keras.ops.convert_to_numpy(w) for w in model.weights], result.history
+
+
+@pytest.mark.parametrize("stop_at, preempted, listing", [
+    ((0, 1), (0, 2, 4), ["step-0000-000002"]),  # inside epoch 1: checkpointed at its step 2
+    ((1, 3), (2, 0, 4), ["epoch-0001", "epoch-0002"]),  # at epoch 2's last step: epoch 2 ends first
+])
+def test_a_stop_checkpoints_where_it_says_and_the_resumed_fit_ends_as_an_uninterrupted_one(
+        stop_at, preempted, listing, tmp_path):
+    expected, history = _fit_in_process(tmp_path / "reference")
+    folder = tmp_path / "stopped"
+    with pytest.raises(Preempted) as stopped:
+        _fit_in_process(folder, stop_at)
+    assert (stopped.value.completed, stopped.value.step, stopped.value.steps) == preempted
+    assert stopped.value.signum == signal.SIGTERM
+    assert sorted(os.listdir(folder)) == listing
+    weights, resumed = _fit_in_process(folder)
+    for a, b in zip(expected, weights, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # The resumed run's epochs (and, for a mid-epoch stop, its first one over all of its steps) log as the reference.
+    first = preempted[0]
+    assert resumed["loss"] == history["loss"][first:] and resumed["accuracy"] == history["accuracy"][first:]
