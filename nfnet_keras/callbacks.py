@@ -110,16 +110,26 @@ class EpochCheckpoint(keras.callbacks.BackupAndRestore):
         )
 
     def _save_model(self):
+        self._write_checkpoint(f"epoch-{self._current_epoch:04d}", {"epoch": self._current_epoch})
+        for _, path in self.complete()[: -self.keep]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _write_checkpoint(self, name, state):
+        """Writes the model's weights (with optimizer state) and `state` (state.json) to the folder `name`, atomically.
+
+        Everything goes to a temporary folder first, renamed to `name` when complete: a kill during the
+        write leaves the checkpoints before it as they were (and a temporary removed at the next start).
+        """
         os.makedirs(self.backup_dir, exist_ok=True)
         tmp = os.path.join(self.backup_dir, f"{fileio.TMP_MARK}{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        final = os.path.join(self.backup_dir, f"epoch-{self._current_epoch:04d}")
+        final = os.path.join(self.backup_dir, name)
         fileio.check_free_space(self.backup_dir, _state_bytes(self.model), final)
         try:
             os.makedirs(tmp)
             self.model.save_weights(os.path.join(tmp, "model.weights.h5"))
             with open(os.path.join(tmp, "state.json"), "w") as f:
-                json.dump({"epoch": self._current_epoch}, f)
+                json.dump(state, f)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
         except OSError as e:
@@ -128,8 +138,6 @@ class EpochCheckpoint(keras.callbacks.BackupAndRestore):
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        for _, path in self.complete()[: -self.keep]:
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def _state_bytes(model):

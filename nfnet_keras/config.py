@@ -32,9 +32,9 @@ LOOKAHEAD_SCHEDULES = ("constant", "airbench")
 # The optimizer of the conv kernels (nfnet_keras.optimizers): SGD like the rest, SGD that keeps every
 # filter at unit norm, or Muon; the rest is always (group) SGD.
 OPTIMIZERS = ("sgd", "renorm_sgd", "muon")
-# Fields that say where things are, not what the experiment is: they may
-# differ between the runs of one experiment (e.g. on resume, after moving the data).
-LOCATION_FIELDS = ("data_dir", "tfds_dir")
+# Fields that say where things are (or how often a checkpoint is written), not what the experiment
+# is: they may differ between the runs of one experiment (e.g. on resume, after moving the data).
+LOCATION_FIELDS = ("data_dir", "tfds_dir", "checkpoint_every")
 
 # Named sets of TrainConfig values: `python -m nfnet_keras.fit --recipe NAME`
 # (explicit flags and --hparams win). docs/training.md explains each choice.
@@ -181,6 +181,9 @@ class TrainConfig:
                             "mixed_float16 on GPUs)", group=_RUNTIME, choices=PRECISIONS, hparam="Keras dtype policy")
     seed: int = option(0, "random seed (weights, shuffling, augmentation)", group=_RUNTIME, hparam="random seed")
     deterministic: bool = option(False, "op determinism: bitwise-reproducible runs", group=_RUNTIME)
+    checkpoint_every: int = option(0, "also checkpoint every N training steps inside an epoch (the newest two are "
+                                   "kept); 0: only at epoch ends. SIGTERM and Ctrl-C checkpoint at the next step "
+                                   "either way", group=_RUNTIME, metavar="N", commands=("fit",))
     strategy: str = option("none", "mirrored: tf.distribute.MirroredStrategy over all GPUs (2 logical CPUs without "
                            "one; TensorFlow backend); data_parallel: keras.distribution.DataParallel over all devices "
                            "(KERAS_BACKEND=jax; see docs/backends.md)", group=_RUNTIME, choices=STRATEGIES,
@@ -236,6 +239,8 @@ class TrainConfig:
             (self.val_size >= 1, f"--val-size must be >= 1, got {self.val_size}."),
             (self.train_limit is None or self.train_limit >= 1,
              f"--train-limit must be >= 1, got {self.train_limit}."),
+            (self.checkpoint_every >= 0,
+             f"--checkpoint-every must be >= 0 (steps; 0: only at epoch ends), got {self.checkpoint_every}."),
             (self.test_limit is None or self.test_limit >= 1,
              f"--test-limit must be >= 1, got {self.test_limit}."),
             (self.whitening_bias_epochs is None or self.whitening_bias_epochs >= 0,

@@ -290,13 +290,17 @@ def _translate_flip(pixels, fill_mode, seed):
     return lambda x: flip(shift(x, training=True), training=True)
 
 
-# === Epoch-indexed augmentation ===
+# === Epoch-indexed pipelines ===
 
-# Policies whose augmentation depends on the epoch: `make_dataset(..., epochs=N)` builds their
-# training pipeline as a function of the epoch index (`make_epoch_dataset`).
+# Policies that only an epoch-indexed pipeline implements (they depend on the epoch): `make_augmenter`
+# has no batch augmenter for them. Every policy has an epoch-indexed training pipeline (`make_epoch_dataset`).
 EPOCH_AUGMENTATIONS = ("translate_altflip",)
 # Salts of the stateless random streams of an epoch-indexed pipeline (one per kind of draw).
-_FLIP_SALT, _ORDER_SALT, _SHIFT_SALT = 1, 2, 3
+_FLIP_SALT, _ORDER_SALT, _SHIFT_SALT, _MIRROR_SALT, _CHOICE_SALT, _ANGLE_SALT, _NOISE_SALT = 1, 2, 3, 4, 5, 6, 7
+# The largest shift (pixels) of each translating policy, and how the uncovered border is filled.
+_SHIFT_POLICIES = {"translate_altflip": (2, "REFLECT"), "translate_flip": (2, "REFLECT"), "standard": (4, "CONSTANT")}
+# `noise_rotate_flip`: the noise (normalised units) and the largest rotation (degrees), as `NoiseRotateFlip`'s.
+_NOISE_STDDEV, _MAX_DEGREES = 0.2, 15.0
 
 
 def first_epoch_mirrored(seed, count):
@@ -314,8 +318,8 @@ def _epoch_key(seed, salt, epoch):
     return tf.random.experimental.stateless_fold_in(tf.constant([seed, salt], tf.int64), epoch)
 
 
-def translate_batch(images, shifts, pad=2):
-    """Each image moved by its own `(dy, dx)`, the uncovered border filled by reflection.
+def translate_batch(images, shifts, pad=2, mode="REFLECT"):
+    """Each image moved by its own `(dy, dx)`, the uncovered border filled by reflection (or zeros).
 
     `out[i, r, c] = image[i, r - dy, c - dx]` inside the image; `|dy|, |dx| <= pad`.
     The same convention as the test-time views (`inference.TTA_VIEWS`).
@@ -324,29 +328,56 @@ def translate_batch(images, shifts, pad=2):
         images: float tensor `(n, h, w, c)`.
         shifts: int32 tensor `(n, 2)`: `(dy, dx)` of each image.
         pad: int. The largest shift. Defaults to `2`.
+        mode: str. `"REFLECT"`, or `"CONSTANT"` (zeros: the mean colour of normalised images).
+            Defaults to `"REFLECT"`.
 
     Returns:
         A tensor like `images`.
     """
     height, width = tf.shape(images)[1], tf.shape(images)[2]
-    padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+    padded = tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode=mode)
     rows = tf.range(height)[None, :] + pad - shifts[:, :1]
     cols = tf.range(width)[None, :] + pad - shifts[:, 1:]
     out = tf.gather(padded, rows, axis=1, batch_dims=1)
     return tf.gather(out, cols, axis=2, batch_dims=1)
 
 
+def rotate_batch(images, degrees):
+    """Each image rotated about its centre by its own angle, bilinear, the corners filled by reflection.
+
+    Args:
+        images: float32 tensor `(n, h, w, c)`.
+        degrees: float32 tensor `(n,)`.
+
+    Returns:
+        A tensor like `images`.
+    """
+    height, width = tf.shape(images)[1], tf.shape(images)[2]
+    cy, cx = (tf.cast(height, tf.float32) - 1) / 2, (tf.cast(width, tf.float32) - 1) / 2
+    radians = degrees * (np.pi / 180.0)
+    cos, sin = tf.cos(radians), tf.sin(radians)
+    zeros = tf.zeros_like(cos)
+    # Output (x, y) reads input (cos*(x-cx) - sin*(y-cy) + cx, sin*(x-cx) + cos*(y-cy) + cy).
+    transforms = tf.stack([cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy, zeros, zeros],
+                          axis=1)
+    return tf.raw_ops.ImageProjectiveTransformV3(
+        images=images, transforms=transforms, output_shape=tf.stack([height, width]), fill_value=0.0,
+        interpolation="BILINEAR", fill_mode="REFLECT")
+
+
 class EpochFeed(keras.callbacks.Callback):
-    """Tells an epoch-indexed training pipeline the epoch `fit` starts at.
+    """Tells an epoch-indexed training pipeline the epoch and step `fit` starts at.
 
     The pipeline (`make_epoch_dataset`) yields the batches of epochs
     `start_epoch .. epochs - 1` in one pass, each epoch's batches a function of
-    its index; `fit` reads `steps_per_epoch` of them per epoch from one
-    iterator. The iterator is created after the first `on_epoch_begin` (which
-    sets `start_epoch` here, after a resume callback such as `EpochCheckpoint`
-    has set the initial epoch in `on_train_begin`), and the pipeline reads
-    `start_epoch` when it yields its first batch: a run resumed after epoch `k`
-    sees the batches of epoch `k + 1` that an uninterrupted run sees.
+    its index, the first `start_step` batches of `start_epoch` left out; `fit`
+    reads `steps_per_epoch` of them per epoch from one iterator. The iterator is
+    created after the first `on_epoch_begin` (which sets `start_epoch` here,
+    after a resume callback such as `EpochCheckpoint` has set the initial epoch
+    in `on_train_begin`, and `start_step` from `resume_step`, which a
+    mid-epoch resume sets then), and the pipeline reads both when it yields its
+    first batch: a run resumed after epoch `k` (and step `s` of epoch `k + 1`)
+    sees the batches that an uninterrupted run sees from there on.
     `training.fit_model` adds the feed of `train_ds.epoch_feed` to its callbacks.
 
     Args:
@@ -357,6 +388,8 @@ class EpochFeed(keras.callbacks.Callback):
         super().__init__()
         self.steps_per_epoch = steps_per_epoch
         self.start_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="start_epoch")
+        self.start_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="start_step")
+        self.resume_step = 0
         self._started = False
 
     def on_train_begin(self, logs=None):
@@ -365,33 +398,52 @@ class EpochFeed(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         if not self._started:
             self.start_epoch.assign(epoch)
+            self.start_step.assign(self.resume_step)
             self._started = True
 
 
+def _check_policy(augment):
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"Unknown augmentation {augment!r}. Use one of: {', '.join(AUGMENTATIONS)}.")
+    return augment
+
+
 def make_epoch_dataset(x, y, batch_size, epochs, augment="translate_altflip", seed=0, start_epoch=None,
-                       one_hot=False, num_classes=NUM_CLASSES):
-    """The training pipeline of an epoch-indexed policy: every batch a function of (seed, epoch, images).
+                       start_step=0, one_hot=False, num_classes=NUM_CLASSES):
+    """The training pipeline as a function of (seed, epoch, step): resumable at any step.
 
     For each epoch `e` from `start_epoch` to `epochs - 1`: the images in an
     order drawn from `(seed, e)` -> batches (the last one smaller) -> gather ->
-    `preprocess` -> the policy -> (one-hot). `translate_altflip`: each image
-    moved by its own `(dy, dx)` in `-2..2` drawn from `(seed, e, image)`, with
-    reflected borders, then mirrored on alternate epochs: on epoch 0 the
-    images of `first_epoch_mirrored(seed, n)` (a random half), on every later
-    epoch exactly those that were not mirrored on the epoch before. Nothing
-    depends on the batches before, so a resumed run gets the same batches as an
-    uninterrupted one.
+    `preprocess` -> the policy -> (one-hot). Every random draw is stateless,
+    keyed on `(seed, e)` and the image (or, for pixel noise, the step), so
+    nothing depends on the batches before and a run resumed at epoch `e`, step
+    `s` gets the same batches as an uninterrupted one.
+
+    The policies (`config.AUGMENTATIONS`): `translate_altflip`: each image
+    moved by its own `(dy, dx)` in `-2..2` with reflected borders, then
+    mirrored on alternate epochs: on epoch 0 the images of
+    `first_epoch_mirrored(seed, n)` (a random half), on every later epoch
+    exactly those that were not mirrored on the epoch before.
+    `translate_flip`: the same shift, each image mirrored with probability
+    1/2. `standard`: a shift in `-4..4` with zero (mean) borders, a pad-4
+    random crop, and the mirror. `noise_rotate_flip`: each image 40% untouched,
+    20% Gaussian noise (std 0.2 in normalised units), 20% rotated by a uniform
+    angle in +-15 degrees (reflected corners), 20% mirrored (`NoiseRotateFlip`'s
+    policy). `none`: no augmentation.
 
     Args:
         x: uint8 array `(n, h, w, 3)`.
         y: int array `(n,)`.
         batch_size: int.
         epochs: int. The run's epochs.
-        augment: str. A policy of `EPOCH_AUGMENTATIONS`. Defaults to `"translate_altflip"`.
+        augment: str. A policy of `config.AUGMENTATIONS` (or an alias).
+            Defaults to `"translate_altflip"`.
         seed: int. Defaults to `0`.
         start_epoch: int or None. The first epoch to yield; None: read from a
             new `EpochFeed` when the first batch is drawn (set by `fit`).
             Defaults to `None`.
+        start_step: int. Batches of the first epoch left out (with a given
+            `start_epoch`; the feed's `start_step` otherwise). Defaults to `0`.
         one_hot: bool. One-hot labels of `num_classes`. Defaults to `False`.
         num_classes: int. Defaults to `NUM_CLASSES`.
 
@@ -399,28 +451,61 @@ def make_epoch_dataset(x, y, batch_size, epochs, augment="translate_altflip", se
         A `tf.data.Dataset` of `(images, labels)`; with `start_epoch=None` its
         `epoch_feed` attribute holds the `EpochFeed` to pass to `fit`.
     """
-    if augment not in EPOCH_AUGMENTATIONS:
-        raise ValueError(f"{augment!r} is not an epoch-indexed augmentation; use one of: "
-                         f"{', '.join(EPOCH_AUGMENTATIONS)}.")
+    policy = _check_policy(augment)
     if not (isinstance(epochs, int) and epochs >= 1):
         raise ValueError(f"epochs must be an int >= 1, got {epochs!r}.")
     count = len(x)
     steps = -(-count // batch_size)
+    if not (isinstance(start_step, int) and 0 <= start_step < steps):
+        raise ValueError(f"start_step must be an int in [0, {steps}) (the batches of an epoch), got {start_step!r}.")
     feed = EpochFeed(steps) if start_epoch is None else None
     images, labels = tf.constant(x), tf.constant(y)
     mirrored_first = tf.constant(first_epoch_mirrored(seed, count))
+    pad, fill = _SHIFT_POLICIES.get(policy, (0, None))
+
+    def uniform(salt, epoch, shape=(), **kwargs):
+        return tf.random.stateless_uniform([count, *shape], seed=_epoch_key(seed, salt, epoch), **kwargs)
+
+    def per_image(epoch):
+        """The epoch's draws of each image (by image index)."""
+        draws = {}
+        if pad:
+            draws["shift"] = uniform(_SHIFT_SALT, epoch, (2,), minval=-pad, maxval=pad + 1, dtype=tf.int32)
+        if policy == "translate_altflip":
+            draws["mirror"] = tf.not_equal(mirrored_first, tf.equal(epoch % 2, 1))
+        elif policy in ("translate_flip", "standard"):
+            draws["mirror"] = uniform(_MIRROR_SALT, epoch) < 0.5
+        elif policy == "noise_rotate_flip":
+            # Branch per image: [0, 0.4) untouched, [0.4, 0.6) noise, [0.6, 0.8) rotation, [0.8, 1) mirror.
+            draws["branch"] = tf.searchsorted(tf.constant([0.4, 0.6, 0.8]), uniform(_CHOICE_SALT, epoch),
+                                              side="right")
+            draws["degrees"] = uniform(_ANGLE_SALT, epoch, minval=-_MAX_DEGREES, maxval=_MAX_DEGREES)
+        return draws
+
+    def skipped(epoch):
+        if feed is None:
+            return tf.where(tf.equal(epoch, start_epoch), tf.constant(start_step, tf.int64), 0)
+        return tf.where(tf.equal(epoch, feed.start_epoch), feed.start_step, 0)
 
     def epoch_batches(epoch):
         order = tf.argsort(tf.random.stateless_uniform([count], seed=_epoch_key(seed, _ORDER_SALT, epoch)))
-        shifts = tf.random.stateless_uniform([count, 2], seed=_epoch_key(seed, _SHIFT_SALT, epoch), minval=-2,
-                                             maxval=3, dtype=tf.int32)
-        mirrored = tf.not_equal(mirrored_first, tf.equal(epoch % 2, 1))
-        slices = (order, tf.gather(shifts, order), tf.gather(mirrored, order))
-        return tf.data.Dataset.from_tensor_slices(slices).batch(batch_size)
+        draws = {name: tf.gather(values, order) for name, values in per_image(epoch).items()}
+        ds = tf.data.Dataset.from_tensor_slices((order, draws)).batch(batch_size).enumerate()
+        return ds.skip(skipped(epoch)).map(lambda step, batch: (epoch, step, *batch))
 
-    def transform(index, shift, mirror):
-        batch = translate_batch(preprocess(tf.gather(images, index)), shift)
-        batch = tf.where(mirror[:, None, None, None], tf.reverse(batch, axis=[2]), batch)
+    def transform(epoch, step, index, draws):
+        batch = preprocess(tf.gather(images, index))
+        if "shift" in draws:
+            batch = translate_batch(batch, draws["shift"], pad, fill)
+        if "mirror" in draws:
+            batch = tf.where(draws["mirror"][:, None, None, None], tf.reverse(batch, axis=[2]), batch)
+        if "branch" in draws:
+            branch = draws["branch"][:, None, None, None]
+            noise_key = tf.random.experimental.stateless_fold_in(_epoch_key(seed, _NOISE_SALT, epoch), step)
+            noise = tf.random.stateless_normal(tf.shape(batch), seed=noise_key, stddev=_NOISE_STDDEV)
+            out = tf.where(branch == 1, batch + noise, batch)
+            out = tf.where(branch == 2, rotate_batch(batch, draws["degrees"]), out)
+            batch = tf.where(branch == 3, tf.reverse(batch, axis=[2]), out)
         batch_labels = tf.gather(labels, index)
         if one_hot:
             batch_labels = tf.one_hot(batch_labels, num_classes)
@@ -446,7 +531,7 @@ def make_augmenter(policy, seed=None):
     flip; `none`: None. The policies of `EPOCH_AUGMENTATIONS` depend on the
     epoch and have no batch augmenter: `make_dataset(..., epochs=N)` builds them.
     """
-    if policy in EPOCH_AUGMENTATIONS:
+    if _check_policy(policy) in EPOCH_AUGMENTATIONS:
         raise ValueError(f"{policy!r} depends on the epoch: build its pipeline with make_dataset(..., epochs=N).")
     if policy == "noise_rotate_flip":
         return NoiseRotateFlip(seed=seed)
@@ -454,9 +539,7 @@ def make_augmenter(policy, seed=None):
         return _translate_flip(4, "constant", seed)
     if policy == "translate_flip":  # +-2 px, reflected borders (no flat padding at the edges) + flip
         return _translate_flip(2, "reflect", seed)
-    if policy == "none":
-        return None
-    raise ValueError(f"Unknown augmentation {policy!r}. Use one of: {', '.join(AUGMENTATIONS)}.")
+    return None  # "none"
 
 
 def make_dataset(x, y, batch_size, training=False, augment="none", seed=None, repeat=False, one_hot=False,
@@ -465,14 +548,17 @@ def make_dataset(x, y, batch_size, training=False, augment="none", seed=None, re
 
     Augmentation runs on whole batches, in parallel with training. With
     `one_hot`, labels become one-hot vectors of `num_classes` (for a loss with
-    label smoothing, which the sparse loss cannot do). A training pipeline of
-    an epoch-indexed policy (`EPOCH_AUGMENTATIONS`) needs `epochs`, and is
-    `make_epoch_dataset`'s: all the epochs in one pass, with an `epoch_feed`
-    for `fit`.
+    label smoothing, which the sparse loss cannot do). A training pipeline
+    given `epochs` (as `training.make_datasets` gives) is
+    `make_epoch_dataset`'s: all the epochs in one pass, each batch a function
+    of (seed, epoch, step), with an `epoch_feed` for `fit`, so that a resumed
+    run sees the batches of an uninterrupted one. Without `epochs` it shuffles
+    anew on each pass and augments with `make_augmenter`'s layers; a policy of
+    `EPOCH_AUGMENTATIONS` needs `epochs`.
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}.")
-    if training and augment in EPOCH_AUGMENTATIONS:
+    if training and (epochs is not None or augment in EPOCH_AUGMENTATIONS):
         if epochs is None or repeat:
             raise ValueError(f"augmentation {augment!r} depends on the epoch: pass epochs=N (and no repeat).")
         return make_epoch_dataset(x, y, batch_size, epochs, augment, seed=seed or 0, one_hot=one_hot,

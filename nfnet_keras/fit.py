@@ -3,19 +3,24 @@
 With no flags it reproduces the report's final run (preset `report_resnet`,
 SGD momentum 0.9, lr 0.01, batch 64, 200 epochs, weight decay 2e-4, lr / 10 at
 epochs 50/100/150, the report's augmentation); `--recipe fast` trains the same
-net in 20 epochs (docs/training.md). Rerunning the same command after a crash
-or Ctrl-C resumes from the last complete epoch.
+net in 20 epochs (docs/training.md). SIGTERM (how clusters and preemptible
+machines stop a job) and Ctrl-C checkpoint at the next step's end and exit;
+`--checkpoint-every N` checkpoints every N steps as well. Rerunning the same
+command after a crash, a kill or a stop resumes from the newest checkpoint,
+mid-epoch too, on the same batches as an uninterrupted run.
 
 Exit statuses: 0 done; 2 bad input, including a --run-dir or export
 destination that cannot be written (nothing written); 3 the loss diverged;
 4 trained but the export failed; 5 a file could not be written (e.g. a full
 disk), the run directory is in use by another process, or no checkpoint could
-be read; 130 interrupted (rerun the same command to resume).
+be read; 130 interrupted by Ctrl-C, 143 (128 + 15) stopped by SIGTERM: both
+checkpointed at the step reached (rerun the same command to resume).
 """
 
 import argparse
 import json
 import os
+import signal
 import sys
 
 from nfnet_keras import cli, rundir
@@ -27,7 +32,8 @@ EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 EXIT_EXPORT_FAILED = 4
 EXIT_ENVIRONMENT = 5
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+EXIT_TERMINATED = 143  # SIGTERM (128 + 15), as a shell reports a process the signal ended
 
 # Keys of a --hparams JSON file (e.g. the tuner's best_hparams.json) -> flags.
 HPARAM_KEYS = CONFIG_FIELDS - {"recipe"}
@@ -38,6 +44,8 @@ def build_parser():
         prog=prog("nfnet_keras.fit"),
         description="Train a Normalizer-Free ResNet on CIFAR-10 (defaults: the report's final run).",
         formatter_class=cli.HelpFormatter,
+        epilog="Exit statuses: 0 done, 2 bad input, 3 diverged, 4 export failed, 5 files or checkpoints, "
+        "130 Ctrl-C, 143 SIGTERM (both checkpoint at the next step; rerun the same command to resume).",
     )
     p.add_argument("--recipe", choices=sorted(RECIPES), default="report",
                    help="a named set of defaults: report (the report's final run), fast (20 epochs) or "
@@ -147,7 +155,7 @@ def main(argv=None):
         return EXIT_INTERRUPTED
     except training.TrainingInterrupted as e:
         print(f"\n{e}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if e.signum == signal.SIGTERM else EXIT_INTERRUPTED
     except training.TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_DIVERGED

@@ -10,6 +10,7 @@ import dataclasses
 import math
 import os
 import shlex
+import signal
 import time
 
 import keras
@@ -18,12 +19,13 @@ import tensorflow as tf
 
 from nfnet_keras import data as data_lib
 from nfnet_keras import distribution, rundir
-from nfnet_keras.callbacks import DivergenceMonitor, EpochCheckpoint, EpochTimer, FreezeAfterEpochs
+from nfnet_keras.callbacks import DivergenceMonitor, EpochTimer, FreezeAfterEpochs
 from nfnet_keras.config import PRECISIONS, RECIPES, SCHEDULES, STRATEGIES, TrainConfig  # noqa: F401  (re-exported)
 from nfnet_keras.inference import TTA_POLICY_VIEWS, TTA_POLICY_WEIGHTS, keras_predictor, with_tta
 from nfnet_keras.models import BATCHNORM_TWIN, adapt_model, build_model
 from nfnet_keras.models.initialization import dirac_initialize
 from nfnet_keras.optimization import make_loss, make_optimizer
+from nfnet_keras.preemption import Preempted, StepCheckpoint, StopSignals
 from nfnet_keras.tensorboard import SignalPropagationLogger, TensorBoard, log_hparams, log_test_metrics, session_dir
 
 # === Runtime ===
@@ -194,7 +196,8 @@ def fit_model(model, config, train_ds, val_ds, callbacks=(), verbose="auto"):
         train_ds, val_ds: tf.data.Dataset. From `make_datasets`. A training
             pipeline with an `epoch_feed` (an epoch-indexed augmentation) is
             read `epoch_feed.steps_per_epoch` batches per epoch from one
-            iterator, and the feed is told the epoch fit starts at.
+            iterator, and the feed is told the epoch fit starts at (and, through
+            a `preemption.StepCheckpoint` among `callbacks`, the step).
         callbacks: sequence of keras.callbacks.Callback. Extra callbacks,
             after the divergence monitor and the epoch timer.
         verbose: Keras' `verbose`. Defaults to `"auto"`.
@@ -208,6 +211,9 @@ def fit_model(model, config, train_ds, val_ds, callbacks=(), verbose="auto"):
     feed = getattr(train_ds, "epoch_feed", None)
     if feed is not None:
         callbacks.insert(0, feed)
+        for callback in callbacks:
+            if isinstance(callback, StepCheckpoint):
+                callback.feed = feed
     if config.whitening_bias_epochs is not None:
         callbacks.append(FreezeAfterEpochs(_whitening_layers(model, config), config.whitening_bias_epochs))
     if config.ema:
@@ -249,11 +255,23 @@ class TrainingDiverged(RuntimeError):
 
 
 class TrainingInterrupted(RuntimeError):
-    """Stopped by the user (Ctrl-C); `completed` of `total` epochs are checkpointed."""
+    """Stopped by a signal (Ctrl-C: SIGINT, or SIGTERM); checkpointed where it stopped.
 
-    def __init__(self, completed, total):
-        super().__init__(f"Interrupted after epoch {completed} of {total}; rerun the same command to resume.")
-        self.completed, self.total = completed, total
+    Attributes:
+        completed: int. Complete epochs checkpointed.
+        total: int. The run's epochs.
+        step: int. Steps of epoch `completed + 1` checkpointed too (0: none).
+        steps: int or None. Steps per epoch.
+        signum: int. The signal.
+    """
+
+    def __init__(self, completed, total, step=0, steps=None, signum=signal.SIGINT):
+        by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+        where = f"after epoch {completed} of {total}"
+        if step:
+            where += f" and step {step} of {steps} of epoch {completed + 1}"
+        super().__init__(f"Interrupted{by} {where}; rerun the same command to resume.")
+        self.completed, self.total, self.step, self.steps, self.signum = completed, total, step, steps, signum
 
 
 class ExportFailed(RuntimeError):
@@ -272,8 +290,10 @@ def train(config, run_dir, export_name=None, export_dir="saved_models", verbose=
     """Runs one whole training job; resumable.
 
     Loads CIFAR-10, builds and compiles the model, trains with TensorBoard logs,
-    per-epoch atomic checkpoints (rerunning with the same `run_dir` resumes from
-    the last complete epoch) and divergence detection, evaluates on the test
+    atomic checkpoints at every epoch's end, every `config.checkpoint_every`
+    steps and on SIGTERM or Ctrl-C (`preemption.StepCheckpoint`; rerunning with
+    the same `run_dir` resumes from the newest, mid-epoch too, on the batches of
+    an uninterrupted run) and divergence detection, evaluates on the test
     set, saves `<run_dir>/model.keras` and `<run_dir>/metrics.json`, and exports
     a SavedModel to `<export_dir>/<export_name>/<version>/` when `export_name`.
     One process at a time may hold `run_dir`.
@@ -283,7 +303,7 @@ def train(config, run_dir, export_name=None, export_dir="saved_models", verbose=
 
     Raises:
         TrainingDiverged: the loss became NaN/inf (metrics.json records it).
-        TrainingInterrupted: Ctrl-C; the last complete epoch is checkpointed.
+        TrainingInterrupted: SIGTERM or Ctrl-C; checkpointed at the step where it stopped.
         ExportFailed: trained and saved, but the export failed.
         rundir.RunBusy: another process holds `run_dir`.
         fileio.WriteError: a file could not be written (e.g. a full disk).
@@ -319,7 +339,8 @@ def _train_locked(config, run_dir, strategy, splits, fingerprint, export_name, e
         print(f"Adapted {', '.join(adapted)} to {min(len(train_arr[0]), ADAPT_IMAGES)} training images.")
 
     log_dir = os.path.join(run_dir, "logs")
-    checkpoint = EpochCheckpoint(os.path.join(run_dir, "checkpoints"))
+    stop = StopSignals()
+    checkpoint = StepCheckpoint(os.path.join(run_dir, "checkpoints"), every_steps=config.checkpoint_every, stop=stop)
     session = session_dir(log_dir)  # the HParams session; train/, validation/ and test/ below it
     signal_logger = SignalPropagationLogger(session, data_lib.preprocess(val_arr[0][:64]))
     callbacks = [
@@ -332,9 +353,15 @@ def _train_locked(config, run_dir, strategy, splits, fingerprint, export_name, e
         log_hparams(session, config)
     start = time.time()
     try:
-        result = fit_model(model, config, train_ds, val_ds, callbacks=callbacks, verbose=verbose)
-    except KeyboardInterrupt:
-        raise TrainingInterrupted(checkpoint.latest_epoch(), config.epochs) from None
+        with stop:  # SIGTERM / Ctrl-C: a checkpoint at the next step's end, then Preempted
+            result = fit_model(model, config, train_ds, val_ds, callbacks=callbacks, verbose=verbose)
+            if stop.received is not None and not result.diverged:  # during the last epoch's end: checkpointed
+                raise Preempted(stop.received, checkpoint.latest_epoch())
+    except Preempted as e:
+        raise TrainingInterrupted(e.completed, config.epochs, e.step, e.steps, e.signum) from None
+    except KeyboardInterrupt:  # a second Ctrl-C
+        completed, step = checkpoint.newest()
+        raise TrainingInterrupted(completed, config.epochs, step, steps_per_epoch) from None
     history = rundir.read_history(run_dir)
     metrics = dict(config=config.to_dict(), data_fingerprint=fingerprint, history=history,
                    epochs_completed=len(history.get("epoch", [])), seconds_per_epoch=result.seconds_per_epoch,

@@ -169,6 +169,8 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(tmp_path, synthetic_cifar_
         (["--kernel-lr", "0"], "--kernel-lr must be a positive number, got 0.0"),
         (["--kernel-momentum", "1"], "--kernel-momentum must be in [0, 1), got 1.0"),
         (["--muon-ns-steps", "0"], "--muon-ns-steps must be >= 1, got 0"),
+        (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0 (steps; 0: only at epoch ends), got -1"),
+        (["--checkpoint-every", "2.5"], "argument --checkpoint-every: invalid int value: '2.5'"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(argv, message, capsys):

@@ -16,6 +16,7 @@ from nfnet_keras import evaluate, fileio, fit, predict, rundir
 from nfnet_keras.callbacks import CheckpointError, EpochCheckpoint
 from nfnet_keras.config import TrainConfig
 from nfnet_keras.export import stale_exports
+from nfnet_keras.preemption import StepCheckpoint
 
 from conftest import ctrl_c_enabled
 
@@ -303,8 +304,11 @@ def test_ctrl_c_exits_130_saying_how_to_resume_then_resumes(tmp_path, synthetic_
     finally:
         proc.kill()
     assert proc.returncode == fit.EXIT_INTERRUPTED
-    done = EpochCheckpoint(str(run_dir / "checkpoints")).latest_epoch()
-    assert _last_line(err) == f"Interrupted after epoch {done} of 30; rerun the same command to resume."
+    # Checkpointed at the step where it stopped: in epoch 2 (or at an epoch's end, after validation).
+    done, step = StepCheckpoint(str(run_dir / "checkpoints")).newest()
+    steps = -(-(1000 - 64) // 16)  # the synthetic training images, less the validation ones, in batches of 16
+    where = f" and step {step} of {steps} of epoch {done + 1}" if step else ""
+    assert _last_line(err) == f"Interrupted after epoch {done} of 30{where}; rerun the same command to resume."
     assert "Traceback" not in err
     result = run_fit([*args[:args.index("--epochs") + 1], str(done + 1), *args[args.index("--epochs") + 2:]])
     assert result.returncode == 2  # other epochs: refused, not silently restarted
