@@ -7,7 +7,9 @@ normalisation itself:
     outputs: probabilities  float32 [batch, 10]
              class_id       int64   [batch]
 
-The class names ship as the asset `assets/class_names.txt` (one per line, in
+The graph is the model's inference twin (`fold_for_inference`): plain convs
+with weight standardization, gains and scalars folded into their kernels. The
+class names ship as the asset `assets/class_names.txt` (one per line, in
 class-id order). The graph holds only standard TensorFlow ops and nothing
 XLA-compiled: TF Serving disables XLA by default and refuses such a model.
 
@@ -44,6 +46,7 @@ from nfnet_keras.contract import (
     SIGNATURE,
 )
 from nfnet_keras.data import preprocess
+from nfnet_keras.models.folding import fold_for_inference
 
 _TMP_PREFIX = ".export-tmp-"  # not a number: TF Serving ignores it
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -123,6 +126,7 @@ def export_saved_model(
     base_dir="saved_models",
     class_names=CLASS_NAMES,
     verify=True,
+    fold=True,
 ):
     """Exports `model` for TF Serving as `<base_dir>/<name>/<version>/`.
 
@@ -141,6 +145,9 @@ def export_saved_model(
         verify: bool. Before publishing, check the graph for XLA-compiled and
             non-standard ops, reload it and compare its probabilities with the
             Keras model's on a few images. Defaults to `True`.
+        fold: bool. Export the inference twin of `fold_for_inference` (plain
+            convs, weight standardization and scalars folded into the kernels);
+            the check compares it with `model` itself. Defaults to `True`.
 
     A mixed-precision model is exported as its float32 twin (`float32_twin`):
     the same weights, computing in float32.
@@ -162,8 +169,9 @@ def export_saved_model(
     check_model_name(name)
     _check_model(model, class_names)
     if keras.backend.backend() != "tensorflow":
-        return _export_with_tensorflow(model, name, version, base_dir, class_names, verify)
+        return _export_with_tensorflow(model, name, version, base_dir, class_names, verify, fold)
     model = float32_twin(model)
+    serving = fold_for_inference(model) if fold else model
     model_dir = os.path.join(base_dir, name)
     if version is None:
         version = next_version(model_dir)
@@ -188,7 +196,7 @@ def export_saved_model(
     tmp_dir = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-", dir=model_dir)
     try:
         os.chmod(tmp_dir, 0o755)  # mkdtemp's 0700 would hide it from a server run as another user
-        _write_saved_model(model, tmp_dir, class_names)
+        _write_saved_model(serving, tmp_dir, class_names)
         if verify:
             problems = servability_problems(tmp_dir)
             if problems:
@@ -227,7 +235,7 @@ _CHILD = "import sys\nfrom nfnet_keras.export import _export_request\nsys.exit(_
 _CHILD_ERRORS = {cls.__name__: cls for cls in (ValueError, FileExistsError, ExportError, fileio.WriteError, OSError)}
 
 
-def _export_with_tensorflow(model, name, version, base_dir, class_names, verify):
+def _export_with_tensorflow(model, name, version, base_dir, class_names, verify, fold=True):
     """`export_saved_model` of a non-TensorFlow backend's model, run under `KERAS_BACKEND=tensorflow`."""
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, KERAS_BACKEND="tensorflow",
@@ -236,7 +244,7 @@ def _export_with_tensorflow(model, name, version, base_dir, class_names, verify)
     with tempfile.TemporaryDirectory(prefix="nfnet-export-") as tmp:
         request = dict(model=os.path.join(tmp, "model.keras"), result=os.path.join(tmp, "result.json"), name=name,
                        version=None if version is None else _plain_version(version), base_dir=base_dir,
-                       class_names=list(class_names), verify=bool(verify))
+                       class_names=list(class_names), verify=bool(verify), fold=bool(fold))
         model.save(request["model"])
         request_path = os.path.join(tmp, "request.json")
         with open(request_path, "w") as f:
@@ -268,7 +276,7 @@ def _export_request(request_path):
     try:
         model = keras.saving.load_model(request["model"], compile=False)
         path = export_saved_model(model, request["name"], request["version"], request["base_dir"],
-                                  tuple(request["class_names"]), request["verify"])
+                                  tuple(request["class_names"]), request["verify"], request.get("fold", True))
         result = dict(path=path)
     except tuple(_CHILD_ERRORS.values()) as e:
         kind = next(cls.__name__ for cls in type(e).__mro__ if cls.__name__ in _CHILD_ERRORS)
