@@ -1,15 +1,19 @@
 """Tests of the folded inference twin and of the ONNX / LiteRT / OpenVINO exports, each run in its own runtime."""
 
 import collections
+import importlib.util
 import os
 import zipfile
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from nfnet_keras import export
+from nfnet_keras import export, export_formats, predict, runtimes
+from nfnet_keras.contract import CLASS_NAMES, InputError
 from nfnet_keras.data import load_cifar10, preprocess
+from nfnet_keras.inference import load_predictor
 from nfnet_keras.layers.wsconv import WSConv2D
 from nfnet_keras.models.folding import fold_for_inference
 from nfnet_keras.models.registry import BATCHNORM_TWIN, build_model
@@ -54,10 +58,10 @@ def random_weights(model, seed=0, negative_bn=False):
     return model
 
 
-def build(preset, twin=False, negative_bn=False):
-    keras.utils.set_random_seed(0)
+def build(preset, twin=False, negative_bn=False, seed=0):
+    keras.utils.set_random_seed(seed)
     model = build_model(preset, **(BATCHNORM_TWIN if twin else {}))
-    return random_weights(model, negative_bn=negative_bn)
+    return random_weights(model, seed=seed, negative_bn=negative_bn)
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +185,144 @@ def test_exported_saved_model_has_no_weight_standardization(tmp_path):
     assert plain["Mean"] == (1 + 3 * 11) * copies
     assert folded["Rsqrt"] == folded["Maximum"] == 0
     assert folded["Mean"] == copies
+
+
+# === Other formats, each in its own runtime ===
+
+FORMAT_FILES = {"onnx": ["class_names.txt", "model.onnx"], "litert": ["class_names.txt", "model.tflite"],
+                "openvino": ["class_names.txt", "model.bin", "model.xml"]}
+# Probabilities of a runtime and of Keras: measured <= 5e-6 (tiny_speed, float32 everywhere).
+RUNTIME_ATOL = 1e-4
+
+
+def keras_probabilities(model, images):
+    return tf.nn.softmax(model(preprocess(images), training=False)).numpy()
+
+
+def need(fmt):
+    missing = export_formats.missing_packages(fmt)
+    if missing:
+        pytest.skip(f"--format {fmt} needs {', '.join(missing)}: pip install 'nfnet-keras[export]'")
+
+
+@pytest.fixture(scope="module")
+def speed_model():
+    return build("tiny_speed")
+
+
+@pytest.fixture(scope="module")
+def exported(speed_model, tmp_path_factory):
+    """`get(fmt)`: the version folder of `speed_model` exported as `fmt` (once per format)."""
+    base, cache = tmp_path_factory.mktemp("models"), {}
+
+    def get(fmt):
+        need(fmt)
+        if fmt not in cache:
+            cache[fmt] = export_formats.export_model(speed_model, "speed", fmt, base_dir=str(base))
+        return cache[fmt]
+
+    return get
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "litert", "openvino"])
+def test_export_runs_in_its_runtime_like_keras(exported, speed_model, cifar_images, fmt):
+    path = exported(fmt)
+    assert sorted(os.listdir(path)) == FORMAT_FILES[fmt]  # nothing else: no temporary left
+    assert not [d for d in os.listdir(os.path.dirname(path)) if d.startswith(".")]
+    with open(os.path.join(path, "class_names.txt"), encoding="utf-8") as f:
+        assert tuple(f.read().splitlines()) == CLASS_NAMES
+    expected = keras_probabilities(speed_model, cifar_images)
+    got = runtimes.load_runtime(path, batch_size=24)(cifar_images)  # batches of two sizes: 24 and 16
+    assert got.dtype == np.float32 and got.shape == (64, 10)
+    np.testing.assert_allclose(got, expected, atol=RUNTIME_ATOL)
+    np.testing.assert_array_equal(got.argmax(-1), expected.argmax(-1))
+    assert len(set(expected.argmax(-1))) > 2  # random weights, yet the images get different classes
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "litert", "openvino"])
+def test_predict_reads_every_format(exported, speed_model, cifar_images, fmt, tmp_path, capsys):
+    images, out = str(tmp_path / "images.npy"), str(tmp_path / "p.npy")
+    np.save(images, cifar_images[:10])
+    model_file = os.path.join(exported(fmt), FORMAT_FILES[fmt][-1])
+    assert predict.main(["--model", model_file, "--images", images, "--out", out]) == 0
+    np.testing.assert_allclose(np.load(out), keras_probabilities(speed_model, cifar_images[:10]), atol=RUNTIME_ATOL)
+    # The version folder names its one model file.
+    probabilities = load_predictor(exported(fmt))(cifar_images[:10])
+    np.testing.assert_array_equal(probabilities, np.load(out))
+
+
+def test_export_cli_without_folding(speed_model, cifar_images, tmp_path, capsys):
+    need("onnx")
+    model_path = str(tmp_path / "model.keras")
+    speed_model.save(model_path)
+    base = str(tmp_path / "repo")
+    assert export.main(["--model", model_path, "--name", "speed", "--base-dir", base, "--format", "onnx",
+                        "--no-fold"]) == 0
+    out = capsys.readouterr().out
+    assert "Verified onnx in onnxruntime on 128 CIFAR-10 test images" in out
+    assert f"to {os.path.join(base, 'speed', '1')}" in out
+    got = runtimes.load_runtime(os.path.join(base, "speed", "1", "model.onnx"))(cifar_images)
+    np.testing.assert_allclose(got, keras_probabilities(speed_model, cifar_images), atol=RUNTIME_ATOL)
+
+
+def test_failed_verification_publishes_nothing(speed_model, tmp_path, monkeypatch):
+    need("onnx")
+    (tmp_path / "speed" / "1").mkdir(parents=True)
+    other = export_formats.serving_model(build("tiny_speed", seed=1))  # different weights: other probabilities
+    write = export_formats._WRITERS["onnx"]
+    monkeypatch.setitem(export_formats._WRITERS, "onnx", lambda serving, path: write(other, path))
+    with pytest.raises(export.ExportError, match=r"^The exported onnx model's probabilities in onnxruntime differ "
+                       r"from the Keras model's by \S+ \(> 0\.0001\) on 128 CIFAR-10 test images, \d+ class ids "
+                       r"differ; not published\.$"):
+        export_formats.export_model(speed_model, "speed", "onnx", base_dir=str(tmp_path))
+    assert os.listdir(tmp_path / "speed") == ["1"]  # no version 2, no temporary
+
+    def garbage(serving, path):
+        with open(path, "wb") as f:
+            f.write(b"not an onnx model")
+
+    monkeypatch.setitem(export_formats._WRITERS, "onnx", garbage)
+    with pytest.raises(export.ExportError, match=r"^The exported onnx model failed in onnxruntime \(exit status 1: "
+                       r"nfnet_keras\.contract\.InputError: --model .*model\.onnx could not be loaded by "
+                       r"onnxruntime \(.*\)\.\); not published\.$"):
+        export_formats.export_model(speed_model, "speed", "onnx", base_dir=str(tmp_path))
+    assert os.listdir(tmp_path / "speed") == ["1"]
+
+
+def test_missing_runtime_is_one_line(speed_model, tmp_path, monkeypatch, capsys):
+    real, absent = importlib.util.find_spec, {"tf2onnx", "onnx", "onnxruntime"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in absent else real(name, *a))
+    with pytest.raises(export.ExportError, match=r"^--format onnx needs tf2onnx, onnx, onnxruntime, not installed: "
+                       r"pip install 'nfnet-keras\[export\]' \(or pip install tf2onnx onnx onnxruntime\)\.$"):
+        export_formats.export_model(speed_model, "speed", "onnx", base_dir=str(tmp_path))
+    assert not os.path.exists(tmp_path / "speed")
+    model_file = tmp_path / "m.onnx"
+    model_file.write_bytes(b"")
+    with pytest.raises(runtimes.RuntimeMissing, match=rf"^--model {model_file} is a onnx model and needs its runtime "
+                       r"onnxruntime, which is not installed: pip install 'nfnet-keras\[export\]' "
+                       r"\(or pip install onnxruntime\)\.$"):
+        load_predictor(str(model_file))
+    images = str(tmp_path / "images.npy")
+    np.save(images, np.zeros((1, 32, 32, 3), np.uint8))
+    assert predict.main(["--model", str(model_file), "--images", images, "--out", str(tmp_path / "p.csv")]) == 2
+    assert "needs its runtime onnxruntime" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "p.csv")
+
+
+def test_bad_format_and_backend_are_one_line(speed_model, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"^Unknown export format 'torch'\. Use one of: saved_model, onnx, litert, "
+                       r"openvino\.$"):
+        export_formats.export_model(speed_model, "speed", "torch", base_dir=str(tmp_path))
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    with pytest.raises(export.ExportError, match=r"^--format litert is written from a TensorFlow graph here; the jax "
+                       r"backend is active: export with KERAS_BACKEND=tensorflow \(the \.keras file loads there "
+                       r"unchanged\)\.$"):
+        export_formats.export_model(speed_model, "speed", "litert", base_dir=str(tmp_path))
+    assert not os.path.exists(tmp_path / "speed")
+
+
+def test_unknown_model_file_is_one_line(tmp_path):
+    (tmp_path / "model.pt").write_bytes(b"")
+    with pytest.raises(InputError, match=r"is neither a \.keras file, a SavedModel directory .* nor an exported "
+                                         r"\.onnx, \.tflite or OpenVINO \.xml model\.$"):
+        load_predictor(str(tmp_path / "model.pt"))
