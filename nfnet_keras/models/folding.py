@@ -34,7 +34,7 @@ XLA-compiled under TensorFlow, which TF Serving refuses.
 import keras
 import numpy as np
 
-from nfnet_keras.layers.activations import ACTIVATIONS
+from nfnet_keras.layers.activations import ACTIVATIONS, ScaledActivation
 from nfnet_keras.layers.norm_activation import NormActivation
 from nfnet_keras.layers.whitening import PatchWhitening
 from nfnet_keras.layers.wsconv import WSConv2D
@@ -293,8 +293,6 @@ def _rescaling(layer, signal):
 
 
 def _layer_handler(layer):
-    from nfnet_keras.layers.activations import ScaledActivation
-
     handlers = (
         (NFBlock, _nf_block),
         (PreActBottleneck, _preact_block),
