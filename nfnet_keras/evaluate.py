@@ -36,7 +36,8 @@ def format_report(matrix, names=CLASS_NAMES):
 def main(argv=None):
     p = argparse.ArgumentParser(prog=prog("nfnet_keras.evaluate"),
                                 description=__doc__.splitlines()[0].split(": `")[0] + ".")
-    p.add_argument("--model", required=True, help="a .keras file or a SavedModel directory")
+    p.add_argument("--model", required=True,
+                   help="a .keras file, a SavedModel directory, or an exported .onnx, .tflite or OpenVINO .xml")
     p.add_argument("--data-dir", help="folder with cifar-10-batches-py/ (default: $NFNET_DATA_DIR, then TFDS)")
     p.add_argument("--tfds-dir", help="TFDS data_dir, used only when no --data-dir or $NFNET_DATA_DIR is given "
                    "(default: ~/tensorflow_datasets)")

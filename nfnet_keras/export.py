@@ -7,7 +7,9 @@ normalisation itself:
     outputs: probabilities  float32 [batch, 10]
              class_id       int64   [batch]
 
-The class names ship as the asset `assets/class_names.txt` (one per line, in
+The graph is the model's inference twin (`fold_for_inference`): plain convs
+with weight standardization, gains and scalars folded into their kernels. The
+class names ship as the asset `assets/class_names.txt` (one per line, in
 class-id order). The graph holds only standard TensorFlow ops and nothing
 XLA-compiled: TF Serving disables XLA by default and refuses such a model.
 
@@ -15,8 +17,10 @@ A version is written to a hidden temporary directory beside the versions and
 renamed into place only when complete and verified, so a serving process never
 sees a half-written version; an existing version is never overwritten.
 
+Other formats (ONNX, LiteRT, OpenVINO IR): `--format`, see `nfnet_keras.export_formats`.
+
 Usage:
-    python -m nfnet_keras.export --model runs/x/model.keras --name nfnet [--version N]
+    python -m nfnet_keras.export --model runs/x/model.keras --name nfnet [--version N] [--format onnx]
 """
 
 import argparse
@@ -45,6 +49,7 @@ from nfnet_keras.contract import (
     check_model_name,
 )
 from nfnet_keras.data import preprocess
+from nfnet_keras.models.folding import fold_for_inference
 
 _TMP_PREFIX = ".export-tmp-"  # not a number: TF Serving ignores it
 _VERSION_RE = re.compile(r"[0-9]+")
@@ -114,6 +119,7 @@ def export_saved_model(
     base_dir="saved_models",
     class_names=CLASS_NAMES,
     verify=True,
+    fold=True,
 ):
     """Exports `model` for TF Serving as `<base_dir>/<name>/<version>/`.
 
@@ -132,6 +138,9 @@ def export_saved_model(
         verify: bool. Before publishing, check the graph for XLA-compiled and
             non-standard ops, reload it and compare its probabilities with the
             Keras model's on a few images. Defaults to `True`.
+        fold: bool. Export the inference twin of `fold_for_inference` (plain
+            convs, weight standardization and scalars folded into the kernels);
+            the check compares it with `model` itself. Defaults to `True`.
 
     A mixed-precision model is exported as its float32 twin (`float32_twin`):
     the same weights, computing in float32.
@@ -153,9 +162,46 @@ def export_saved_model(
     check_model_name(name)
     _check_model(model, class_names)
     if keras.backend.backend() != "tensorflow":
-        return _export_with_tensorflow(model, name, version, base_dir, class_names, verify)
+        return _export_with_tensorflow(model, name, version, base_dir, class_names, verify, fold)
     model = float32_twin(model)
-    model_dir = os.path.join(base_dir, name)
+    weight_bytes = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.weights)
+
+    def write(tmp_dir):
+        _write_saved_model(fold_for_inference(model) if fold else model, tmp_dir, class_names)
+        if verify:
+            problems = servability_problems(tmp_dir)
+            if problems:
+                raise ExportError(
+                    "The exported graph would not load in TF Serving (XLA off by default): "
+                    + "; ".join(problems[:5])
+                    + ". Use layers that avoid XLA-compiled ops (e.g. WSConv2D for grouped convs)."
+                )
+            _check_outputs(model, tmp_dir)
+
+    return publish_version(os.path.join(base_dir, name), name, version, write, int(weight_bytes * 1.2) + (8 << 20))
+
+
+def publish_version(model_dir, name, version, write, size_bytes):
+    """Writes a new version folder `<model_dir>/<version>/` atomically: all of it, or nothing.
+
+    `write(tmp_dir)` writes (and checks) the version in a hidden temporary
+    folder beside the versions, which is renamed into place only when it
+    returns; on any error the temporary folder is removed.
+
+    Args:
+        model_dir: str. The model's folder (`<base_dir>/<name>`).
+        name: str. The model name, for the messages.
+        version: int or None. A positive version number; `None` takes the next one.
+        write: function of the temporary folder's path.
+        size_bytes: int. The free space the version needs.
+
+    Returns:
+        The path of the new version folder.
+
+    Raises:
+        ValueError: a bad version.
+        FileExistsError: the version exists already (it is never overwritten).
+    """
     if version is None:
         version = next_version(model_dir)
     elif isinstance(version, bool) or not isinstance(version, (int, np.integer)) or version < 1:
@@ -173,22 +219,12 @@ def export_saved_model(
     for stale in stale_exports(model_dir):
         shutil.rmtree(stale, ignore_errors=True)
         print(f"Removed {stale}, left by an interrupted export.")
-    weight_bytes = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in model.weights)
-    fileio.check_free_space(model_dir, int(weight_bytes * 1.2) + (8 << 20), final_dir)
+    fileio.check_free_space(model_dir, size_bytes, final_dir)
     # In the same folder, so that the final rename is atomic (same file system).
     tmp_dir = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-", dir=model_dir)
     try:
         os.chmod(tmp_dir, 0o755)  # mkdtemp's 0700 would hide it from a server run as another user
-        _write_saved_model(model, tmp_dir, class_names)
-        if verify:
-            problems = servability_problems(tmp_dir)
-            if problems:
-                raise ExportError(
-                    "The exported graph would not load in TF Serving (XLA off by default): "
-                    + "; ".join(problems[:5])
-                    + ". Use layers that avoid XLA-compiled ops (e.g. WSConv2D for grouped convs)."
-                )
-            _check_outputs(model, tmp_dir)
+        write(tmp_dir)
         if os.path.exists(final_dir):  # another exporter was faster
             raise FileExistsError(
                 f"Version {version} of model {name!r} appeared in {model_dir} during the export; "
@@ -218,7 +254,7 @@ _CHILD = "import sys\nfrom nfnet_keras.export import _export_request\nsys.exit(_
 _CHILD_ERRORS = {cls.__name__: cls for cls in (ValueError, FileExistsError, ExportError, fileio.WriteError, OSError)}
 
 
-def _export_with_tensorflow(model, name, version, base_dir, class_names, verify):
+def _export_with_tensorflow(model, name, version, base_dir, class_names, verify, fold=True):
     """`export_saved_model` of a non-TensorFlow backend's model, run under `KERAS_BACKEND=tensorflow`."""
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, KERAS_BACKEND="tensorflow",
@@ -227,7 +263,7 @@ def _export_with_tensorflow(model, name, version, base_dir, class_names, verify)
     with tempfile.TemporaryDirectory(prefix="nfnet-export-") as tmp:
         request = dict(model=os.path.join(tmp, "model.keras"), result=os.path.join(tmp, "result.json"), name=name,
                        version=None if version is None else _plain_version(version), base_dir=base_dir,
-                       class_names=list(class_names), verify=bool(verify))
+                       class_names=list(class_names), verify=bool(verify), fold=bool(fold))
         model.save(request["model"])
         request_path = os.path.join(tmp, "request.json")
         with open(request_path, "w") as f:
@@ -259,7 +295,7 @@ def _export_request(request_path):
     try:
         model = keras.saving.load_model(request["model"], compile=False)
         path = export_saved_model(model, request["name"], request["version"], request["base_dir"],
-                                  tuple(request["class_names"]), request["verify"])
+                                  tuple(request["class_names"]), request["verify"], request.get("fold", True))
         result = dict(path=path)
     except tuple(_CHILD_ERRORS.values()) as e:
         kind = next(cls.__name__ for cls in type(e).__mro__ if cls.__name__ in _CHILD_ERRORS)
@@ -386,7 +422,8 @@ def _check_outputs(model, path, atol=1e-4):
 def _parse_args(argv):
     parser = argparse.ArgumentParser(
         prog=prog("nfnet_keras.export"),
-        description="Export a .keras model as a TF Serving SavedModel <base-dir>/<name>/<version>/.",
+        description="Export a .keras model as <base-dir>/<name>/<version>/: a TF Serving SavedModel, or ONNX, "
+                    "LiteRT or OpenVINO IR (--format).",
     )
     parser.add_argument("--model", required=True, help="the trained model, a .keras file")
     parser.add_argument("--name", required=True, help="the model name TF Serving serves it under")
@@ -394,6 +431,12 @@ def _parse_args(argv):
     parser.add_argument(
         "--base-dir", default="saved_models", help="the folder TF Serving watches (default: %(default)s)"
     )
+    parser.add_argument("--format", default="saved_model", choices=("saved_model", "onnx", "litert", "openvino"),
+                        help="saved_model (TF Serving), onnx (model.onnx), litert (model.tflite) or openvino "
+                             "(model.xml + model.bin) (default: %(default)s)")
+    parser.add_argument("--no-fold", dest="fold", action="store_false",
+                        help="export the model as trained, without folding weight standardization and scalars "
+                             "into plain conv kernels")
     return parser, parser.parse_args(argv)
 
 
@@ -412,7 +455,12 @@ def main(argv=None):
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         parser.error(f"--model {args.model} could not be loaded as a Keras model ({reason}).")
     try:
-        path = export_saved_model(model, args.name, args.version, args.base_dir)
+        if args.format == "saved_model":
+            path = export_saved_model(model, args.name, args.version, args.base_dir, fold=args.fold)
+        else:
+            from nfnet_keras.export_formats import export_model
+
+            path = export_model(model, args.name, args.format, args.version, args.base_dir, fold=args.fold)
     except (ValueError, FileExistsError, ExportError, OSError) as e:
         parser.error(str(e))
     print(f"Exported {args.model} to {path}")

@@ -113,8 +113,10 @@ def with_tta(predict, policy="flip"):
 def load_predictor(path, batch_size=256):
     """Returns `predict(uint8 images N x 32 x 32 x 3) -> float32 probabilities N x 10`.
 
-    `path` is a `.keras` file (normalisation applied here with `preprocess`) or
-    an exported SavedModel directory (normalisation inside its graph).
+    `path` is a `.keras` file (normalisation applied here with `preprocess`),
+    an exported SavedModel directory, or an exported `.onnx`, `.tflite` or
+    OpenVINO `.xml` file (or the version folder holding one), run by its own
+    runtime (`nfnet_keras.runtimes`); the exports normalise inside their graphs.
     """
     if path.endswith(".keras"):
         if not os.path.isfile(path):
@@ -146,9 +148,13 @@ def load_predictor(path, batch_size=256):
             return np.concatenate(out) if out else np.zeros((0, NUM_CLASSES), np.float32)
 
         return predict
+    from nfnet_keras import runtimes
+
+    if runtimes.format_of(path)[0] is not None:
+        return runtimes.load_runtime(path, batch_size=batch_size)
     raise InputError(
-        f"--model {path} is neither a .keras file nor a SavedModel directory "
-        "(a folder with saved_model.pb, e.g. saved_models/nfnet/1)."
+        f"--model {path} is neither a .keras file, a SavedModel directory (a folder with saved_model.pb, e.g. "
+        "saved_models/nfnet/1) nor an exported .onnx, .tflite or OpenVINO .xml model."
     )
 
 

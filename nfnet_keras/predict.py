@@ -32,7 +32,8 @@ def write_predictions(path, names, probabilities):
 def main(argv=None):
     p = argparse.ArgumentParser(prog=prog("nfnet_keras.predict"),
                                 description=__doc__.splitlines()[0].split(": `")[0] + ".")
-    p.add_argument("--model", required=True, help="a .keras file or a SavedModel directory")
+    p.add_argument("--model", required=True,
+                   help="a .keras file, a SavedModel directory, or an exported .onnx, .tflite or OpenVINO .xml")
     p.add_argument("--images", required=True, help=".npy uint8 N x 32 x 32 x 3, a PNG/JPEG, or a folder")
     p.add_argument("--out", required=True, help="output .npy (probabilities) or .csv (file, class, probability)")
     args = p.parse_args(argv)
