@@ -36,7 +36,7 @@ import tempfile
 import keras
 import numpy as np
 
-from nfnet_keras import export
+from nfnet_keras import saved_model as export
 from nfnet_keras.contract import CLASS_NAMES, CLASS_NAMES_ASSET, IMAGE_SHAPE, INPUT
 from nfnet_keras.data import CIFAR10_MEAN, CIFAR10_STD
 from nfnet_keras.models.folding import fold_for_inference

@@ -364,7 +364,8 @@ def test_same_flags_with_the_data_elsewhere_resume_the_same_run(tmp_path, synthe
 
 
 def test_full_disk_during_an_export_leaves_nothing_and_says_so(tmp_path, monkeypatch):
-    from nfnet_keras import build_model, export
+    from nfnet_keras import build_model
+    from nfnet_keras import saved_model as export
 
     def no_space(model, path, class_names):
         os.makedirs(os.path.join(path, "variables"))
@@ -380,7 +381,8 @@ def test_too_little_free_space_is_refused_before_writing(tmp_path, monkeypatch):
     import collections
     import shutil
 
-    from nfnet_keras import build_model, export
+    from nfnet_keras import build_model
+    from nfnet_keras import saved_model as export
 
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))

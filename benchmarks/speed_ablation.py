@@ -1,0 +1,132 @@
+"""The speed recipe with the airbench94 parts added one at a time (cumulative), on real CIFAR-10.
+
+Each row is `python -m nfnet_keras.fit --recipe speed --epochs E --seed S --no-export <the row's flags>`
+in its own run directory `<runs-dir>/ab_<row>` (rerunning resumes an interrupted run and skips a
+finished one), then `python -m nfnet_keras.evaluate --tta flip_translate_weighted` of its model.
+The summary, `benchmarks/results/speed_ablation_<E>ep[_<tag>].json`, holds each row's command,
+test accuracy plain, with flip TTA, with the 6-view TTA and with the weighted 6-view TTA, and its
+validation accuracy per epoch. `--norm batch` (after `--`) gives the BatchNorm twin's table.
+
+Usage:
+    python -m benchmarks.speed_ablation [--epochs 5] [--seed 0] [--rows a1_altflip,...] [--collect-only]
+        [-- extra fit flags]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+from benchmarks import common
+
+# Each row adds its flags to every row before it (airbench94's order of the parts that apply here).
+ROWS = (
+    ("a0_recipe", []),
+    ("a1_altflip", ["--augment", "translate_altflip"]),
+    ("a2_dirac", ["--conv-init", "dirac"]),
+    ("a3_lookahead", ["--ema", "0", "--lookahead", "5", "--lookahead-schedule", "airbench"]),
+)
+# Rows that replace the kernels' optimizer of row a2 (not cumulative with a3).
+BRANCHES = (
+    ("a4_renorm", "a2_dirac", ["--optimizer", "renorm_sgd", "--kernel-lr", "0.03"]),
+    ("a5_muon", "a2_dirac", ["--optimizer", "muon", "--kernel-lr", "0.24", "--kernel-momentum", "0.6"]),
+)
+
+
+def row_flags():
+    """{row: its fit flags}, cumulative along ROWS, branches on top of their base row."""
+    flags, so_far = {}, []
+    for name, more in ROWS:
+        so_far = so_far + more
+        flags[name] = list(so_far)
+    for name, base, more in BRANCHES:
+        flags[name] = flags[base] + more
+    return flags
+
+
+def fit_command(args, flags):
+    return [sys.executable, "-m", "nfnet_keras.fit", "--recipe", "speed", "--epochs", str(args.epochs),
+            "--seed", str(args.seed), "--no-export", *flags, *args.extra]
+
+
+def run_row(args, name, flags):
+    run_dir = os.path.join(args.runs_dir, f"ab_{name}")
+    if not os.path.isfile(os.path.join(run_dir, "metrics.json")):
+        with open(f"{run_dir}.log", "a") as log:
+            subprocess.run(fit_command(args, flags) + ["--run-dir", run_dir], stdout=log, stderr=log, check=False)
+    model, weighted = os.path.join(run_dir, "model.keras"), os.path.join(run_dir, "eval_weighted.json")
+    if os.path.isfile(model) and not os.path.isfile(weighted):
+        subprocess.run([sys.executable, "-m", "nfnet_keras.evaluate", "--model", model, "--tta",
+                        "flip_translate_weighted", "--json", weighted], capture_output=True, check=False)
+
+
+def _weighted_accuracy(run_dir):
+    """The weighted-TTA accuracy of a run: its `eval_weighted.json`, or the printout `<run_dir>.eval_weighted.txt`
+    of `nfnet-evaluate --tta flip_translate_weighted` run by hand; None if neither is there."""
+    try:
+        with open(os.path.join(run_dir, "eval_weighted.json")) as f:
+            return json.load(f)["test_accuracy"]
+    except OSError:
+        pass
+    try:
+        with open(f"{run_dir}.eval_weighted.txt") as f:
+            lines = [line for line in f if line.startswith("test accuracy: ")]
+    except OSError:
+        return None
+    return float(lines[0].split()[2]) if lines else None
+
+
+def summarize(args, flags):
+    rows = []
+    for name, row in flags.items():
+        run_dir = os.path.join(args.runs_dir, f"ab_{name}")
+        try:
+            with open(os.path.join(run_dir, "metrics.json")) as f:
+                metrics = json.load(f)
+        except OSError:
+            continue
+        weighted = _weighted_accuracy(run_dir)
+        rows.append(dict(
+            row=name, command=" ".join(["python"] + fit_command(args, row)[1:]), flags=row,
+            test_accuracy=metrics.get("test_accuracy"), test_accuracy_flip_tta=metrics.get("test_accuracy_flip_tta"),
+            test_accuracy_6view_tta=metrics.get("test_accuracy_tta"), test_accuracy_weighted_tta=weighted,
+            val_accuracy=metrics.get("history", {}).get("val_accuracy"),
+            seconds=round(sum(metrics.get("seconds_per_epoch", [])), 1),
+        ))
+    return rows
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=5, help="epochs per run (default: 5)")
+    parser.add_argument("--seed", type=int, default=0, help="the runs' seed (default: 0)")
+    parser.add_argument("--rows", help="comma-separated rows to run (default: all)")
+    parser.add_argument("--runs-dir", default="runs/speed_ablation", help="where the runs go")
+    parser.add_argument("--collect-only", action="store_true", help="summarise the finished runs, run nothing")
+    parser.add_argument("--tag", help="suffix of the summary's name")
+    parser.add_argument("--out-dir", default=common.RESULTS_DIR, help="where the summary goes")
+    args = parser.parse_args(argv)
+    args.extra = extra
+    flags = row_flags()
+    chosen = args.rows.split(",") if args.rows else list(flags)
+    unknown = sorted(set(chosen) - set(flags))
+    if unknown:
+        parser.error(f"unknown row(s) {', '.join(unknown)}; rows: {', '.join(flags)}")
+    os.makedirs(args.runs_dir, exist_ok=True)
+    if not args.collect_only:
+        for name in chosen:
+            run_row(args, name, flags[name])
+    rows = summarize(args, {name: flags[name] for name in chosen})
+    name = f"speed_ablation_{args.epochs}ep" + (f"_{args.tag}" if args.tag else "")
+    print(common.format_table(rows, ["row", "test_accuracy", "test_accuracy_6view_tta", "test_accuracy_weighted_tta",
+                                     "seconds"]))
+    print("wrote", common.write_json(name, dict(benchmark="speed_ablation", epochs=args.epochs, seed=args.seed,
+                                                extra_flags=extra, runs=rows), out_dir=args.out_dir))
+
+
+if __name__ == "__main__":
+    main()
