@@ -11,6 +11,7 @@ themselves after `SERVER_LIFETIME` seconds even if a test run is interrupted:
   what the client sends, and what it returns or raises for a given answer.
 """
 
+import contextlib
 import http.server
 import json
 import re
@@ -98,26 +99,29 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         return response
 
 
-@pytest.fixture(scope="module")
-def grpc_target(loaded):
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=2),
-        maximum_concurrent_rpcs=8,
-        options=[("grpc.max_receive_message_length", serving.MAX_MESSAGE_BYTES)],
-    )
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionService(MODEL_NAME, loaded), server
-    )
+@contextlib.contextmanager
+def loopback_grpc(servicer, **server_kwargs):
+    """A gRPC PredictionService on 127.0.0.1 serving `servicer`; yields its port. Stopped after the block,
+    or after SERVER_LIFETIME seconds whatever happens."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), **server_kwargs)
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     deadline = threading.Timer(SERVER_LIFETIME, server.stop, args=(0,))
     deadline.daemon = True
     deadline.start()
     try:
-        yield f"127.0.0.1:{port}"
+        yield port
     finally:
         deadline.cancel()
         server.stop(grace=None).wait(10)
+
+
+@pytest.fixture(scope="module")
+def grpc_target(loaded):
+    with loopback_grpc(PredictionService(MODEL_NAME, loaded), maximum_concurrent_rpcs=8,
+                       options=[("grpc.max_receive_message_length", serving.MAX_MESSAGE_BYTES)]) as port:
+        yield f"127.0.0.1:{port}"
 
 
 # === Loopback REST server (TF Serving's JSON API) ===
@@ -595,18 +599,8 @@ class EchoPrediction(prediction_service_pb2_grpc.PredictionServiceServicer):
 
 @pytest.fixture(scope="module")
 def echo_grpc():
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(EchoPrediction(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    deadline = threading.Timer(SERVER_LIFETIME, server.stop, args=(0,))
-    deadline.daemon = True
-    deadline.start()
-    try:
+    with loopback_grpc(EchoPrediction()) as port:
         yield "127.0.0.1", str(port)
-    finally:
-        deadline.cancel()
-        server.stop(grace=None).wait(10)
 
 
 def _image_with_first_pixel(value):

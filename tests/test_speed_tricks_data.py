@@ -431,31 +431,3 @@ def test_a_run_resumed_after_the_freeze_ends_with_the_uninterrupted_weights_and_
 
 
 # === Bad values in a --hparams file ===
-
-
-@pytest.mark.parametrize(
-    "hparams, message",
-    [
-        ({"conv_init": "orthogonal"}, "--conv-init must be one of he_normal, dirac, got 'orthogonal'."),
-        ({"augment": "altflip"}, "--augment must be one of noise_rotate_flip, standard, translate_flip, "
-                                 "translate_altflip, none, got 'altflip'."),
-        ({"tta": "weighted"}, "--tta must be one of none, flip, flip_translate, flip_translate_weighted, "
-                              "got 'weighted'."),
-        ({"preset": "tiny_speed", "whitening_bias_epochs": -1},
-         "--whitening-bias-epochs must be >= 0 (unset: every epoch), got -1."),
-        ({"preset": "tiny", "whitening_bias_epochs": 3},
-         "--whitening-bias-epochs needs a network with a whitening stem (e.g. --preset cifar_speed); tiny has none."),
-        ({"preset": "tiny_speed", "whitening_bias_epochs": 2.5},
-         'key "whitening_bias_epochs" must be an integer, got 2.5 (float)'),
-    ],
-)
-def test_bad_hparams_values_exit_2_with_one_line(hparams, message, tmp_path, capsys):
-    from nfnet_keras import fit
-
-    path = tmp_path / "hparams.json"
-    path.write_text(json.dumps(hparams))
-    with pytest.raises(SystemExit) as exc:
-        fit.parse_config(["--hparams", str(path)])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].endswith(message)
