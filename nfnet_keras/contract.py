@@ -23,7 +23,6 @@ SIGNATURE = "serving_default"
 INPUT = "image"  # uint8 [batch, 32, 32, 3], raw pixels
 PROBABILITIES = "probabilities"  # float32 [batch, num_classes]
 CLASS_ID = "class_id"  # int64 [batch]
-OUTPUTS = (PROBABILITIES, CLASS_ID)
 CLASS_NAMES_ASSET = "class_names.txt"  # under assets/, one name per line in class-id order
 # A model's name in TF Serving's model folder (`<base>/<name>/<version>/`).
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

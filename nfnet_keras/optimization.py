@@ -174,7 +174,7 @@ def make_optimizer(config, steps_per_epoch):
 
 
 def make_loss(config):
-    """Cross-entropy on logits; one-hot labels when label smoothing is on (see `data.labels_for_loss`)."""
+    """Cross-entropy on logits; with label smoothing on one-hot labels (`make_dataset(..., one_hot=True)`)."""
     if config.label_smoothing:
         return keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing)
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from nfnet_keras import data as data_lib
-from nfnet_keras import distribution, rundir
+from nfnet_keras import distribution, fileio, rundir
 from nfnet_keras.callbacks import DivergenceMonitor, EpochTimer, FreezeAfterEpochs
 from nfnet_keras.config import PRECISIONS, RECIPES, SCHEDULES, STRATEGIES, TrainConfig  # noqa: F401  (re-exported)
 from nfnet_keras.inference import TTA_POLICY_VIEWS, TTA_POLICY_WEIGHTS, keras_predictor, with_tta
@@ -328,20 +328,47 @@ def train(config, run_dir, export_name=None, export_dir="saved_models", verbose=
 
 
 def _train_locked(config, run_dir, strategy, splits, fingerprint, export_name, export_dir, verbose):
+    """The job inside the locked run directory: build, train, test, save, export."""
     train_arr, val_arr, test_arr = splits
-    steps_per_epoch = math.ceil(len(train_arr[0]) / config.batch_size)
-    train_ds, val_ds = make_datasets(config, train_arr, val_arr)
+    model = _build_compiled(config, strategy, train_arr)
+    start = time.time()
+    result, signal_logger, session = _train(config, run_dir, model, train_arr, val_arr, verbose)
+    history = rundir.read_history(run_dir)
+    metrics = dict(config=config.to_dict(), data_fingerprint=fingerprint, history=history,
+                   epochs_completed=len(history.get("epoch", [])), seconds_per_epoch=result.seconds_per_epoch,
+                   wall_seconds_this_process=time.time() - start, signal_propagation=signal_logger.stats)
+    if result.diverged:
+        _report_divergence(config, run_dir, metrics, result.diverged_at)
+    metrics.update(_test(config, model, test_arr, session, metrics["epochs_completed"] - 1))
+    model_path = os.path.join(run_dir, "model.keras")
+    with fileio.atomic_path(model_path) as tmp:
+        model.save(tmp)
+    metrics.update(diverged=False, model_path=model_path)
+    if export_name:
+        metrics["export_path"] = _export(model, metrics, run_dir, model_path, export_name, export_dir)
+    rundir.write_metrics(run_dir, metrics)
+    return metrics
+
+
+def _build_compiled(config, strategy, train_images_labels):
+    """The run's model, compiled, its data-dependent layers adapted to the training images."""
+    train_images = train_images_labels[0]
     with strategy.scope():
         model = build_for(config)
-        compile_model(model, config, steps_per_epoch)
-    adapted = adapt_to(model, train_arr[0])  # a resumed run then restores the same values
+        compile_model(model, config, math.ceil(len(train_images) / config.batch_size))
+    adapted = adapt_to(model, train_images)  # a resumed run then restores the same values
     if adapted:
-        print(f"Adapted {', '.join(adapted)} to {min(len(train_arr[0]), ADAPT_IMAGES)} training images.")
+        print(f"Adapted {', '.join(adapted)} to {min(len(train_images), ADAPT_IMAGES)} training images.")
+    return model
 
-    log_dir = os.path.join(run_dir, "logs")
+
+def _train(config, run_dir, model, train_arr, val_arr, verbose):
+    """Trains with checkpoints (at epoch ends, every `--checkpoint-every` steps and on SIGTERM/Ctrl-C), the
+    history CSV and TensorBoard; returns `(FitResult, the signal logger, the HParams session folder)`."""
+    train_ds, val_ds = make_datasets(config, train_arr, val_arr)
     stop = StopSignals()
     checkpoint = StepCheckpoint(os.path.join(run_dir, "checkpoints"), every_steps=config.checkpoint_every, stop=stop)
-    session = session_dir(log_dir)  # the HParams session; train/, validation/ and test/ below it
+    session = session_dir(os.path.join(run_dir, "logs"))  # the HParams session; train/, validation/, test/ below
     signal_logger = SignalPropagationLogger(session, data_lib.preprocess(val_arr[0][:64]))
     callbacks = [
         checkpoint,
@@ -351,7 +378,6 @@ def _train_locked(config, run_dir, strategy, splits, fingerprint, export_name, e
     ]
     if checkpoint.latest_epoch() == 0:
         log_hparams(session, config)
-    start = time.time()
     try:
         with stop:  # SIGTERM / Ctrl-C: a checkpoint at the next step's end, then Preempted
             result = fit_model(model, config, train_ds, val_ds, callbacks=callbacks, verbose=verbose)
@@ -361,21 +387,27 @@ def _train_locked(config, run_dir, strategy, splits, fingerprint, export_name, e
         raise TrainingInterrupted(e.completed, config.epochs, e.step, e.steps, e.signum) from None
     except KeyboardInterrupt:  # a second Ctrl-C
         completed, step = checkpoint.newest()
-        raise TrainingInterrupted(completed, config.epochs, step, steps_per_epoch) from None
-    history = rundir.read_history(run_dir)
-    metrics = dict(config=config.to_dict(), data_fingerprint=fingerprint, history=history,
-                   epochs_completed=len(history.get("epoch", [])), seconds_per_epoch=result.seconds_per_epoch,
-                   wall_seconds_this_process=time.time() - start, signal_propagation=signal_logger.stats)
-    if result.diverged:
-        at = result.diverged_at
-        metrics.update(diverged=True, diverged_at=at, test_accuracy=None)
-        rundir.write_metrics(run_dir, metrics)
-        raise TrainingDiverged(
-            f"Training diverged: the loss became NaN/inf at epoch {at['epoch']}, step {at['step']} "
-            f"(lr {config.lr}). Try a lower --lr (e.g. {config.lr / 10:g}) or adaptive gradient clipping "
-            "(--agc 0.01)."
-        )
+        raise TrainingInterrupted(completed, config.epochs, step, math.ceil(len(train_arr[0]) / config.batch_size)
+                                  ) from None
+    return result, signal_logger, session
 
+
+def _report_divergence(config, run_dir, metrics, at):
+    """Records the divergence in `metrics.json` and raises `TrainingDiverged` with what to try."""
+    metrics.update(diverged=True, diverged_at=at, test_accuracy=None)
+    rundir.write_metrics(run_dir, metrics)
+    raise TrainingDiverged(
+        f"Training diverged: the loss became NaN/inf at epoch {at['epoch']}, step {at['step']} "
+        f"(lr {config.lr}). Try a lower --lr (e.g. {config.lr / 10:g}) or adaptive gradient clipping "
+        "(--agc 0.01)."
+    )
+
+
+def _test(config, model, test_arr, session, step):
+    """The final evaluation on the test images (`--test-limit`): plain, flip and the `--tta` policy.
+
+    Returns the metrics it adds to `metrics.json`.
+    """
     limit = config.evaluation_test_limit()
     if limit is not None:
         test_arr = (test_arr[0][:limit], test_arr[1][:limit])
@@ -383,7 +415,7 @@ def _train_locked(config, run_dir, strategy, splits, fingerprint, export_name, e
     print(f"Evaluating on {len(test_arr[0])} test images ({', '.join(views)}) ...", flush=True)
     test_ds = data_lib.make_dataset(*test_arr, 256, one_hot=bool(config.label_smoothing))
     test_loss, test_accuracy = model.evaluate(test_ds, verbose=0)
-    log_test_metrics(session, metrics["epochs_completed"] - 1, test_loss, test_accuracy)
+    log_test_metrics(session, step, test_loss, test_accuracy)
     print(f"Test accuracy: {test_accuracy:.4f} (loss {test_loss:.4f}) on {len(test_arr[0])} images.")
     predict = keras_predictor(model)
     test_accuracy_flip_tta = _accuracy(with_tta(predict, "flip"), test_arr)
@@ -394,29 +426,25 @@ def _train_locked(config, run_dir, strategy, splits, fingerprint, export_name, e
         views = TTA_POLICY_VIEWS[config.tta]
         print(f"Test accuracy with {config.tta} test-time augmentation ({len(views)} views: {', '.join(views)}): "
               f"{tta[config.tta]:.4f}.")
-    model_path = os.path.join(run_dir, "model.keras")
-    from nfnet_keras import fileio
+    return dict(test_accuracy=float(test_accuracy), test_loss=float(test_loss),
+                test_accuracy_flip_tta=test_accuracy_flip_tta, tta=config.tta,
+                tta_views=list(TTA_POLICY_VIEWS[config.tta]),
+                tta_weights=[weight for _, weight in TTA_POLICY_WEIGHTS[config.tta]],
+                test_accuracy_tta=tta[config.tta], test_images=len(test_arr[0]))
 
-    with fileio.atomic_path(model_path) as tmp:
-        model.save(tmp)
-    metrics.update(diverged=False, test_accuracy=float(test_accuracy), test_loss=float(test_loss),
-                   test_accuracy_flip_tta=test_accuracy_flip_tta, tta=config.tta,
-                   tta_views=list(TTA_POLICY_VIEWS[config.tta]),
-                   tta_weights=[weight for _, weight in TTA_POLICY_WEIGHTS[config.tta]],
-                   test_accuracy_tta=tta[config.tta], test_images=len(test_arr[0]),
-                   model_path=model_path)
-    if export_name:
-        from nfnet_keras.export import export_saved_model
 
-        try:
-            metrics["export_path"] = export_saved_model(model, export_name, base_dir=export_dir)
-        except Exception as e:  # training is done: keep its results, then report the export's failure
-            metrics["export_error"] = str(e)
-            rundir.write_metrics(run_dir, metrics)
-            raise ExportFailed(
-                f"Training finished ({os.path.join(run_dir, rundir.METRICS_FILE)}, {model_path}) but the export "
-                f"failed: {e} Export again with: {export_command(model_path, export_name, export_dir)}"
-            ) from e
-        print(f"Exported SavedModel to {metrics['export_path']}")
-    rundir.write_metrics(run_dir, metrics)
-    return metrics
+def _export(model, metrics, run_dir, model_path, export_name, export_dir):
+    """Exports the trained model for TF Serving; on failure records it and raises `ExportFailed`."""
+    from nfnet_keras.export import export_saved_model
+
+    try:
+        path = export_saved_model(model, export_name, base_dir=export_dir)
+    except Exception as e:  # training is done: keep its results, then report the export's failure
+        metrics["export_error"] = str(e)
+        rundir.write_metrics(run_dir, metrics)
+        raise ExportFailed(
+            f"Training finished ({os.path.join(run_dir, rundir.METRICS_FILE)}, {model_path}) but the export "
+            f"failed: {e} Export again with: {export_command(model_path, export_name, export_dir)}"
+        ) from e
+    print(f"Exported SavedModel to {path}")
+    return path
