@@ -408,6 +408,42 @@ def _check_policy(augment):
     return augment
 
 
+def _per_image_draws(policy, seed, epoch, count, pad, mirrored_first):
+    """An epoch's augmentation draws of each image (by image index), stateless in `(seed, epoch)`."""
+
+    def uniform(salt, shape=(), **kwargs):
+        return tf.random.stateless_uniform([count, *shape], seed=_epoch_key(seed, salt, epoch), **kwargs)
+
+    draws = {}
+    if pad:
+        draws["shift"] = uniform(_SHIFT_SALT, (2,), minval=-pad, maxval=pad + 1, dtype=tf.int32)
+    if policy == "translate_altflip":
+        draws["mirror"] = tf.not_equal(mirrored_first, tf.equal(epoch % 2, 1))
+    elif policy in ("translate_flip", "standard"):
+        draws["mirror"] = uniform(_MIRROR_SALT) < 0.5
+    elif policy == "noise_rotate_flip":
+        # Branch per image: [0, 0.4) untouched, [0.4, 0.6) noise, [0.6, 0.8) rotation, [0.8, 1) mirror.
+        draws["branch"] = tf.searchsorted(tf.constant([0.4, 0.6, 0.8]), uniform(_CHOICE_SALT), side="right")
+        draws["degrees"] = uniform(_ANGLE_SALT, minval=-_MAX_DEGREES, maxval=_MAX_DEGREES)
+    return draws
+
+
+def _augment_batch(batch, draws, pad, fill, seed, epoch, step):
+    """A preprocessed batch augmented by its images' draws (`_per_image_draws`); pixel noise keyed on the step."""
+    if "shift" in draws:
+        batch = translate_batch(batch, draws["shift"], pad, fill)
+    if "mirror" in draws:
+        batch = tf.where(draws["mirror"][:, None, None, None], tf.reverse(batch, axis=[2]), batch)
+    if "branch" in draws:
+        branch = draws["branch"][:, None, None, None]
+        noise_key = tf.random.experimental.stateless_fold_in(_epoch_key(seed, _NOISE_SALT, epoch), step)
+        noise = tf.random.stateless_normal(tf.shape(batch), seed=noise_key, stddev=_NOISE_STDDEV)
+        out = tf.where(branch == 1, batch + noise, batch)
+        out = tf.where(branch == 2, rotate_batch(batch, draws["degrees"]), out)
+        batch = tf.where(branch == 3, tf.reverse(batch, axis=[2]), out)
+    return batch
+
+
 def make_epoch_dataset(x, y, batch_size, epochs, augment="translate_altflip", seed=0, start_epoch=None,
                        start_step=0, one_hot=False, num_classes=NUM_CLASSES):
     """The training pipeline as a function of (seed, epoch, step): resumable at any step.
@@ -463,25 +499,6 @@ def make_epoch_dataset(x, y, batch_size, epochs, augment="translate_altflip", se
     mirrored_first = tf.constant(first_epoch_mirrored(seed, count))
     pad, fill = _SHIFT_POLICIES.get(policy, (0, None))
 
-    def uniform(salt, epoch, shape=(), **kwargs):
-        return tf.random.stateless_uniform([count, *shape], seed=_epoch_key(seed, salt, epoch), **kwargs)
-
-    def per_image(epoch):
-        """The epoch's draws of each image (by image index)."""
-        draws = {}
-        if pad:
-            draws["shift"] = uniform(_SHIFT_SALT, epoch, (2,), minval=-pad, maxval=pad + 1, dtype=tf.int32)
-        if policy == "translate_altflip":
-            draws["mirror"] = tf.not_equal(mirrored_first, tf.equal(epoch % 2, 1))
-        elif policy in ("translate_flip", "standard"):
-            draws["mirror"] = uniform(_MIRROR_SALT, epoch) < 0.5
-        elif policy == "noise_rotate_flip":
-            # Branch per image: [0, 0.4) untouched, [0.4, 0.6) noise, [0.6, 0.8) rotation, [0.8, 1) mirror.
-            draws["branch"] = tf.searchsorted(tf.constant([0.4, 0.6, 0.8]), uniform(_CHOICE_SALT, epoch),
-                                              side="right")
-            draws["degrees"] = uniform(_ANGLE_SALT, epoch, minval=-_MAX_DEGREES, maxval=_MAX_DEGREES)
-        return draws
-
     def skipped(epoch):
         if feed is None:
             return tf.where(tf.equal(epoch, start_epoch), tf.constant(start_step, tf.int64), 0)
@@ -489,23 +506,13 @@ def make_epoch_dataset(x, y, batch_size, epochs, augment="translate_altflip", se
 
     def epoch_batches(epoch):
         order = tf.argsort(tf.random.stateless_uniform([count], seed=_epoch_key(seed, _ORDER_SALT, epoch)))
-        draws = {name: tf.gather(values, order) for name, values in per_image(epoch).items()}
+        draws = _per_image_draws(policy, seed, epoch, count, pad, mirrored_first)
+        draws = {name: tf.gather(values, order) for name, values in draws.items()}
         ds = tf.data.Dataset.from_tensor_slices((order, draws)).batch(batch_size).enumerate()
         return ds.skip(skipped(epoch)).map(lambda step, batch: (epoch, step, *batch))
 
     def transform(epoch, step, index, draws):
-        batch = preprocess(tf.gather(images, index))
-        if "shift" in draws:
-            batch = translate_batch(batch, draws["shift"], pad, fill)
-        if "mirror" in draws:
-            batch = tf.where(draws["mirror"][:, None, None, None], tf.reverse(batch, axis=[2]), batch)
-        if "branch" in draws:
-            branch = draws["branch"][:, None, None, None]
-            noise_key = tf.random.experimental.stateless_fold_in(_epoch_key(seed, _NOISE_SALT, epoch), step)
-            noise = tf.random.stateless_normal(tf.shape(batch), seed=noise_key, stddev=_NOISE_STDDEV)
-            out = tf.where(branch == 1, batch + noise, batch)
-            out = tf.where(branch == 2, rotate_batch(batch, draws["degrees"]), out)
-            batch = tf.where(branch == 3, tf.reverse(batch, axis=[2]), out)
+        batch = _augment_batch(preprocess(tf.gather(images, index)), draws, pad, fill, seed, epoch, step)
         batch_labels = tf.gather(labels, index)
         if one_hot:
             batch_labels = tf.one_hot(batch_labels, num_classes)
