@@ -82,7 +82,7 @@ def main(argv=None):
                 row.update({"baseline s": before["median_s"], "baseline imports TF": before["imports_tensorflow"],
                             "speed-up": round(before["median_s"] / now["median_s"], 1)})
             rows.append(row)
-    print(common.format_table(rows, list(rows[0])))
+    print(common.format_table(rows, [(key, key) for key in rows[0]]))
     payload = dict(benchmark="startup", repeats=args.repeats, checkout=ROOT, baseline=checkouts[1:] or None,
                    machine=common.machine_info(), results=results, rows=rows)
     print("wrote", common.write_json("startup", payload, out_dir=args.out_dir))
