@@ -288,3 +288,22 @@ def test_pipeline_smoke_on_cifar_batches(tmp_path):
     assert fed["pipeline_cores_needed"] == pytest.approx(needed, rel=0.01, abs=1e-4)
     assert fed["target_met"] == (fed["ratio"]["median"] >= saved["target"]["pipeline_over_memory"])
     assert saved["target_met"] == fed["target_met"]
+
+
+def test_speed_ablation_rows_and_summary(tmp_path):
+    from benchmarks import speed_ablation
+
+    flags = speed_ablation.row_flags()
+    assert flags["a0_recipe"] == [] and flags["b4_renorm"][:2] == ["--augment", "translate_altflip"]
+    assert "--conv-init" not in flags["b3_lookahead"]  # dirac lost, so the rows after it leave it out
+    run = tmp_path / "ab_a1_altflip"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps(dict(
+        test_accuracy=0.8757, test_accuracy_flip_tta=0.8815, test_accuracy_tta=0.8831,
+        history=dict(val_accuracy=[0.67, 0.8]), seconds_per_epoch=[100.0, 110.5])))
+    (tmp_path / "ab_a1_altflip.eval_weighted.txt").write_text("test accuracy: 0.8823 (8823/10000, ...)\n")
+    args = speed_ablation.argparse.Namespace(runs_dir=str(tmp_path), epochs=5, seed=0, extra=[])
+    (row,) = speed_ablation.summarize(args, {"a1_altflip": flags["a1_altflip"], "a2_dirac": flags["a2_dirac"]})
+    assert (row["row"], row["test_accuracy_6view_tta"], row["test_accuracy_weighted_tta"]) == ("a1_altflip", 0.8831,
+                                                                                               0.8823)
+    assert row["seconds"] == 210.5 and row["command"].endswith("--no-export --augment translate_altflip")
