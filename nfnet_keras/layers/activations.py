@@ -14,6 +14,9 @@ from keras import ops
 GAMMAS = {
     "relu": 1.7139588594436646,
     "gelu": 1.7015043497085571,
+    # The exact (erf) GELU, as PyTorch's and timm's NFNets run it; timm scales it
+    # by the tanh GELU's published constant, kept here so that its ports match.
+    "gelu_exact": 1.7015043497085571,
     "silu": 1.7881293296813965,
     "elu": 1.2716004848480225,
     "selu": 1.0008515119552612,
@@ -42,10 +45,11 @@ def _glu(x):
 
 # Every activation in `GAMMAS`, written with `keras.ops` so that it runs on
 # every backend. Parameters match the ones the published gammas were measured
-# with: leaky_relu slope 0.01, elu/celu alpha 1, tanh-approximated GELU.
+# with: leaky_relu slope 0.01, elu/celu alpha 1, tanh-approximated GELU ("gelu"; "gelu_exact" is the erf form).
 ACTIVATIONS = {
     "relu": ops.relu,
     "gelu": lambda x: ops.gelu(x, approximate=True),
+    "gelu_exact": lambda x: ops.gelu(x, approximate=False),
     "silu": ops.silu,
     "swish": ops.silu,
     "elu": lambda x: ops.elu(x, alpha=1.0),
