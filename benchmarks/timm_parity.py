@@ -139,8 +139,8 @@ def main(argv=None):
                        not_measured=[v for v in RESOLUTIONS if v not in rows])
         common.write_json(NAME, payload, args.out_dir)  # after each variant: a long run keeps what it measured
     columns = [("variant", "variant"), ("parameters", "parameters"), ("train_resolution", "train res"),
-               ("train_max_abs_diff", "max |diff| (train)"), ("test_resolution", "test res"),
-               ("test_max_abs_diff", "max |diff| (test)"), ("convert_seconds", "convert (s)")]
+               ("train_max_abs_diff", "max abs diff (train)"), ("test_resolution", "test res"),
+               ("test_max_abs_diff", "max abs diff (test)"), ("convert_seconds", "convert (s)")]
     print(common.format_table(payload["results"], columns))
     print(f"Wrote {path}")
     return 0

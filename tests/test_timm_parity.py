@@ -131,6 +131,7 @@ BACKEND_SCRIPT = r"""
 import json, sys
 import numpy as np
 import keras
+import nfnet_keras.models.registry  # registers the package's layers for loading
 model = keras.saving.load_model(sys.argv[1])
 x = np.random.default_rng(0).standard_normal((2, 64, 64, 3)).astype("float32")
 print(json.dumps(dict(backend=keras.backend.backend(),
