@@ -6,6 +6,9 @@ saved (`torch.save`), converted by `nfnet_keras.models.nf_resnet.convert` to a
 `.keras` file (timed), loaded with `build_model(variant, weights=...)`, and both
 networks' float32 logits are compared on the same random images at the
 variant's train and test resolutions (Brock et al. 2021, 2102.06171, Table 3).
+For scale, each row also gives how far timm's own float32 logits are from the
+same timm model run in float64: float32 rounding, which grows with depth on
+these random networks (F2 and up pass 1e-4).
 
     PYTHONPATH=$PWD python -m benchmarks.timm_parity --variants nfnet_f0,nfnet_f1
 
@@ -15,6 +18,7 @@ one at a time).
 """
 
 import argparse
+import copy
 import gc
 import os
 import sys
@@ -59,11 +63,12 @@ def perturbed_timm_model(variant, seed=0, num_classes=1000):
 
 
 def timm_logits(model, images):
-    """timm's logits for NHWC float32 `images` (timm takes NCHW)."""
+    """timm's logits for NHWC float32 `images` (timm takes NCHW), in the model's dtype."""
     import torch
 
+    dtype = next(model.parameters()).dtype
     with torch.no_grad():
-        return model(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))).numpy()
+        return model(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(dtype)).numpy()
 
 
 def keras_logits(model, images):
@@ -97,14 +102,17 @@ def measure(variant, batch, log):
         gc.collect()
         model = build_model(variant, num_classes=1000, input_shape=(None, None, 3), weights=out)
     row = dict(variant=variant, parameters=params, convert_seconds=round(seconds, 1), batch=batch)
+    reference64 = copy.deepcopy(reference).double()
     for label, size in zip(("train", "test"), RESOLUTIONS[variant]):
         log(f"{variant}: logits at {size}x{size} ...")
         images = random_images(size, batch)
-        ref = timm_logits(reference, images)
+        ref, ref64, ours = timm_logits(reference, images), timm_logits(reference64, images), keras_logits(model, images)
         row[f"{label}_resolution"] = size
-        row[f"{label}_max_abs_diff"] = float(np.abs(keras_logits(model, images) - ref).max())
+        row[f"{label}_max_abs_diff"] = float(np.abs(ours - ref).max())
+        row[f"{label}_keras_vs_timm_float64"] = float(np.abs(ours - ref64).max())
+        row[f"{label}_timm_float32_vs_float64"] = float(np.abs(ref - ref64).max())
         row[f"{label}_max_abs_logit"] = float(np.abs(ref).max())
-    del model, reference
+    del model, reference, reference64
     gc.collect()
     return row
 
@@ -138,9 +146,10 @@ def main(argv=None):
                        machine=common.machine_info(), results=[rows[v] for v in RESOLUTIONS if v in rows],
                        not_measured=[v for v in RESOLUTIONS if v not in rows])
         common.write_json(NAME, payload, args.out_dir)  # after each variant: a long run keeps what it measured
-    columns = [("variant", "variant"), ("parameters", "parameters"), ("train_resolution", "train res"),
-               ("train_max_abs_diff", "max abs diff (train)"), ("test_resolution", "test res"),
-               ("test_max_abs_diff", "max abs diff (test)"), ("convert_seconds", "convert (s)")]
+    columns = [("variant", "variant"), ("train_resolution", "train res"),
+               ("train_max_abs_diff", "keras vs timm"), ("train_timm_float32_vs_float64", "timm fp32 vs fp64"),
+               ("test_resolution", "test res"), ("test_max_abs_diff", "keras vs timm"),
+               ("test_timm_float32_vs_float64", "timm fp32 vs fp64"), ("convert_seconds", "convert (s)")]
     print(common.format_table(payload["results"], columns))
     print(f"Wrote {path}")
     return 0
