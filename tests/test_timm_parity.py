@@ -291,3 +291,12 @@ def test_se_activation_is_checked_and_defaults_to_the_block_activation():
     assert (f0.activation, f0.se_activation) == ("gelu_exact", "relu")
     model = build_model("tiny_grouped")
     assert model.get_layer("stage1_block1").se.activation == "gelu"
+
+
+def test_safetensors_file_without_the_package_says_what_to_install(tmp_path, monkeypatch):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"\0" * 16)
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # import safetensors -> ImportError
+    monkeypatch.setitem(sys.modules, "safetensors.numpy", None)
+    assert_refused(tmp_path, str(path), "nfnet_f0",
+                   f"Reading checkpoint {str(path)!r} needs safetensors: pip install safetensors.")

@@ -82,6 +82,9 @@ def load_state_dict(source):
                 items = loaded.items()
         except ValueError:
             raise
+        except ImportError as e:
+            package = "safetensors" if path.suffix == ".safetensors" else "torch"
+            raise ValueError(f"Reading checkpoint {str(path)!r} needs {package}: pip install {package}.") from e
         except Exception as e:  # torch's and safetensors' own errors, made one line
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(f"Cannot read checkpoint {str(path)!r}: {first}") from e
