@@ -27,6 +27,7 @@ SELU_SCALE = 1.0507009873554805
 NUMPY_ACTIVATIONS = {
     "relu": lambda z: np.maximum(z, 0.0),
     "gelu": lambda z: 0.5 * z * (1 + np.tanh(math.sqrt(2 / math.pi) * (z + 0.044715 * z**3))),
+    "gelu_exact": lambda z: 0.5 * z * (1 + special.erf(z / math.sqrt(2))),
     "silu": lambda z: z * special.expit(z),
     "elu": lambda z: np.where(z > 0, z, np.expm1(np.minimum(z, 0))),
     "selu": lambda z: SELU_SCALE * np.where(z > 0, z, SELU_ALPHA * np.expm1(np.minimum(z, 0))),

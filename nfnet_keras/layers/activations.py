@@ -19,10 +19,11 @@ def _glu(x):
 
 # Every activation in `GAMMAS`, written with `keras.ops` so that it runs on
 # every backend. Parameters match the ones the published gammas were measured
-# with: leaky_relu slope 0.01, elu/celu alpha 1, tanh-approximated GELU.
+# with: leaky_relu slope 0.01, elu/celu alpha 1, tanh-approximated GELU ("gelu"; "gelu_exact" is the erf form).
 ACTIVATIONS = {
     "relu": ops.relu,
     "gelu": lambda x: ops.gelu(x, approximate=True),
+    "gelu_exact": lambda x: ops.gelu(x, approximate=False),
     "silu": ops.silu,
     "swish": ops.silu,
     "elu": lambda x: ops.elu(x, alpha=1.0),

@@ -10,6 +10,9 @@ and Appendix D). `nfnet_keras.layers.activations` applies them.
 GAMMAS = {
     "relu": 1.7139588594436646,
     "gelu": 1.7015043497085571,
+    # The exact (erf) GELU, as PyTorch's and timm's NFNets run it; timm scales it
+    # by the tanh GELU's published constant, kept here so that its ports match.
+    "gelu_exact": 1.7015043497085571,
     "silu": 1.7881293296813965,
     "elu": 1.2716004848480225,
     "selu": 1.0008515119552612,

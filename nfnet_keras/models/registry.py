@@ -7,6 +7,7 @@ tables) and one `BUILDERS` entry.
 """
 
 import numbers
+import os
 
 import keras
 
@@ -23,8 +24,31 @@ BUILDERS = {NFResNetConfig: nf_resnet_backbone.build, ConvGroupsConfig: conv_gro
 BATCHNORM_TWIN = dict(conv_layer=keras.layers.Conv2D, norm_layer=keras.layers.BatchNormalization, conv_bias=False)
 
 
+def load_weights_into(model, path):
+    """Loads the weights of a `.keras` or `.weights.h5` file into `model` (the same network); returns `model`.
+
+    E.g. the file `nfnet-convert` writes from timm's NFNet-F weights, into
+    `build_model("nfnet_f0", num_classes=1000)`.
+
+    Raises:
+        ValueError: one line, if the file is missing, of another kind, or holds
+            the weights of another network (other layers or shapes).
+    """
+    path = os.fspath(path)
+    if not path.endswith((".keras", ".weights.h5")):
+        raise ValueError(f"Weights file {path!r} must be a .keras or .weights.h5 file.")
+    if not os.path.isfile(path):
+        raise ValueError(f"Weights file {path!r} does not exist.")
+    try:
+        model.load_weights(path)
+    except Exception as e:  # Keras' errors on another network, made one line
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"Weights file {path!r} does not fit model {model.name!r}: {reason}") from e
+    return model
+
+
 def build_model(preset="report_resnet", num_classes=10, input_shape=(32, 32, 3), *, conv_layer=WSConv2D,
-                norm_layer=None, name=None, **overrides):
+                norm_layer=None, name=None, weights=None, **overrides):
     """Builds a network from a preset: an NF-ResNet (NFNets included) or the CIFAR speed network.
 
     The model takes normalised float images (see `nfnet_keras.preprocess`) and
@@ -49,6 +73,9 @@ def build_model(preset="report_resnet", num_classes=10, input_shape=(32, 32, 3),
             a normalization layer class (or its registered name) for the
             normalized twin. Defaults to `None`.
         name: str or None. The model's name. Defaults to the preset name.
+        weights: str, path or None. A `.keras` or `.weights.h5` file of the same
+            network to load (see `load_weights_into`), e.g. one `nfnet-convert`
+            wrote from timm's NFNet-F weights. Defaults to `None` (initialised).
         **overrides: config fields to replace, e.g. `depths=(2, 2, 2)`.
 
     Returns:
@@ -70,5 +97,6 @@ def build_model(preset="report_resnet", num_classes=10, input_shape=(32, 32, 3),
     conv_layer = resolve_layer_class(conv_layer, keras.layers.Conv2D, "conv_layer")
     if norm_layer is not None:
         norm_layer = resolve_layer_class(norm_layer, keras.layers.Layer, "norm_layer")
-    return BUILDERS[type(config)](config, num_classes, input_shape, conv_layer=conv_layer, norm_layer=norm_layer,
-                                  name=preset if name is None else name)
+    model = BUILDERS[type(config)](config, num_classes, input_shape, conv_layer=conv_layer, norm_layer=norm_layer,
+                                   name=preset if name is None else name)
+    return model if weights is None else load_weights_into(model, weights)

@@ -70,7 +70,7 @@ def nf_resnet(config, num_classes, input_shape, *, make_conv, make_activation, m
         for j in range(depth):
             x = make_block(
                 width, strides=stride if j == 0 else 1, transition=j == 0, bottleneck_ratio=c.bottleneck_ratio,
-                group_width=c.group_width, activation=c.activation, se_ratio=c.se_ratio,
+                group_width=c.group_width, activation=c.activation, se_ratio=c.se_ratio, se_activation=c.se_activation,
                 stochastic_depth_rate=c.stochastic_depth_rate * index / total_blocks,
                 shortcut_pool=c.shortcut_pool, use_bias=c.conv_bias, name=f"stage{stage + 1}_block{j + 1}",
             )(x)

@@ -47,7 +47,7 @@ class Bottleneck(SignalBlock):
 
     def __init__(self, filters, strides=1, transition=False, bottleneck_ratio=0.25, group_width=None,
                  activation="relu", se_ratio=0.0, stochastic_depth_rate=0.0, shortcut_pool=True, use_bias=True,
-                 conv_layer=WSConv2D, **kwargs):
+                 conv_layer=WSConv2D, se_activation=None, **kwargs):
         super().__init__(**kwargs)
         if strides not in (1, 2):
             raise ValueError(f"strides must be 1 or 2, got {strides!r}.")
@@ -61,6 +61,7 @@ class Bottleneck(SignalBlock):
         self.bottleneck_ratio = float(bottleneck_ratio)
         self.group_width = None if group_width is None else int(group_width)
         self.activation = check_activation(activation)
+        self.se_activation = None if se_activation is None else check_activation(se_activation)
         self.se_ratio = float(se_ratio)
         self.stochastic_depth_rate = float(stochastic_depth_rate)
         self.shortcut_pool = bool(shortcut_pool)
@@ -103,7 +104,8 @@ class Bottleneck(SignalBlock):
         self.conv2.build(inner_shape)
         self.se = None
         if self.se_ratio > 0:
-            self.se = SqueezeExcite(self.se_ratio, self.activation, name="se", dtype=policy)
+            se_activation = self.activation if self.se_activation is None else self.se_activation
+            self.se = SqueezeExcite(self.se_ratio, se_activation, name="se", dtype=policy)
             self.se.build(inner_shape[:3] + (self.filters,))
         self.drop_path = StochasticDepth(self.stochastic_depth_rate, name="drop_path", dtype=policy)
         self.pool = None
@@ -173,6 +175,7 @@ class Bottleneck(SignalBlock):
             shortcut_pool=self.shortcut_pool,
             use_bias=self.use_bias,
             conv_layer=layer_class_name(self.conv_layer, "conv_layer"),
+            se_activation=self.se_activation,
         )
         return config
 
@@ -228,6 +231,9 @@ class NFBlock(Bottleneck):
             Defaults to `True`.
         conv_layer: class or str. A `keras.layers.Conv2D` subclass, or its
             registered name, for every conv of the block. Defaults to `WSConv2D`.
+        se_activation: str or None. The Squeeze-Excite's hidden activation (a
+            key of `GAMMAS`, scaled by its gamma); `None`: `activation`.
+            Defaults to `None`.
         beta: str. `"std"`: divide the input by its expected standard deviation
             (the papers); `"var"`: by its expected variance (the report's code,
             for reproducing it). Defaults to `"std"`.
@@ -243,11 +249,11 @@ class NFBlock(Bottleneck):
 
     def __init__(self, filters, expected_var=1.0, alpha=0.2, strides=1, transition=False, bottleneck_ratio=0.25,
                  group_width=None, activation="relu", se_ratio=0.0, stochastic_depth_rate=0.0, skip_gain_init=0.0,
-                 shortcut_pool=True, use_bias=True, conv_layer=WSConv2D, beta="std", **kwargs):
+                 shortcut_pool=True, use_bias=True, conv_layer=WSConv2D, beta="std", se_activation=None, **kwargs):
         super().__init__(filters, strides=strides, transition=transition, bottleneck_ratio=bottleneck_ratio,
                          group_width=group_width, activation=activation, se_ratio=se_ratio,
                          stochastic_depth_rate=stochastic_depth_rate, shortcut_pool=shortcut_pool,
-                         use_bias=use_bias, conv_layer=conv_layer, **kwargs)
+                         use_bias=use_bias, conv_layer=conv_layer, se_activation=se_activation, **kwargs)
         if not expected_var > 0:
             raise ValueError(f"expected_var must be > 0, got {expected_var!r}.")
         if not alpha > 0:
@@ -359,7 +365,7 @@ class PreActBottleneck(Bottleneck):
 
     Args:
         filters, strides, transition, bottleneck_ratio, group_width, activation,
-            se_ratio, stochastic_depth_rate, shortcut_pool, use_bias, conv_layer:
+            se_ratio, stochastic_depth_rate, shortcut_pool, use_bias, conv_layer, se_activation:
             as `NFBlock`'s. `conv_layer` defaults to a plain `keras.layers.Conv2D`.
         norm_layer: class or str. A normalization layer class (or its registered
             name) built with a `name` only. Defaults to `"BatchNormalization"`.

@@ -72,6 +72,10 @@ class NFResNetConfig:
         activation: a key of `nfnet_keras.GAMMAS`.
         alpha: the residual-branch scale.
         se_ratio: Squeeze-Excite hidden ratio (0: none).
+        se_activation: the Squeeze-Excite's hidden activation, a key of
+            `nfnet_keras.GAMMAS` (None: `activation`). NFNet-F: "relu", as
+            DeepMind's and timm's plain ReLU (its gamma is a reparametrization
+            the converter folds into the excite kernel).
         stochastic_depth_rate: drop rate of the last block; it grows linearly
             with the block index from 0.
         final_conv_multiplier: a 1x1 WS conv to `multiplier * widths[-1]` channels
@@ -98,6 +102,7 @@ class NFResNetConfig:
     activation: str = "relu"
     alpha: float = 0.2
     se_ratio: float = 0.0
+    se_activation: str | None = None
     stochastic_depth_rate: float = 0.0
     final_conv_multiplier: float = 0
     head_activation: bool = True
@@ -117,6 +122,8 @@ class NFResNetConfig:
         for key in ("head_activation", "shortcut_pool", "conv_bias"):
             checks.boolean(key, getattr(self, key))
         check_activation(self.activation)
+        if self.se_activation is not None:
+            check_activation(self.se_activation)
         checks.number("alpha", self.alpha, lambda v: v > 0, "> 0")
         checks.number("bottleneck_ratio", self.bottleneck_ratio, lambda v: 0 < v <= 1, "in (0, 1]")
         checks.number("se_ratio", self.se_ratio, lambda v: 0 <= v <= 1, "in [0, 1] (0: no Squeeze-Excite)")
@@ -178,11 +185,15 @@ PRESETS = {
 }
 
 # NFNet-F0 ... F6 (Brock et al. 2021, arXiv 2102.06171): depths (1, 2, 6, 3) x k, dropout 0.2 ... 0.5.
+# The function of timm's dm_nfnet_f0 ... f6 (DeepMind's weights): the exact (erf) GELU, a plain-ReLU
+# Squeeze-Excite; `nfnet_keras.models.nf_resnet.convert` maps their state dicts (docs/model.md,
+# "NFNet-F parity with DeepMind's models", lists every difference and how it is resolved).
 for _k, _dropout in enumerate((0.2, 0.3, 0.4, 0.4, 0.5, 0.5, 0.5)):
     PRESETS[f"nfnet_f{_k}"] = NFResNetConfig(
         stem_widths=(16, 32, 64, 128), stem_strides=(2, 1, 1, 2), widths=(256, 512, 1536, 1536),
         depths=tuple(d * (_k + 1) for d in (1, 2, 6, 3)), strides=(1, 2, 2, 2), bottleneck_ratio=0.5,
-        group_width=128, activation="gelu", alpha=0.2, se_ratio=0.5, stochastic_depth_rate=0.1,
+        group_width=128, activation="gelu_exact", alpha=0.2, se_ratio=0.5, se_activation="relu",
+        stochastic_depth_rate=0.1,
         final_conv_multiplier=2, head_activation=True, shortcut_pool=True, conv_bias=True, dropout=_dropout,
         skip_gain_init=0.0, beta="std",
     )
