@@ -32,6 +32,9 @@ def _parse_args(argv):
 def main(argv=None):
     """Runs the converter; returns 0, or 2 after a one-line error on stderr."""
     args = _parse_args(argv)
+    from nfnet_keras import load_framework  # the flags are parsed: now load the framework, quietly
+
+    load_framework()
     try:
         model = convert_timm_state_dict(args.checkpoint, args.variant, args.output)
     except (ValueError, OSError) as e:  # fileio's WriteError is an OSError

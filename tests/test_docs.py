@@ -20,7 +20,8 @@ DOCS = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "
 COMMANDS = {
     "nfnet-fit": "nfnet_keras.fit", "nfnet-evaluate": "nfnet_keras.evaluate", "nfnet-predict": "nfnet_keras.predict",
     "nfnet-export": "nfnet_keras.export", "nfnet-serve-client": "nfnet_keras.serving",
-    "nfnet-grid": "nfnet_keras.tuner.grid", "python -m tuner.grid": "nfnet_keras.tuner.grid",
+    "nfnet-grid": "nfnet_keras.tuner.grid", "nfnet-convert": "nfnet_keras.convert",
+    "python -m tuner.grid": "nfnet_keras.tuner.grid",
 }
 COMMANDS.update({f"python -m {module}": module for module in set(COMMANDS.values())})
 

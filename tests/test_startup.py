@@ -16,6 +16,7 @@ COMMANDS = {
     "nfnet_keras.fit": (["--lr", "-1"], "--lr must be a positive number"),
     "nfnet_keras.evaluate": (["--model", "m.keras", "--limit", "0"], "--limit must be >= 1"),
     "nfnet_keras.predict": (["--model", "m.keras", "--images", "x.npy", "--out", "p.txt"], "--out p.txt"),
+    "nfnet_keras.convert": (["x.pth"], "the following arguments are required: -o/--output"),
     "nfnet_keras.export": (["--model", "m.keras", "--name", "x"], "--model m.keras: no such file"),
     "nfnet_keras.serving": (["--model-name", "m", "--protocol", "ftp"], "invalid choice: 'ftp'"),
     "nfnet_keras.tuner.grid": (["--batch-sizes", "0"], "--batch-sizes"),

@@ -26,7 +26,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from nfnet_keras.fileio import atomic_path
-from nfnet_keras.layers.activations import GAMMAS
+from nfnet_keras.layers.gammas import GAMMAS
 from nfnet_keras.models.nf_resnet.presets import PRESETS
 
 # timm's ScaledStdConv2dSame eps (NfCfg.std_conv_eps), added to the variance.
