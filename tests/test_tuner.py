@@ -547,6 +547,34 @@ def test_cli_kill_and_resume_then_table_hparams_and_tensorboard(tmp_path, tiny_c
     assert "_hparams_/experiment" in _tensorboard_tags(str(logs))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_cli_grid_runs_under_another_backend(backend, tmp_path, tiny_cifar):
+    """A 2 x 1 grid under JAX / PyTorch: every trial once, the tables, one TensorBoard run per trial."""
+    args = [*TINY, "--batch-sizes", "32", "--lrs", "0.01,0.02", "--data-dir", tiny_cifar,
+            "--directory", str(tmp_path), "--project-name", "grid"]
+    process = _start(args, tmp_path / "grid.log", KERAS_BACKEND=backend)
+    try:
+        assert process.wait(timeout=TIMEOUT) == 0, _read(tmp_path / "grid.log")
+    finally:
+        _kill(process)
+    log = _read(tmp_path / "grid.log")
+    assert f"preset tiny, Keras backend {backend}; 0 finished, 2 to run." in log
+    trials = _trials(tmp_path / "grid")
+    assert sorted(t["hyperparameters"]["values"]["lr"] for t in trials.values()) == [0.01, 0.02]
+    assert all(t["status"] == "COMPLETED" for t in trials.values())
+    assert sorted(trial_id for _, trial_id in _started(log)) == sorted(trials)  # each trial ran once
+    assert "2 of 2 trials finished (0 diverged, 0 failed)." in log
+    assert _read(tmp_path / "grid_results.csv").splitlines()[0] == "batch_size,lr=0.01,lr=0.02"
+    assert json.loads(_read(tmp_path / "grid_best_hparams.json"))["preset"] == "tiny"
+    # KerasTuner moves TensorBoard into per-trial runs only under TensorFlow; NFNetGridSearch always does.
+    logs = tmp_path / "grid" / "logs"
+    assert sorted(os.listdir(logs)) == sorted(trials)
+    for trial_id in trials:
+        tags = _tensorboard_tags(str(logs / trial_id / "execution0"))
+        assert {"epoch_loss", "epoch_accuracy", "_hparams_/session_start_info"} <= tags
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
