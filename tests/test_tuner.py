@@ -498,11 +498,12 @@ def _tensorboard_tags(folder):
 
 
 @pytest.mark.slow
-def test_cli_kill_and_resume_then_table_hparams_and_tensorboard(tmp_path, tiny_cifar):
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_cli_kill_and_resume_then_table_hparams_and_tensorboard(backend, tmp_path, tiny_cifar):
     args = [*TINY, "--lrs", "0.01,1000", "--data-dir", tiny_cifar, "--directory", str(tmp_path),
             "--project-name", "grid"]
     project = tmp_path / "grid"
-    first = _start(args, tmp_path / "first.log", module="tuner.grid")  # the checkout's command
+    first = _start(args, tmp_path / "first.log", module="tuner.grid", KERAS_BACKEND=backend)  # the checkout's command
     try:
         deadline = time.time() + TIMEOUT
         while time.time() < deadline and first.poll() is None:
@@ -517,7 +518,7 @@ def test_cli_kill_and_resume_then_table_hparams_and_tensorboard(tmp_path, tiny_c
     done_before = _recorded_finished(project)
     assert 1 <= len(done_before) < 4
 
-    second = _start(args, tmp_path / "second.log")
+    second = _start(args, tmp_path / "second.log", KERAS_BACKEND=backend)
     try:
         assert second.wait(timeout=TIMEOUT) == 0, _read(tmp_path / "second.log")
     finally:
@@ -531,6 +532,7 @@ def test_cli_kill_and_resume_then_table_hparams_and_tensorboard(tmp_path, tiny_c
     rerun = {trial_id for _, trial_id in _started(log)}
     assert not rerun & done_before  # finished trials were not run again
     assert "Reloading Tuner" in log and "4 of 4 trials finished (2 diverged, 0 failed)." in log
+    assert f"Keras backend {backend}; {len(done_before)} finished, {4 - len(done_before)} to run." in log
 
     # The table, the CSV and best_hparams.json, beside the project folder.
     assert "| 32 | " in log and "diverged (epoch 1)" in log
