@@ -214,6 +214,26 @@ def test_resumable_oracle_finishes_the_grid_after_a_kill(tmp_path, no_gc):
     assert len(resumed.oracle.trials) == 12
 
 
+def test_kill_between_the_oracles_and_the_tuners_files_after_trial_1_still_resumes(tmp_path, no_gc):
+    """KerasTuner writes the tuner's file (which a rerun needs to reload) after the oracle's files at
+    the end of a trial: killed between them after trial 1, the rerun must not run trial 1 again."""
+    grid = dict(lrs=[0.01, 0.1], batch_sizes=[32])
+    first = NFNetGridSearch(FakeHyperModel(**grid), max_trials=2, directory=str(tmp_path), project_name="grid")
+
+    def killed_while_saving():
+        raise Killed()
+
+    first.save = killed_while_saving
+    with pytest.raises(Killed):
+        first.search(verbose=0)
+    assert len(_finished_values(first)) == 1
+    again = FakeHyperModel(**grid)
+    resumed = NFNetGridSearch(again, max_trials=2, directory=str(tmp_path), project_name="grid")
+    resumed.search(verbose=0)
+    assert again.fits == [(0.1, 32)]
+    assert sorted(_finished_values(resumed)) == [(0.01, 32), (0.1, 32)]
+
+
 def test_resumable_oracle_reconciles_a_kill_between_its_files(tmp_path, no_gc):
     """Killed after a trial.json was written but before oracle.json: that trial is rerun, not lost
     or duplicated; a trial.json that says finished is not rerun even if oracle.json lists it as running."""

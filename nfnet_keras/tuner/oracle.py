@@ -185,6 +185,11 @@ class NFNetGridSearch(keras_tuner.GridSearch):
         )
         # GridSearch.__init__ only makes a GridSearchOracle; skip to Tuner's.
         keras_tuner.Tuner.__init__(self, oracle, hypermodel, **kwargs)
+        # KerasTuner reloads a project only if the tuner's file exists, and writes that file first
+        # after the oracle's files at the end of trial 1: killed in between, a rerun would start
+        # afresh and run the finished trial again. Written now, a rerun always reloads.
+        if not self._is_worker() and not os.path.exists(self._get_tuner_fname()):
+            self.save()
 
     def save(self):
         # BaseTuner.save, with atomic writes.
