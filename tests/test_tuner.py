@@ -214,6 +214,26 @@ def test_resumable_oracle_finishes_the_grid_after_a_kill(tmp_path, no_gc):
     assert len(resumed.oracle.trials) == 12
 
 
+def test_kill_between_the_oracles_and_the_tuners_files_after_trial_1_still_resumes(tmp_path, no_gc):
+    """KerasTuner writes the tuner's file (which a rerun needs to reload) after the oracle's files at
+    the end of a trial: killed between them after trial 1, the rerun must not run trial 1 again."""
+    grid = dict(lrs=[0.01, 0.1], batch_sizes=[32])
+    first = NFNetGridSearch(FakeHyperModel(**grid), max_trials=2, directory=str(tmp_path), project_name="grid")
+
+    def killed_while_saving():
+        raise Killed()
+
+    first.save = killed_while_saving
+    with pytest.raises(Killed):
+        first.search(verbose=0)
+    assert len(_finished_values(first)) == 1
+    again = FakeHyperModel(**grid)
+    resumed = NFNetGridSearch(again, max_trials=2, directory=str(tmp_path), project_name="grid")
+    resumed.search(verbose=0)
+    assert again.fits == [(0.1, 32)]
+    assert sorted(_finished_values(resumed)) == [(0.01, 32), (0.1, 32)]
+
+
 def test_resumable_oracle_reconciles_a_kill_between_its_files(tmp_path, no_gc):
     """Killed after a trial.json was written but before oracle.json: that trial is rerun, not lost
     or duplicated; a trial.json that says finished is not rerun even if oracle.json lists it as running."""
@@ -498,11 +518,12 @@ def _tensorboard_tags(folder):
 
 
 @pytest.mark.slow
-def test_cli_kill_and_resume_then_table_hparams_and_tensorboard(tmp_path, tiny_cifar):
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_cli_kill_and_resume_then_table_hparams_and_tensorboard(backend, tmp_path, tiny_cifar):
     args = [*TINY, "--lrs", "0.01,1000", "--data-dir", tiny_cifar, "--directory", str(tmp_path),
             "--project-name", "grid"]
     project = tmp_path / "grid"
-    first = _start(args, tmp_path / "first.log", module="tuner.grid")  # the checkout's command
+    first = _start(args, tmp_path / "first.log", module="tuner.grid", KERAS_BACKEND=backend)  # the checkout's command
     try:
         deadline = time.time() + TIMEOUT
         while time.time() < deadline and first.poll() is None:
@@ -517,7 +538,7 @@ def test_cli_kill_and_resume_then_table_hparams_and_tensorboard(tmp_path, tiny_c
     done_before = _recorded_finished(project)
     assert 1 <= len(done_before) < 4
 
-    second = _start(args, tmp_path / "second.log")
+    second = _start(args, tmp_path / "second.log", KERAS_BACKEND=backend)
     try:
         assert second.wait(timeout=TIMEOUT) == 0, _read(tmp_path / "second.log")
     finally:
@@ -531,6 +552,7 @@ def test_cli_kill_and_resume_then_table_hparams_and_tensorboard(tmp_path, tiny_c
     rerun = {trial_id for _, trial_id in _started(log)}
     assert not rerun & done_before  # finished trials were not run again
     assert "Reloading Tuner" in log and "4 of 4 trials finished (2 diverged, 0 failed)." in log
+    assert f"Keras backend {backend}; {len(done_before)} finished, {4 - len(done_before)} to run." in log
 
     # The table, the CSV and best_hparams.json, beside the project folder.
     assert "| 32 | " in log and "diverged (epoch 1)" in log
@@ -545,6 +567,34 @@ def test_cli_kill_and_resume_then_table_hparams_and_tensorboard(tmp_path, tiny_c
     tags = _tensorboard_tags(str(logs / finished / "execution0"))
     assert {"epoch_loss", "epoch_accuracy", "_hparams_/session_start_info"} <= tags
     assert "_hparams_/experiment" in _tensorboard_tags(str(logs))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_cli_grid_runs_under_another_backend(backend, tmp_path, tiny_cifar):
+    """A 2 x 1 grid under JAX / PyTorch: every trial once, the tables, one TensorBoard run per trial."""
+    args = [*TINY, "--batch-sizes", "32", "--lrs", "0.01,0.02", "--data-dir", tiny_cifar,
+            "--directory", str(tmp_path), "--project-name", "grid"]
+    process = _start(args, tmp_path / "grid.log", KERAS_BACKEND=backend)
+    try:
+        assert process.wait(timeout=TIMEOUT) == 0, _read(tmp_path / "grid.log")
+    finally:
+        _kill(process)
+    log = _read(tmp_path / "grid.log")
+    assert f"preset tiny, Keras backend {backend}; 0 finished, 2 to run." in log
+    trials = _trials(tmp_path / "grid")
+    assert sorted(t["hyperparameters"]["values"]["lr"] for t in trials.values()) == [0.01, 0.02]
+    assert all(t["status"] == "COMPLETED" for t in trials.values())
+    assert sorted(trial_id for _, trial_id in _started(log)) == sorted(trials)  # each trial ran once
+    assert "2 of 2 trials finished (0 diverged, 0 failed)." in log
+    assert _read(tmp_path / "grid_results.csv").splitlines()[0] == "batch_size,lr=0.01,lr=0.02"
+    assert json.loads(_read(tmp_path / "grid_best_hparams.json"))["preset"] == "tiny"
+    # KerasTuner moves TensorBoard into per-trial runs only under TensorFlow; NFNetGridSearch always does.
+    logs = tmp_path / "grid" / "logs"
+    assert sorted(os.listdir(logs)) == sorted(trials)
+    for trial_id in trials:
+        tags = _tensorboard_tags(str(logs / trial_id / "execution0"))
+        assert {"epoch_loss", "epoch_accuracy", "_hparams_/session_start_info"} <= tags
 
 
 def _free_port():

@@ -215,6 +215,8 @@ def main(argv=None):
 
 
 def _search(config, args, who, overwrite, project_dir, log_dir, study, grid_size, train, val):
+    import keras
+
     from nfnet_keras.tuner.hypermodel import OBJECTIVE, NFNetHyperModel, hparams_experiment, tensorboard_callback
     from nfnet_keras.tuner.oracle import NFNetGridSearch
 
@@ -239,8 +241,8 @@ def _search(config, args, who, overwrite, project_dir, log_dir, study, grid_size
         left = tuner.oracle.unfinished_values()
         agc_axis = f" x {len(args.agcs)} AGC factors" if args.agcs is not None else ""
         print(f"Grid: {len(args.lrs)} lrs x {len(args.batch_sizes)} batch sizes{agc_axis} = {grid_size} trials of "
-              f"{config.epochs} epoch(s), preset {config.preset}; {grid_size - len(left)} finished, "
-              f"{len(left)} to run. Project: {project_dir}")
+              f"{config.epochs} epoch(s), preset {config.preset}, Keras backend {keras.backend.backend()}; "
+              f"{grid_size - len(left)} finished, {len(left)} to run. Project: {project_dir}")
     if who != "chief":
         experiment = hparams_experiment(args.lrs, args.batch_sizes, args.agcs)
         print(f"TensorBoard: tensorboard --logdir {log_dir}")

@@ -185,6 +185,11 @@ class NFNetGridSearch(keras_tuner.GridSearch):
         )
         # GridSearch.__init__ only makes a GridSearchOracle; skip to Tuner's.
         keras_tuner.Tuner.__init__(self, oracle, hypermodel, **kwargs)
+        # KerasTuner reloads a project only if the tuner's file exists, and writes that file first
+        # after the oracle's files at the end of trial 1: killed in between, a rerun would start
+        # afresh and run the finished trial again. Written now, a rerun always reloads.
+        if not self._is_worker() and not os.path.exists(self._get_tuner_fname()):
+            self.save()
 
     def save(self):
         # BaseTuner.save, with atomic writes.
@@ -199,3 +204,21 @@ class NFNetGridSearch(keras_tuner.GridSearch):
         begin = getattr(self.hypermodel, "begin_trial", None)
         if begin is not None:
             begin(trial.trial_id)
+
+    def _configure_tensorboard_dir(self, callbacks, trial, execution=0):
+        """Each trial's TensorBoard run in `<log_dir>/<trial_id>/execution<i>`, with its HParams session.
+
+        KerasTuner 1.4.8 does this only under the TensorFlow backend; under JAX
+        and PyTorch every trial would write into the same `train/` and
+        `validation/` runs with no HParams. TensorBoard's writers need
+        TensorFlow, which the grid's data pipeline loads under every backend.
+        """
+        from keras_tuner.src.engine import tuner_utils
+        from tensorboard.plugins.hparams import api as hparams_api
+
+        for callback in list(callbacks):
+            if callback.__class__.__name__ == "TensorBoard":
+                callback.log_dir = self._get_tensorboard_dir(callback.log_dir, trial.trial_id, execution)
+                hparams = tuner_utils.convert_hyperparams_to_hparams(trial.hyperparameters, hparams_api)
+                callbacks.append(hparams_api.KerasCallback(writer=callback.log_dir, hparams=hparams,
+                                                           trial_id=trial.trial_id))
