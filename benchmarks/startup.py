@@ -4,9 +4,8 @@ Each command runs as `python -m <module>` in a fresh process from the root of
 a checkout (its own `nfnet_keras` first on the path), `--repeats` times, the
 checkouts interleaved so that both see the same load; the median wall time is
 reported. Give `--baseline PATH` (another checkout, e.g. a `git worktree` of an
-older commit) to measure both in one run and print the ratio. One more run of
-each, under `python -X importtime`, records whether the command imported
-TensorFlow.
+older commit) to measure both in one run and print the ratio. Which packages a
+command imports is pinned by `tests/test_startup.py`, not measured here.
 
 Usage:
     python -m benchmarks.startup [--baseline ../old-checkout] [--repeats 5]
@@ -34,14 +33,6 @@ def run_once(checkout, module, flags):
     return time.perf_counter() - start, done.returncode
 
 
-def imports_tensorflow(checkout, module, flags):
-    """Whether `python -m module flags` imports TensorFlow (read from `python -X importtime`, run apart)."""
-    env = {**os.environ, "PYTHONPATH": checkout}
-    done = subprocess.run([sys.executable, "-X", "importtime", "-m", module, *flags], cwd=checkout, env=env,
-                          capture_output=True, text=True, timeout=300)
-    return any(line.rstrip().endswith("| tensorflow") for line in done.stderr.splitlines())
-
-
 def measure(checkouts, repeats):
     """{checkout: {module: {case: {...}}}}, the checkouts and commands interleaved in every round."""
     samples = {c: {m: {case: [] for case in CASES} for m in COMMANDS} for c in checkouts}
@@ -53,13 +44,8 @@ def measure(checkouts, repeats):
                     seconds, code = run_once(checkout, module, flags)
                     samples[checkout][module][case].append(seconds)
                     seen[(checkout, module, case)] = code
-    for checkout in checkouts:
-        for module in COMMANDS:
-            for case, flags in CASES.items():
-                seen[(checkout, module, case)] = (seen[(checkout, module, case)],
-                                                  imports_tensorflow(checkout, module, flags))
     return {c: {m: {case: dict(median_s=round(statistics.median(v), 3), min_s=round(min(v), 3),
-                               exit_status=seen[(c, m, case)][0], imports_tensorflow=seen[(c, m, case)][1])
+                               exit_status=seen[(c, m, case)])
                     for case, v in cases.items()} for m, cases in mods.items()} for c, mods in samples.items()}
 
 
@@ -75,12 +61,11 @@ def main(argv=None):
     for module in COMMANDS:
         for case in CASES:
             now = results[ROOT][module][case]
-            row = {"command": f"python -m {module}", "case": case, "seconds": now["median_s"],
-                   "imports TF": now["imports_tensorflow"]}
+            row = {"command": f"python -m {module}", "case": case, "seconds": now["median_s"]}
             if args.baseline:
                 before = results[checkouts[1]][module][case]
-                row.update({"baseline s": before["median_s"], "baseline imports TF": before["imports_tensorflow"],
-                            "speed-up": round(before["median_s"] / now["median_s"], 1)})
+                speed_up = round(before["median_s"] / now["median_s"], 1)
+                row.update({"baseline s": before["median_s"], "speed-up": speed_up})
             rows.append(row)
     print(common.format_table(rows, [(key, key) for key in rows[0]]))
     payload = dict(benchmark="startup", repeats=args.repeats, checkout=ROOT, baseline=checkouts[1:] or None,
