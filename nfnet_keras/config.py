@@ -23,8 +23,24 @@ NORMS = ("none", "batch")
 # How the conv kernels start: He normal, or with their first C_in filters the identity (airbench94's
 # Dirac init, `nfnet_keras.layers.initializers.PartialDirac`; not the stem).
 CONV_INITS = ("he_normal", "dirac")
-# Test-time augmentation of fit's final report and `evaluate --tta` (views in nfnet_keras.inference).
-TTA_POLICIES = ("none", "flip", "flip_translate", "flip_translate_weighted")
+# Test-time augmentation of fit's final report and `evaluate --tta`: each policy's views and their weights
+# (summing to 1), declared once; `nfnet_keras.inference` implements the views (`TTA_VIEWS`) and `with_tta`.
+TTA_VIEW_NAMES = ("identity", "mirror", "translate(-1,-1)", "translate(+1,+1)", "mirror+translate(-1,-1)",
+                  "mirror+translate(+1,+1)")
+TTA_POLICY_WEIGHTS = {
+    "none": (("identity", 1.0),),
+    "flip": (("identity", 0.5), ("mirror", 0.5)),
+    "flip_translate": tuple((view, 1 / 6) for view in TTA_VIEW_NAMES),
+    # airbench94's weighting: 0.5 for the (image, mirror) pair, 0.25 for each pair moved by one pixel.
+    "flip_translate_weighted": (
+        ("identity", 0.25), ("mirror", 0.25),
+        ("translate(-1,-1)", 0.125), ("translate(+1,+1)", 0.125),
+        ("mirror+translate(-1,-1)", 0.125), ("mirror+translate(+1,+1)", 0.125),
+    ),
+}
+# The policies that average log-probabilities (logit-equivalent) instead of probabilities.
+TTA_LOG_AVERAGED = frozenset({"flip_translate_weighted"})
+TTA_POLICIES = tuple(TTA_POLICY_WEIGHTS)
 # How weight decay acts (nfnet_keras.optimizers.groups): decoupled (Keras) or coupled (L2 in the gradient).
 WEIGHT_DECAY_MODES = ("decoupled", "coupled")
 # How Lookahead's slow weights step (nfnet_keras.optimizers.lookahead): a constant alpha, or airbench94's schedule.

@@ -11,6 +11,7 @@ docs/model.md, "NFNet-F parity with DeepMind's models".
 import argparse
 import sys
 
+from nfnet_keras import exits
 from nfnet_keras.models.nf_resnet.convert import VARIANTS, convert_timm_state_dict
 
 PROG = "nfnet-convert"
@@ -39,10 +40,10 @@ def main(argv=None):
         model = convert_timm_state_dict(args.checkpoint, args.variant, args.output)
     except (ValueError, OSError) as e:  # fileio's WriteError is an OSError
         print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
+        return exits.BAD_INPUT
     print(f"Wrote {args.output} ({model.name}, {model.output_shape[-1]} classes, "
           f"{model.count_params():,} parameters)")
-    return 0
+    return exits.OK
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from nfnet_keras import fileio
+from nfnet_keras import exits, fileio
 from nfnet_keras.config import TTA_POLICIES
 from nfnet_keras.console import prog
 from nfnet_keras.contract import CLASS_NAMES, NUM_CLASSES
@@ -65,7 +65,7 @@ def main(argv=None):
         _, (x, y) = data_lib.load_cifar10(args.data_dir, args.tfds_dir, test_only=True)
     except (InputError, data_lib.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return exits.BAD_INPUT
     if args.limit:
         x, y = x[: args.limit], y[: args.limit]
     predict = with_tta(predict, args.tta)
@@ -80,7 +80,7 @@ def main(argv=None):
             test_accuracy=accuracy, tta=args.tta, tta_views=list(TTA_POLICY_VIEWS[args.tta]),
             images=int(matrix.sum()), confusion_matrix=matrix.tolist(),
             per_class_accuracy=(np.diag(matrix) / np.maximum(matrix.sum(1), 1)).tolist()))
-    return 0
+    return exits.OK
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from nfnet_keras import lazy
+from nfnet_keras import exits, lazy
 from nfnet_keras.console import prog
 from nfnet_keras.contract import check_model_name
 
@@ -81,7 +81,7 @@ def main(argv=None):
     except (ValueError, FileExistsError, ExportError, OSError) as e:
         parser.error(str(e))
     print(f"Exported {args.model} to {path}")
-    return 0
+    return exits.OK
 
 
 if __name__ == "__main__":

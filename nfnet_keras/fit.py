@@ -23,17 +23,10 @@ import os
 import signal
 import sys
 
-from nfnet_keras import cli, rundir
+from nfnet_keras import cli, exits, rundir
 from nfnet_keras.config import CONFIG_FIELDS, RECIPES, TrainConfig, field_type_problem
 from nfnet_keras.console import prog
 from nfnet_keras.contract import check_model_name
-
-EXIT_BAD_INPUT = 2
-EXIT_DIVERGED = 3
-EXIT_EXPORT_FAILED = 4
-EXIT_ENVIRONMENT = 5
-EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
-EXIT_TERMINATED = 143  # SIGTERM (128 + 15), as a shell reports a process the signal ended
 
 # Keys of a --hparams JSON file (e.g. the tuner's best_hparams.json) -> flags.
 HPARAM_KEYS = CONFIG_FIELDS - {"recipe"}
@@ -134,7 +127,7 @@ def main(argv=None):
     problem = output_problem(run_dir, args)
     if problem:  # before hours of training, and before anything is written
         print(f"error: {problem}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return exits.BAD_INPUT
     # The flags are checked: now load the framework.
     from nfnet_keras import fileio, load_framework
 
@@ -152,22 +145,22 @@ def main(argv=None):
         )
     except KeyboardInterrupt:  # before the first epoch started
         print("\nInterrupted before the first epoch; rerun the same command to start again.", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return exits.INTERRUPTED
     except training.TrainingInterrupted as e:
         print(f"\n{e}", file=sys.stderr)
-        return EXIT_TERMINATED if e.signum == signal.SIGTERM else EXIT_INTERRUPTED
+        return exits.TERMINATED if e.signum == signal.SIGTERM else exits.INTERRUPTED
     except training.TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_DIVERGED
+        return exits.DIVERGED
     except training.ExportFailed as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_EXPORT_FAILED
+        return exits.EXPORT_FAILED
     except (rundir.RunBusy, fileio.WriteError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_ENVIRONMENT
+        return exits.ENVIRONMENT
     except (ValueError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return exits.BAD_INPUT
     except Exception as e:  # raised inside the tf.data pipeline, wrapped in TensorFlow's error
         from nfnet_keras.distribution import UNEVEN_BATCH
 
@@ -176,7 +169,7 @@ def main(argv=None):
             raise
         reason = message[message.index(UNEVEN_BATCH):].split("]")[0]
         print(f"error: {reason}. Complete epochs are checkpointed in {run_dir}.", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return exits.BAD_INPUT
     print(f"Wrote {os.path.join(run_dir, rundir.METRICS_FILE)} (test_accuracy {metrics['test_accuracy']:.4f}).")
     return 0
 

@@ -9,6 +9,7 @@ import zipfile
 import numpy as np
 import tensorflow as tf
 
+from nfnet_keras.config import TTA_LOG_AVERAGED, TTA_POLICY_WEIGHTS
 from nfnet_keras.contract import IMAGE_SHAPE, INPUT, NUM_CLASSES, PROBABILITIES, SIGNATURE, InputError, check_images
 from nfnet_keras.data import preprocess
 
@@ -36,7 +37,7 @@ def _mirror(images):
     return images[:, :, ::-1]
 
 
-# Each view: a name and a function of a uint8 batch (N, H, W, C).
+# Each view of `config.TTA_VIEW_NAMES`: a function of a uint8 batch (N, H, W, C).
 TTA_VIEWS = {
     "identity": lambda x: x,
     "mirror": _mirror,
@@ -45,22 +46,6 @@ TTA_VIEWS = {
     "mirror+translate(-1,-1)": lambda x: _translate(_mirror(x), -1, -1),
     "mirror+translate(+1,+1)": lambda x: _translate(_mirror(x), 1, 1),
 }
-# Each policy of `config.TTA_POLICIES`: its views and their weights (summing to 1). Declared
-# here once; `TTA_POLICY_VIEWS` and `with_tta` read it.
-TTA_POLICY_WEIGHTS = {
-    "none": (("identity", 1.0),),
-    "flip": (("identity", 0.5), ("mirror", 0.5)),
-    "flip_translate": tuple((view, 1 / 6) for view in TTA_VIEWS),
-    # airbench94's weighting: 0.5 for the (image, mirror) pair, 0.25 for each pair moved by one pixel.
-    "flip_translate_weighted": (
-        ("identity", 0.25), ("mirror", 0.25),
-        ("translate(-1,-1)", 0.125), ("translate(+1,+1)", 0.125),
-        ("mirror+translate(-1,-1)", 0.125), ("mirror+translate(+1,+1)", 0.125),
-    ),
-}
-# The policies that average log-probabilities (logit-equivalent) instead of probabilities.
-TTA_LOG_AVERAGED = frozenset({"flip_translate_weighted"})
-# The views of each policy, in order.
 TTA_POLICY_VIEWS = {policy: tuple(view for view, _ in pairs) for policy, pairs in TTA_POLICY_WEIGHTS.items()}
 
 

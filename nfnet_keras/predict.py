@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 
-from nfnet_keras import fileio
+from nfnet_keras import exits, fileio
 from nfnet_keras.console import prog
 from nfnet_keras.contract import CLASS_NAMES, InputError
 
@@ -54,15 +54,15 @@ def main(argv=None):
         predict = load_predictor(args.model)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return exits.BAD_INPUT
     probabilities = predict(images)
     try:
         write_predictions(args.out, names, probabilities)
     except fileio.WriteError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 5
+        return exits.ENVIRONMENT
     print(f"Wrote {len(names)} predictions to {args.out}.")
-    return 0
+    return exits.OK
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import urllib.request
 import grpc
 import numpy as np
 
+from nfnet_keras import exits
 from nfnet_keras.console import prog
 from nfnet_keras.contract import (
     CLASS_ID,
@@ -55,10 +56,6 @@ class ServerUnreachable(ServingError):
     """No answer came: nothing listens at the address, or the server did not answer in time."""
 
 
-# Exit statuses of the command line.
-EXIT_SERVER_ERROR = 1
-EXIT_BAD_INPUT = 2
-EXIT_NO_ANSWER = 3
 # gRPC statuses that mean no server answered (the client could not connect, or gave up waiting).
 _NO_ANSWER_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
@@ -347,10 +344,10 @@ def main(argv=None):
             predictions = predict_grpc(target, images, args.model_name, version=args.version)
     except ServerUnreachable as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_NO_ANSWER
+        return exits.NO_ANSWER
     except ServingError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_SERVER_ERROR
+        return exits.SERVER_ERROR
     for label, p in zip(labels, predictions, strict=True):
         print(f"{label}: {p.class_name} (p={p.probability:.3f})")
     return 0

@@ -57,14 +57,6 @@ def test_squeeze_excite_layer_harness(tmp_path):
     assert se.squeeze.units == 2 and se.excite.units == 8
 
 
-def test_norm_activation_layer_harness(tmp_path):
-    from nfnet_keras.layers import NormActivation
-
-    layer = run_layer_test(NormActivation, dict(norm_layer="BatchNormalization", activation="gelu"),
-                           (2, 3, 3, 6), tmp_path, expected_output_shape=(2, 3, 3, 6))
-    assert isinstance(layer.norm, keras.layers.BatchNormalization)
-
-
 def test_stochastic_depth_layer_harness(tmp_path):
     run_layer_test(StochasticDepth, dict(rate=0.2, seed=3), (2, 3, 3, 2), tmp_path,
                    expected_output_shape=(2, 3, 3, 2))

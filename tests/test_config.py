@@ -71,3 +71,14 @@ def test_removed_aliases_and_ignored_flags_are_refused(argv, message, capsys):
         fit.parse_config(argv + ["--no-export"])
     assert exc.value.code == 2
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_tta_policies_are_declared_once_and_every_view_is_implemented():
+    from nfnet_keras.config import TTA_POLICIES, TTA_POLICY_WEIGHTS, TTA_VIEW_NAMES
+    from nfnet_keras.inference import TTA_POLICY_VIEWS, TTA_VIEWS
+
+    assert tuple(TTA_VIEWS) == TTA_VIEW_NAMES
+    assert TTA_POLICIES == tuple(TTA_POLICY_WEIGHTS) == tuple(TTA_POLICY_VIEWS)
+    for policy, pairs in TTA_POLICY_WEIGHTS.items():
+        assert sum(weight for _, weight in pairs) == pytest.approx(1.0), policy
+        assert {view for view, _ in pairs} <= set(TTA_VIEWS), policy

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from nfnet_keras import distribution, fit
+from nfnet_keras import distribution, exits, fit
 
 from conftest import interrupt_after_first_epoch, run_fit_under
 
@@ -134,7 +134,7 @@ def test_data_parallel_under_tensorflow_exits_2_before_writing(tmp_path, capsys)
     run_dir = tmp_path / "run"
     status = fit.main(["--preset", "tiny", "--epochs", "1", "--strategy", "data_parallel", "--run-dir",
                        str(run_dir), "--no-export"])
-    assert status == fit.EXIT_BAD_INPUT
+    assert status == exits.BAD_INPUT
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --strategy data_parallel runs on the JAX backend (keras.distribution), not on "
                    "tensorflow: run with KERAS_BACKEND=jax (pip install -e '.[jax]')."]

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 
-from nfnet_keras import evaluate, fit, predict
+from nfnet_keras import evaluate, exits, fit, predict
 from nfnet_keras.config import TrainConfig
 from nfnet_keras.contract import CLASS_NAMES
 from nfnet_keras.data import load_cifar10
@@ -109,7 +109,7 @@ def test_divergence_stops_records_and_exits_nonzero(tmp_path, synthetic_cifar_di
     run_dir = tmp_path / "run"
     result = run_fit([*TINY, "--epochs", "3", "--lr", "1e6", "--train-limit", "512", "--run-dir", str(run_dir),
                       "--data-dir", synthetic_cifar_dir])
-    assert result.returncode == fit.EXIT_DIVERGED
+    assert result.returncode == exits.DIVERGED
     assert "diverged" in result.stderr and "--agc" in result.stderr and "lower --lr" in result.stderr
     metrics = read_json(run_dir / "metrics.json")
     assert metrics["diverged"] is True and metrics["test_accuracy"] is None

@@ -18,7 +18,7 @@ import keras
 import numpy as np
 import pytest
 
-from nfnet_keras import data, fit
+from nfnet_keras import data, exits
 from nfnet_keras.preemption import Preempted, StepCheckpoint, StopSignals
 
 from conftest import ctrl_c_enabled
@@ -79,7 +79,7 @@ def test_sigterm_and_ctrl_c_mid_epoch_then_reruns_end_with_the_uninterrupted_wei
 
     # SIGTERM in epoch 1: a checkpoint at the next step's end, exit 143, one line saying how to resume.
     status, last = _stop_when(args, checkpoints / "step-0000-000004", signal.SIGTERM)
-    assert status == fit.EXIT_TERMINATED == 143
+    assert status == exits.TERMINATED == 143
     hint = HINT.fullmatch(last)
     assert hint and hint.group(1) == " by SIGTERM" and hint.group(2) == "0", last
     step = int(hint.group(3))
@@ -93,7 +93,7 @@ def test_sigterm_and_ctrl_c_mid_epoch_then_reruns_end_with_the_uninterrupted_wei
 
     # Ctrl-C in epoch 2 of the rerun: exit 130, the same kind of line.
     status, last = _stop_when(args, checkpoints / "step-0001-000003", signal.SIGINT)
-    assert status == fit.EXIT_INTERRUPTED == 130
+    assert status == exits.INTERRUPTED == 130
     hint = HINT.fullmatch(last)
     assert hint and hint.group(1) is None and hint.group(2) == "1" and hint.group(4) == "2", last
     step = int(hint.group(3))

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from keras_tuner.src.engine import trial as trial_module
 
+from nfnet_keras import exits
 from nfnet_keras import fit as fit_cli
 from nfnet_keras.config import TrainConfig
 from nfnet_keras.tuner import results as results_lib
@@ -643,7 +644,7 @@ def test_cli_refuses_a_directory_that_is_a_file_in_one_line(where, tmp_path, cap
     blocker = tmp_path / "taken"
     blocker.write_text("a file")
     directory = blocker if where == "file" else blocker / "tuner"
-    assert grid.main(["--directory", str(directory), "--epochs", "1"]) == grid.EXIT_BAD_INPUT == 2
+    assert grid.main(["--directory", str(directory), "--epochs", "1"]) == exits.BAD_INPUT == 2
     assert capsys.readouterr().err == (
         f"error: --directory {directory}: {blocker} is a file, not a folder; give a folder to write the search in.\n")
     assert sorted(os.listdir(tmp_path)) == ["taken"]

@@ -26,14 +26,9 @@ import json
 import os
 import sys
 
-from nfnet_keras import cli, fileio, rundir
+from nfnet_keras import cli, exits, fileio, rundir
 from nfnet_keras.config import LOCATION_FIELDS, TrainConfig, with_defaults
 from nfnet_keras.console import prog
-
-EXIT_FAILED_TRIALS = 1
-EXIT_BAD_INPUT = 2
-EXIT_ENVIRONMENT = 5
-EXIT_INTERRUPTED = 130
 
 DEFAULT_LRS = (0.001, 0.01, 0.1)
 DEFAULT_BATCH_SIZES = (32, 64, 128, 256)
@@ -172,7 +167,7 @@ def main(argv=None):
         who = role()
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return exits.BAD_INPUT
     overwrite = args.overwrite
     if who == "worker" and overwrite:
         print("note: --overwrite is ignored by a worker (only the chief may clear the shared project).")
@@ -186,7 +181,7 @@ def main(argv=None):
         if problem:  # before anything is written
             print(f"error: {flag} {getattr(args, flag[2:].replace('-', '_'))}: {problem}; give a folder to write "
                   "the search in.", file=sys.stderr)
-            return EXIT_BAD_INPUT
+            return exits.BAD_INPUT
     # The flags are checked: now load the framework.
     from nfnet_keras import load_framework
 
@@ -203,7 +198,7 @@ def main(argv=None):
             training.check_batch_size(max(args.batch_sizes), len(train[0]), flag="--batch-sizes")
     except (ValueError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return exits.BAD_INPUT
     # One chief (or single search) per project folder; workers share it with their chief.
     lock = contextlib.nullcontext() if who == "worker" else rundir.locked(project_dir, what="--project-name")
     try:
@@ -211,7 +206,7 @@ def main(argv=None):
             return _search(config, args, who, overwrite, project_dir, log_dir, study, grid_size, train, val)
     except (rundir.RunBusy, fileio.WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_ENVIRONMENT
+        return exits.ENVIRONMENT
 
 
 def _search(config, args, who, overwrite, project_dir, log_dir, study, grid_size, train, val):
@@ -256,7 +251,7 @@ def _search(config, args, who, overwrite, project_dir, log_dir, study, grid_size
             tuner.search(train=train, val=val, callbacks=[tensorboard_callback(log_dir, experiment)], verbose=verbose)
     except KeyboardInterrupt:
         print("\nInterrupted. Rerun the same command to resume.", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return exits.INTERRUPTED
     if who == "worker":
         print(f"[{tuner.tuner_id}] no trials left; done.")
         return 0
@@ -299,7 +294,7 @@ def report(tuner, config, args):
     if counts.get("failed"):
         print(f"error: {counts['failed']} trial(s) crashed; see trial.json under {tuner.project_dir}.",
               file=sys.stderr)
-        return EXIT_FAILED_TRIALS
+        return exits.FAILED_TRIALS
     return 0
 
 
