@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 
-from nfnet_keras import evaluate, fileio, fit, predict, rundir
+from nfnet_keras import evaluate, exits, fileio, fit, predict, rundir
 from nfnet_keras.callbacks import CheckpointError, EpochCheckpoint
 from nfnet_keras.config import TrainConfig
 from nfnet_keras.export import stale_exports
@@ -303,7 +303,7 @@ def test_ctrl_c_exits_130_saying_how_to_resume_then_resumes(tmp_path, synthetic_
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == fit.EXIT_INTERRUPTED
+    assert proc.returncode == exits.INTERRUPTED
     # Checkpointed at the step where it stopped: in epoch 2 (or at an epoch's end, after validation).
     done, step = StepCheckpoint(str(run_dir / "checkpoints")).newest()
     steps = -(-(1000 - 64) // 16)  # the synthetic training images, less the validation ones, in batches of 16
@@ -328,7 +328,7 @@ def test_a_second_process_on_the_same_run_exits_5_naming_the_first(tmp_path, syn
             assert first.poll() is None and time.time() < deadline
             time.sleep(0.05)
         second = run_fit(args)
-        assert second.returncode == fit.EXIT_ENVIRONMENT
+        assert second.returncode == exits.ENVIRONMENT
         assert _last_line(second.stderr) == (f"error: {run_dir} is in use by process {first.pid}; wait for it to "
                                              "finish (or stop it), or use another --run-dir.")
     finally:
@@ -469,7 +469,7 @@ def test_a_second_grid_search_on_the_same_project_exits_5(tmp_path, synthetic_ci
     finally:
         holder.kill()
         holder.wait()
-    assert code == grid.EXIT_ENVIRONMENT
+    assert code == exits.ENVIRONMENT == 5
     assert _last_line(capsys.readouterr().err) == (f"error: {project} is in use by process {holder.pid}; wait for "
                                                    "it to finish (or stop it), or use another --project-name.")
     assert sorted(os.listdir(project)) == [".lock"]  # no study, no trials
