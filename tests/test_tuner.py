@@ -125,6 +125,16 @@ def _recorded_finished(project_dir):
     return {k for k, t in _trials(project_dir).items() if t["status"] in ("COMPLETED", "FAILED") and k in ended}
 
 
+def _run_to_the_end(args, log_path, **env):
+    """Runs the grid command to its end (exit status 0 asserted, the process killed on failure); returns its log."""
+    process = _start(args, log_path, **env)
+    try:
+        assert process.wait(timeout=TIMEOUT) == 0, _read(log_path)
+    finally:
+        _kill(process)
+    return _read(log_path)
+
+
 def _started(log_text):
     """The (tuner_id, trial_id) pairs a log says were started ("[tuner0] trial 4 starts: ..." is trial_id "3")."""
     pairs = []
@@ -539,12 +549,7 @@ def test_cli_kill_and_resume_then_table_hparams_and_tensorboard(backend, tmp_pat
     done_before = _recorded_finished(project)
     assert 1 <= len(done_before) < 4
 
-    second = _start(args, tmp_path / "second.log", KERAS_BACKEND=backend)
-    try:
-        assert second.wait(timeout=TIMEOUT) == 0, _read(tmp_path / "second.log")
-    finally:
-        _kill(second)
-    log = _read(tmp_path / "second.log")
+    log = _run_to_the_end(args, tmp_path / "second.log", KERAS_BACKEND=backend)
     trials = _trials(project)
     values = [(t["hyperparameters"]["values"]["lr"], t["hyperparameters"]["values"]["batch_size"])
               for t in trials.values()]
@@ -576,12 +581,7 @@ def test_cli_grid_runs_under_another_backend(backend, tmp_path, tiny_cifar):
     """A 2 x 1 grid under JAX / PyTorch: every trial once, the tables, one TensorBoard run per trial."""
     args = [*TINY, "--batch-sizes", "32", "--lrs", "0.01,0.02", "--data-dir", tiny_cifar,
             "--directory", str(tmp_path), "--project-name", "grid"]
-    process = _start(args, tmp_path / "grid.log", KERAS_BACKEND=backend)
-    try:
-        assert process.wait(timeout=TIMEOUT) == 0, _read(tmp_path / "grid.log")
-    finally:
-        _kill(process)
-    log = _read(tmp_path / "grid.log")
+    log = _run_to_the_end(args, tmp_path / "grid.log", KERAS_BACKEND=backend)
     assert f"preset tiny, Keras backend {backend}; 0 finished, 2 to run." in log
     trials = _trials(tmp_path / "grid")
     assert sorted(t["hyperparameters"]["values"]["lr"] for t in trials.values()) == [0.01, 0.02]
