@@ -794,7 +794,10 @@ V0_1 = os.path.join(os.path.dirname(__file__), "data", "v0_1")
 def test_normalizer_free_models_saved_by_0_1_load_with_the_same_logits(name):
     model = keras.saving.load_model(os.path.join(V0_1, f"{name}.keras"))
     x = np.random.default_rng(0).standard_normal((4, 32, 32, 3)).astype("float32")
-    np.testing.assert_array_equal(to_np(model(x, training=False)), np.load(os.path.join(V0_1, f"{name}.npy")))
+    # The stored logits come from another CPU, whose kernels round float32 differently (~1e-6); a weight
+    # loaded into the wrong place moves them by ~1e-1.
+    np.testing.assert_allclose(to_np(model(x, training=False)), np.load(os.path.join(V0_1, f"{name}.npy")),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_a_batchnorm_twin_saved_by_0_1_names_the_version():
