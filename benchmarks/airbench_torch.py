@@ -187,8 +187,8 @@ def main(argv=None):
         sides = {"keras": KerasFit(args.preset, x, y), "torch": TorchStepper(x, y, args.widths)}
         common.log(args, f"{args.repeats} interleaved rounds of {args.steps} steps, batch {args.batch_size} ...")
         samples = common.interleave({k: (lambda s=s: s.measure(args.steps)) for k, s in sides.items()}, args.repeats)
-        results = {side: dict(images_per_s=common.summarize(common.rates(samples[side]), 2),
-                              images_per_cpu_s=common.summarize(common.rates(samples[side], "cpu_rate"), 2),
+        results = {side: dict(images_per_s=common.summarize(common.rates(samples[side])),
+                              images_per_cpu_s=common.summarize(common.rates(samples[side], "cpu_rate")),
                               cores_used=common.summarize(common.rates(samples[side], "cores"), 2),
                               last_loss=float(sides[side].last_loss)) for side in sides}
         ratio = common.paired_ratios(common.rates(samples["keras"]), common.rates(samples["torch"]))
