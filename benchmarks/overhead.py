@@ -18,12 +18,13 @@ pixels and labels: the speed of a step does not depend on them):
              plain SGD (momentum 0.9), sparse cross-entropy, no callbacks, no
              validation, no metrics.
 
-A window is one epoch of `--steps` batches; the two sides alternate (trainer,
-bare, bare, trainer, ...) `--repeats` times after an untimed round. Reported:
-seconds per window, the per-round trainer / bare ratio (target: overhead <=
-15%), and the same projected to a full epoch of the recipe (96 steps: the
-per-step time of the trainer's training phase times 96 plus its per-epoch
-costs, against 96 bare steps).
+A window is a one-epoch run of `--steps` batches; the two sides alternate
+(trainer, bare, bare, trainer, ...) `--repeats` times after an untimed round.
+Reported: seconds per window and per epoch (first step to the epoch's end), the
+per-round trainer / bare ratio of the epochs (target: overhead <= 15%), and the
+ratio projected to an epoch of the 10-epoch recipe (`project_recipe_epoch`:
+96 steps at each side's step time, the trainer's per-epoch costs, a tenth of
+each side's per-run set-up).
 
 Then where the overhead goes:
     phases     the trainer's window split into set-up (before `fit` and
