@@ -7,6 +7,7 @@ time; each `target_met` agrees with its figure and target; the printed table
 shows the JSON's numbers.
 """
 
+import argparse
 import importlib.util
 import json
 import os
@@ -307,3 +308,129 @@ def test_speed_ablation_rows_and_summary(tmp_path):
     assert (row["row"], row["test_accuracy_6view_tta"], row["test_accuracy_weighted_tta"]) == ("a1_altflip", 0.8831,
                                                                                                0.8823)
     assert row["seconds"] == 210.5 and row["command"].endswith("--no-export --augment translate_altflip")
+
+
+# === The trainer's overhead and the PyTorch airbench94 comparison ===
+
+
+def _window(first_step, validation, epoch_end, fit_end, seconds, callbacks=None, with_validation=True):
+    """A window of `benchmarks.overhead` as its clocks record it, with fit starting at t=10."""
+    marks = dict(fit_start=10.0, first_step=first_step, epoch_end=epoch_end, fit_end=fit_end)
+    if with_validation:
+        marks.update(validation_start=validation[0], validation_end=validation[1])
+    return dict(marks=marks, seconds=seconds, callbacks=callbacks or {})
+
+
+def test_overhead_phases_and_recipe_epoch_projection():
+    from benchmarks import overhead
+
+    trainer = _window(11.0, (31.0, 32.0), 35.0, 35.5, 27.0, {
+        "SignalPropagationLogger.on_epoch_begin": 0.6, "SignalPropagationLogger.on_epoch_end": 1.4})
+    assert overhead.phase_seconds(trainer) == pytest.approx(dict(
+        before_fit=1.5, fit_until_first_step=1.0, training_steps=20.0, validation=1.0, epoch_end=3.0,
+        after_epoch=0.5))
+    bare = _window(10.5, None, 26.5, 26.6, 16.7, with_validation=False)
+    assert overhead.phase_seconds(bare) == pytest.approx(dict(
+        before_fit=0.1, fit_until_first_step=0.5, training_steps=16.0, validation=0.0, epoch_end=0.0,
+        after_epoch=0.1))
+    assert overhead.epoch_seconds(trainer) == 24.0 and overhead.epoch_seconds(bare) == 16.0
+    args = argparse.Namespace(steps=20)
+    p = overhead.project_recipe_epoch(args, [trainer], [bare])
+    # 20 s / 20 steps; per epoch: validation 1 + epoch end 3 - the plot 1.4 + 0.5 plots an epoch x 1 s a plot
+    # (5 plots in 10 epochs); per run: 1.5 + 1 + 0.5 - the plot before the first epoch (0.6).
+    assert (p["trainer_seconds_per_step"], p["trainer_seconds_per_epoch_end"], p["trainer_seconds_per_run"]) == (
+        1.0, 3.1, 2.4)
+    assert p["trainer_seconds_per_epoch"] == pytest.approx(96 * 1.0 + 3.1 + 0.24)
+    assert (p["bare_seconds_per_step"], p["bare_seconds_per_run"]) == (0.8, 0.7)
+    assert p["ratio"] == pytest.approx((96 + 3.1 + 0.24) / (96 * 0.8 + 0.07), abs=1e-4)
+    assert p["target_met"] is False and p["overhead"] == pytest.approx(p["ratio"] - 1, abs=1e-4)
+
+
+def test_overhead_callback_times_wrap_only_overridden_hooks():
+    from benchmarks import overhead
+    from nfnet_keras.callbacks import DivergenceMonitor
+
+    times, monitor = overhead.CallbackTimes(), DivergenceMonitor()
+    times.wrap(monitor)
+    assert sorted(times.seconds) == ["DivergenceMonitor.on_batch_end", "DivergenceMonitor.on_epoch_begin"]
+    # Keras still sees the train-batch hook at its default, so its dispatch does not change.
+    assert getattr(monitor.on_train_batch_end, "_is_default", False)
+    monitor.set_model(keras.Sequential())
+    monitor.on_epoch_begin(3)
+    monitor.on_batch_end(4, {"loss": float("nan")})  # the wrapped hook still does its work
+    assert monitor.diverged_at == {"epoch": 4, "step": 5} and monitor.model.stop_training
+    assert all(seconds > 0 for seconds in times.seconds.values())
+
+
+@pytest.mark.slow
+def test_overhead_smoke(tmp_path, capsys):
+    from benchmarks import overhead
+
+    saved = _run(overhead, tmp_path)
+    assert saved["command"].startswith("python -m benchmarks.overhead") and saved["precision"] == "mixed_bfloat16"
+    r, repeats = saved["results"], saved["settings"]["repeats"]
+    for side in ("trainer", "bare"):
+        _check_summary(r["seconds_per_epoch"][side], repeats)
+        # An epoch (first step to epoch end) is part of its window.
+        for epoch, window in zip(r["seconds_per_epoch"][side]["values"], r["seconds_per_window"][side]["values"]):
+            assert epoch <= window
+    epochs = r["seconds_per_epoch"]
+    assert r["ratio"]["values"] == pytest.approx(_quotients(epochs["trainer"], epochs["bare"]), rel=1e-3)
+    assert r["target_met"] == (r["ratio"]["median"] - 1 <= saved["target"]["overhead"])
+    # The trainer's validation ran, with the EMA weights swapped in; the bare fit validates nothing.
+    assert r["phases"]["validation"]["median"] > 0 and r["bare_phases"]["validation"]["median"] == 0
+    for hook in ("SwapEMAWeights.on_test_begin", "StepCheckpoint.on_epoch_end", "SignalPropagationLogger.on_epoch_end",
+                 "TensorBoard.on_epoch_end", "DivergenceMonitor.on_batch_end", "EpochFeed.on_epoch_begin"):
+        assert r["callbacks"][hook]["n"] == repeats, hook
+    assert [row["variant"] for row in r["step"]] == [name for name, _, _ in overhead.STEP_VARIANTS]
+    for row in r["step"]:
+        _check_summary(row["ms_per_step"], repeats)
+    pipe = r["pipeline"]
+    assert pipe["batches"] >= 1 and pipe["seconds_per_batch"] > 0
+    out = capsys.readouterr().out
+    assert f"overhead {100 * r['overhead']:.1f}%" in out
+    printed = {row["phase"]: row for row in _table(out, "phase")}
+    assert float(printed["validation"]["trainer"]) == pytest.approx(r["phases"]["validation"]["median"], rel=0.01,
+                                                                   abs=0.01)
+
+
+def test_airbench94_torch_net_matches_airbench():
+    pytest.importorskip("torch")
+    import torch
+
+    from benchmarks import airbench_torch
+
+    net = airbench_torch.airbench94_net()
+    # The stem (24 x 3 x 2 x 2 + 24), the convs, BN scales and biases of the 3 groups, the 256 x 10 head.
+    assert sum(p.numel() for p in net.parameters()) == 1_972_792
+    frozen = [p.numel() for p in net.parameters() if not p.requires_grad]
+    assert sorted(frozen) == sorted([288] + [64, 64, 256, 256, 256, 256])  # the stem's weight and BN scales
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 6 and all(m.momentum == pytest.approx(0.4) and m.eps == 1e-12 for m in norms)
+    optimizer = airbench_torch.airbench94_optimizer(net, 512)
+    bias_group, other_group = optimizer.param_groups
+    assert bias_group["lr"] == pytest.approx(64 * other_group["lr"]) and other_group["nesterov"]
+    assert len(bias_group["params"]) == 6
+    x = torch.zeros(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    assert tuple(net(x).shape) == (2, 10)
+
+
+@pytest.mark.slow
+def test_airbench_torch_smoke(tmp_path, capsys):
+    pytest.importorskip("torch")
+    from benchmarks import airbench_torch
+
+    saved = _run(airbench_torch, tmp_path)
+    repeats = saved["settings"]["repeats"]
+    for side in ("keras", "torch"):
+        r = saved["results"][side]
+        _check_summary(r["images_per_s"], repeats)
+        _check_rate_is_cpu_rate_times_cores(r["images_per_s"], r["images_per_cpu_s"], r["cores_used"])
+        assert np.isfinite(r["last_loss"])
+    ips = {side: saved["results"][side]["images_per_s"] for side in ("keras", "torch")}
+    assert saved["ratio"]["values"] == pytest.approx(_quotients(ips["keras"], ips["torch"]), rel=1e-3)
+    assert saved["target_met"] == (saved["ratio"]["median"] >= saved["target"]["keras_over_torch"])
+    assert saved["command"].startswith("python -m benchmarks.airbench_torch")
+    printed = _table(capsys.readouterr().out, "network")
+    assert [float(row["img/s median"]) for row in printed] == pytest.approx(
+        [ips["keras"]["median"], ips["torch"]["median"]], rel=0.01, abs=0.01)

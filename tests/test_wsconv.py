@@ -214,6 +214,28 @@ def test_channel_bias_add_matches_broadcast_add_values_and_gradients(dtype, jit)
     assert np.abs(ours[2] - expected).max() <= np.abs(reference[2] - expected).max() + 1e-6
 
 
+@pytest.mark.tensorflow_only(reason="the bias add's custom gradient exists only under TensorFlow")
+def test_channel_bias_gradient_of_a_large_bfloat16_map_is_the_float32_sum_rounded_once():
+    # 16 x 31 x 31 = 15,376 values a channel: summed in bfloat16 (8 significant bits) the sum would
+    # drift far from the exact one; the gradient is the float32 sum rounded once to bfloat16.
+    import tensorflow as tf
+
+    rng = np.random.default_rng(5)
+    x = tf.zeros((16, 31, 31, 8), "bfloat16")
+    upstream = tf.constant(rng.standard_normal((16, 31, 31, 8)) + 0.5, "bfloat16")
+    bias = tf.Variable(np.zeros(8, "float32"))
+
+    @tf.function
+    def bias_gradient():
+        with tf.GradientTape() as tape:
+            y = add_channel_bias(x, bias)
+            loss = tf.reduce_sum(tf.cast(y * upstream, "float32"))
+        return tape.gradient(loss, bias)
+
+    exact = to_np(tf.cast(upstream, "float64")).sum(axis=(0, 1, 2))
+    np.testing.assert_allclose(to_np(bias_gradient()), exact, rtol=2**-8, atol=0)
+
+
 @pytest.mark.parametrize("use_bias, groups", [(True, 1), (False, 1), (True, 2)])
 def test_input_and_output_scales_equal_scaling_the_activations(use_bias, groups):
     rng = np.random.default_rng(6)
