@@ -1,7 +1,7 @@
 """Int8 against float32: CIFAR-10 test accuracy, batch-1 latency and batch-256 throughput of each format.
 
-Loads a trained `--model` (a `.keras` file; without one, `build_model(--preset)`
-with random weights, which measures speed but not accuracy), exports it with
+Loads a trained `--model` (a `.keras` file written by `nfnet-fit`; int8 is
+verified against trained weights, see `nfnet_keras.export_formats`), exports it with
 `nfnet_keras.export_formats.export_model` (folded, verified as `nfnet-export`
 verifies) as
 
@@ -54,14 +54,14 @@ VARIANTS = {
     "litert_int8": ("litert", "int8"),
     "openvino": ("openvino", None),
 }
-DEFAULTS = dict(preset="cifar_speed", batch_sizes=[256], repeats=3, steps=2, warmup=1, latency_calls=100,
+DEFAULTS = dict(batch_sizes=[256], repeats=3, steps=2, warmup=1, latency_calls=100,
                 threads=1, limit=10000, variants=list(VARIANTS))
-SMOKE = dict(preset="tiny_speed", batch_sizes=[16], repeats=2, steps=2, warmup=0, latency_calls=10, limit=256)
+SMOKE = dict(batch_sizes=[16], repeats=2, steps=2, warmup=0, latency_calls=10, limit=256)
 
 
 def _parse(argv):
     parser = common.base_parser(__doc__)
-    parser.add_argument("--model", help="a trained .keras model (default: --preset with random weights)")
+    parser.add_argument("--model", help="the trained .keras model (required)")
     parser.add_argument("--limit", type=int, help="CIFAR-10 test images for accuracy (default 10000)")
     parser.add_argument("--latency-calls", type=int, help="batch-1 calls per round (default 100)")
     parser.add_argument("--threads", type=int, help="CPU threads of every runtime (default 1)")
@@ -73,7 +73,9 @@ def _parse(argv):
     for flag in ("latency_calls", "threads", "limit"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1.")
-    if args.model and not os.path.isfile(args.model):
+    if not args.model:
+        parser.error("--model is required: pass a trained .keras file (e.g. runs/<run>/model.keras).")
+    if not os.path.isfile(args.model):
         parser.error(f"--model {args.model}: no such file; pass a .keras file written by nfnet-fit.")
     if not os.environ.get("NFNET_DATA_DIR"):
         parser.error("NFNET_DATA_DIR is not set: point it at the folder holding cifar-10-batches-py/ (accuracy is "
@@ -110,13 +112,7 @@ def main(argv=None):
     with common.benchmark_run("quantization", args) as payload:
         _, (x_test, y_test) = load_cifar10(test_only=True)
         x_test, y_test = x_test[:args.limit], np.asarray(y_test[:args.limit]).reshape(-1)
-        keras.utils.set_random_seed(0)
-        if args.model:
-            model = keras.saving.load_model(args.model, compile=False)
-        else:
-            from nfnet_keras.models.registry import build_model
-
-            model = build_model(args.preset)
+        model = keras.saving.load_model(args.model, compile=False)
         logits = model.predict(preprocess(x_test), batch_size=256, verbose=0)
         keras_ids = np.argmax(logits, -1)
         results = {"keras": {"test_accuracy": float(np.mean(keras_ids == y_test))}}
@@ -145,7 +141,7 @@ def main(argv=None):
                 latency_batch1_ms={"p50": common.summarize([v[0] for v in latencies], 3),
                                    "p99": common.summarize([v[1] for v in latencies], 3)},
                 images_per_s={str(b): common.summarize(values[f"{name}/{b}"], 1) for b in args.batch_sizes})
-        payload.update(model=args.model, preset=None if args.model else args.preset, test_images=len(x_test),
+        payload.update(model=args.model, test_images=len(x_test),
                        threads=args.threads, results=results, skipped=skipped, params=int(model.count_params()))
 
     _print(args, payload)
@@ -162,7 +158,7 @@ def _print(args, payload):
                          agree=f"{r['class_ids_equal_to_keras']:.2%}",
                          p50=r["latency_batch1_ms"]["p50"]["median"], p99=r["latency_batch1_ms"]["p99"]["median"],
                          throughput=r["images_per_s"][largest]["median"]))
-    print(f"{args.model or args.preset + ' (random weights)'}, {payload['test_images']} CIFAR-10 test images, "
+    print(f"{args.model}, {payload['test_images']} CIFAR-10 test images, "
           f"{args.threads} thread(s), medians of {args.repeats} interleaved rounds:")
     print(common.format_table(rows, [("variant", "variant"), ("accuracy", "test accuracy"),
                                      ("agree", "class id = Keras'"), ("p50", "batch-1 p50 ms"),

@@ -36,7 +36,8 @@ Verification loads the written model in its own runtime in a fresh process
 ids with the Keras model's on CIFAR-10 test images (`$NFNET_DATA_DIR`; seeded
 random pixels where there are none). An int8 model's probabilities move by
 more than that, so it is checked by the share of images whose class id equals
-Keras' (at least `INT8_MIN_AGREEMENT`). A failed check publishes nothing.
+Keras' (at least `INT8_MIN_AGREEMENT`, among the images whose top two Keras
+probabilities differ by more than `INT8_MARGIN`). A failed check publishes nothing.
 """
 
 import importlib.util
@@ -68,10 +69,12 @@ QUANTIZATIONS = ("int8",)
 QUANTIZE_FORMATS = ("onnx", "litert")
 CALIBRATION_IMAGES = 512
 CALIBRATED = ("onnx",)  # the int8 exports whose activation ranges are calibrated on CIFAR-10 training images
-# An int8 export must give Keras' class id on at least this share of the verification images. Measured on
-# trained networks: >= 0.99 (see docs/serving.md); a broken calibration (e.g. ranges from random pixels)
-# falls far below.
+# An int8 export must give Keras' class id on at least this share of the verification images whose top two
+# Keras probabilities differ by more than INT8_MARGIN (closer ones are a coin toss under int8 noise).
+# Measured: >= 99.6% on trained cifar_speed and tiny_speed networks (docs/serving.md); quantizing GELU's
+# elementwise ops too gave 63% (all images).
 INT8_MIN_AGREEMENT = 0.95
+INT8_MARGIN = 0.05
 INT8_VERIFY_IMAGES = 512
 
 
@@ -374,7 +377,9 @@ def check_int8_in_runtime(model, fmt, path, images=None, min_agreement=INT8_MIN_
             Defaults to `INT8_MIN_AGREEMENT`.
 
     Returns:
-        The share of images whose class id equals Keras'.
+        The share of images whose class id equals Keras', among those whose
+        top two Keras probabilities differ by more than `INT8_MARGIN` (all
+        images where none do).
 
     Raises:
         export.ExportError: the runtime failed, or fewer class ids agree.
@@ -385,13 +390,18 @@ def check_int8_in_runtime(model, fmt, path, images=None, min_agreement=INT8_MIN_
     expected = _keras_probabilities(model, images)
     runtime = RUNTIMES[fmt][2]
     got = _runtime_probabilities(fmt, path, images, expected.shape)
-    agreement = float(np.mean(np.argmax(got, -1) == np.argmax(expected, -1)))
+    equal = np.argmax(got, -1) == np.argmax(expected, -1)
+    top2 = np.sort(expected, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > INT8_MARGIN
+    agreement = float(np.mean(equal[clear])) if clear.any() else float(np.mean(equal))
     error = float(np.max(np.abs(got - expected)))
     if not agreement >= min_agreement:
         raise export.ExportError(
             f"The exported int8 {fmt} model gives the Keras model's class id in {runtime} on {agreement:.1%} of "
-            f"{described} (< {min_agreement:.0%}); not published."
+            f"{described} where Keras' top two probabilities differ by more than {INT8_MARGIN} "
+            f"({int(clear.sum())} images) (< {min_agreement:.0%}); not published."
         )
-    print(f"Verified int8 {fmt} in {runtime} on {described}: class ids equal to Keras' on {agreement:.1%} "
-          f"(probabilities within {error:.1e}).")
+    print(f"Verified int8 {fmt} in {runtime} on {described}: class ids equal to Keras' on {agreement:.1%} of the "
+          f"{int(clear.sum())} with a clear top class, {np.mean(equal):.1%} of all (probabilities within "
+          f"{error:.1e}).")
     return agreement

@@ -212,15 +212,14 @@ def speed_model():
 
 @pytest.fixture(scope="module")
 def exported(speed_model, tmp_path_factory):
-    """`get(fmt, quantize=None)`: the version folder of `speed_model` exported as `fmt` (once per format)."""
+    """`get(fmt)`: the version folder of `speed_model` exported as `fmt` (once per format)."""
     base, cache = tmp_path_factory.mktemp("models"), {}
 
-    def get(fmt, quantize=None):
+    def get(fmt):
         need(fmt)
-        if (fmt, quantize) not in cache:
-            cache[fmt, quantize] = export_formats.export_model(speed_model, f"speed_{quantize or 'float'}", fmt,
-                                                               base_dir=str(base), quantize=quantize)
-        return cache[fmt, quantize]
+        if fmt not in cache:
+            cache[fmt] = export_formats.export_model(speed_model, "speed", fmt, base_dir=str(base))
+        return cache[fmt]
 
     return get
 
@@ -365,20 +364,46 @@ def int8_tensor_count(fmt, path):
     return sum(d["dtype"] == np.int8 for d in Interpreter(model_path=path).get_tensor_details())
 
 
+@pytest.fixture(scope="module")
+def trained_speed_model():
+    """tiny_speed after 2 epochs on 2,048 CIFAR-10 training images: int8 is meant for trained weights.
+
+    (Random gains and biases spread the activations beyond what int8 ranges hold: the ONNX int8 export of
+    `build("tiny_speed")` gave its class id on 93% of the images with a clear top class, trained networks 99.6%+.)
+    """
+    if not os.environ.get("NFNET_DATA_DIR"):
+        pytest.skip("NFNET_DATA_DIR is not set: point it at a folder holding cifar-10-batches-py/")
+    (x_train, y_train), _ = load_cifar10()
+    keras.utils.set_random_seed(0)
+    model = build_model("tiny_speed")
+    x = preprocess(x_train[:2048]).numpy()
+    adapt_model(model, x)
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.9),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, np.asarray(y_train[:2048]).reshape(-1), batch_size=64, epochs=2, verbose=0)
+    return model
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "litert"])
-def test_int8_export_runs_in_its_runtime_close_to_keras(exported, speed_model, cifar_images, fmt):
-    path = exported(fmt, "int8")
+def test_int8_export_runs_in_its_runtime_close_to_keras(trained_speed_model, tmp_path_factory, cifar_images, fmt):
+    need(fmt)
+    speed_model = trained_speed_model
+    path = export_formats.export_model(speed_model, "speed", fmt, base_dir=str(tmp_path_factory.mktemp(fmt)),
+                                       quantize="int8")
+    float_path = export_formats.export_model(speed_model, "speed", fmt, base_dir=os.path.dirname(path), verify=False)
     assert sorted(os.listdir(path)) == FORMAT_FILES[fmt]
     model_file = os.path.join(path, FORMAT_FILES[fmt][-1])
     # tiny_speed: seven convs and the classifier, each with its int8 kernel.
     assert int8_tensor_count(fmt, model_file) >= 8
-    assert int8_tensor_count(fmt, os.path.join(exported(fmt), FORMAT_FILES[fmt][-1])) == 0
+    assert int8_tensor_count(fmt, os.path.join(float_path, FORMAT_FILES[fmt][-1])) == 0
     expected = keras_probabilities(speed_model, cifar_images)
     got = runtimes.load_runtime(path, batch_size=24)(cifar_images)
     assert got.dtype == np.float32 and got.shape == (64, 10)
     np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)
-    agreement = np.mean(got.argmax(-1) == expected.argmax(-1))
-    assert agreement >= export_formats.INT8_MIN_AGREEMENT
+    top2 = np.sort(expected, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > export_formats.INT8_MARGIN
+    assert clear.sum() >= 16 and len(set(expected.argmax(-1))) > 2  # the check compares real decisions
+    assert np.mean(got.argmax(-1)[clear] == expected.argmax(-1)[clear]) >= export_formats.INT8_MIN_AGREEMENT
     assert 0 < np.abs(got - expected).max() < 0.2  # int8: not the float model's probabilities, yet close
 
 
@@ -390,7 +415,8 @@ def test_int8_failed_verification_and_missing_data_publish_nothing(speed_model, 
                         lambda serving, path, calibration: export_formats._write_onnx(other, path))
     images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
     with pytest.raises(export.ExportError, match=r"^The exported int8 onnx model gives the Keras model's class id in "
-                       r"onnxruntime on \d+\.\d% of \d+ (CIFAR-10 test|random) images \(< 95%\); not published\.$"):
+                       r"onnxruntime on \d+\.\d% of \d+ (CIFAR-10 test|random) images where Keras' top two "
+                       r"probabilities differ by more than 0\.05 \(\d+ images\) \(< 95%\); not published\.$"):
         export_formats.export_model(speed_model, "speed", "onnx", base_dir=str(tmp_path), quantize="int8",
                                     calibration=images)
     assert os.listdir(tmp_path / "speed") == ["1"]  # no version 2, no temporary
