@@ -384,6 +384,7 @@ def trained_speed_model():
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["onnx", "litert"])
 def test_int8_export_runs_in_its_runtime_close_to_keras(trained_speed_model, tmp_path_factory, cifar_images, fmt):
     need(fmt)
@@ -393,8 +394,9 @@ def test_int8_export_runs_in_its_runtime_close_to_keras(trained_speed_model, tmp
     float_path = export_formats.export_model(speed_model, "speed", fmt, base_dir=os.path.dirname(path), verify=False)
     assert sorted(os.listdir(path)) == FORMAT_FILES[fmt]
     model_file = os.path.join(path, FORMAT_FILES[fmt][-1])
-    # tiny_speed: seven convs and the classifier, each with its int8 kernel.
-    assert int8_tensor_count(fmt, model_file) >= 8
+    # tiny_speed: seven convs and the classifier. ONNX quantizes every kernel; LiteRT's dynamic range leaves
+    # kernels under 1,024 elements float (the stem, stage 1's second conv, the classifier): five are int8.
+    assert int8_tensor_count(fmt, model_file) >= {"onnx": 8, "litert": 5}[fmt]
     assert int8_tensor_count(fmt, os.path.join(float_path, FORMAT_FILES[fmt][-1])) == 0
     expected = keras_probabilities(speed_model, cifar_images)
     got = runtimes.load_runtime(path, batch_size=24)(cifar_images)
