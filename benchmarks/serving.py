@@ -17,7 +17,7 @@ throughput >= 3x training throughput. Writes `benchmarks/results/serving.json`
 and prints it.
 
 Usage:
-    python -m benchmarks.serving [--preset report_resnet] [--model PATH.keras] [--repeats 5] [--smoke]
+    python -m benchmarks.serving [--preset report_resnet] [--model PATH.keras] [--repeats 5] [--no-fold] [--smoke]
 """
 
 import os
@@ -87,7 +87,7 @@ class SignatureTimer:
 def measure(model, args, images):
     """Interleaved latency, serving throughput and training throughput of `model`."""
     with tempfile.TemporaryDirectory() as base:
-        path = export_saved_model(model, "bench", base_dir=base)
+        path = export_saved_model(model, "bench", base_dir=base, fold=args.fold)
         loaded = tf.saved_model.load(path)  # keeps its own copy of the weights
     timer = SignatureTimer(loaded.signatures["serving_default"], images)
     keras.utils.set_random_seed(0)
@@ -132,6 +132,8 @@ def main(argv=None):
     parser.add_argument("--model", help="benchmark this .keras model instead of an untrained preset")
     parser.add_argument("--latency-calls", type=int, help="batch-1 calls per round (default 200)")
     parser.add_argument("--train-batch-size", type=int, help="training batch size (default 64, fit's)")
+    parser.add_argument("--no-fold", dest="fold", action="store_false",
+                        help="export the model as trained (nfnet-export --no-fold), not its folded inference twin")
     args = common.resolve_args(parser.parse_args(argv), DEFAULTS, SMOKE)
     for flag in ("latency_calls", "train_batch_size"):
         if getattr(args, flag) < 1:

@@ -7,6 +7,7 @@ formats `nfnet_keras.export_formats`, whose names this module also gives
 
 Usage:
     python -m nfnet_keras.export --model runs/x/model.keras --name nfnet [--version N] [--format onnx]
+        [--quantize int8]
 """
 
 import argparse
@@ -22,6 +23,8 @@ __getattr__, __dir__, _ = lazy.attach(__name__, {"nfnet_keras.saved_model": [
     "servability_problems", "stale_exports", "_check_model", "_export_request",
 ]})
 FORMATS = ("saved_model", "onnx", "litert", "openvino")
+# The formats `--quantize int8` applies to (nfnet_keras.export_formats.QUANTIZE_FORMATS, without importing Keras).
+QUANTIZE_FORMATS = ("onnx", "litert")
 
 
 def _parse_args(argv):
@@ -39,6 +42,9 @@ def _parse_args(argv):
     parser.add_argument("--format", default="saved_model", choices=FORMATS,
                         help="saved_model (TF Serving), onnx (model.onnx), litert (model.tflite) or openvino "
                              "(model.xml + model.bin) (default: %(default)s)")
+    parser.add_argument("--quantize", choices=("int8",),
+                        help="int8: post-training int8 quantization for --format onnx (static, calibrated on CIFAR-10 "
+                             "training images from $NFNET_DATA_DIR) or litert (dynamic range) (default: float32)")
     parser.add_argument("--no-fold", dest="fold", action="store_false",
                         help="export the model as trained, without folding weight standardization and scalars "
                              "into plain conv kernels")
@@ -47,6 +53,9 @@ def _parse_args(argv):
 
 def main(argv=None):
     parser, args = _parse_args(argv)
+    if args.quantize and args.format not in QUANTIZE_FORMATS:
+        parser.error(f"--quantize {args.quantize} is for --format {' or '.join(QUANTIZE_FORMATS)}; --format "
+                     f"{args.format} exports float32 only: drop --quantize or pick one of those formats.")
     if os.path.isfile(os.path.join(args.model, "saved_model.pb")):
         parser.error(f"--model {args.model} is a SavedModel already; export takes the .keras file written by "
                      "fit (e.g. runs/<run>/model.keras).")
@@ -77,7 +86,8 @@ def main(argv=None):
         else:
             from nfnet_keras.export_formats import export_model
 
-            path = export_model(model, args.name, args.format, args.version, args.base_dir, fold=args.fold)
+            path = export_model(model, args.name, args.format, args.version, args.base_dir, fold=args.fold,
+                                quantize=args.quantize)
     except (ValueError, FileExistsError, ExportError, OSError) as e:
         parser.error(str(e))
     print(f"Exported {args.model} to {path}")

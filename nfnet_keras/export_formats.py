@@ -15,6 +15,16 @@ and `class_names.txt` (one per line, in class-id order) beside it:
     litert    model.tflite               Keras' LiteRT export (TFLite converter), run by ai-edge-litert
     openvino  model.xml + model.bin      OpenVINO's converter from the ONNX file, float32 weights
 
+`quantize="int8"` (`nfnet-export --quantize int8`, ONNX and LiteRT) writes
+the same contract with int8 weights inside:
+
+    onnx      onnxruntime.quantization.quantize_static, QDQ format: the convs'
+              and the classifier's weights int8 per output channel, their
+              inputs int8 with ranges calibrated (MinMax) on 512 CIFAR-10
+              training images (`calibration_images`); GELU stays float
+    litert    the TFLite converter's dynamic-range quantization: int8
+              weights, activations quantized per call by the runtime
+
 OpenVINO goes through ONNX rather than Keras' own OpenVINO export, which
 converts the TensorFlow graph: that path fuses the tanh-approximated GELU into
 OpenVINO's `Gelu` op, whose CPU kernel gave probabilities 7e-3 away from
@@ -24,7 +34,10 @@ ONNX path agrees to 2e-7.
 Verification loads the written model in its own runtime in a fresh process
 (`nfnet_keras.runtimes`) and compares its probabilities (within 1e-4) and class
 ids with the Keras model's on CIFAR-10 test images (`$NFNET_DATA_DIR`; seeded
-random pixels where there are none). A failed check publishes nothing.
+random pixels where there are none). An int8 model's probabilities move by
+more than that, so it is checked by the share of images whose class id equals
+Keras' (at least `INT8_MIN_AGREEMENT`, among the images whose top two Keras
+probabilities differ by more than `INT8_MARGIN`). A failed check publishes nothing.
 """
 
 import importlib.util
@@ -51,6 +64,18 @@ REQUIREMENTS = {
 }
 PROB_ATOL = 1e-4
 VERIFY_IMAGES = 128
+# --quantize: the formats that take it (nfnet_keras.export.QUANTIZE_FORMATS is the same list).
+QUANTIZATIONS = ("int8",)
+QUANTIZE_FORMATS = ("onnx", "litert")
+CALIBRATION_IMAGES = 512
+CALIBRATED = ("onnx",)  # the int8 exports whose activation ranges are calibrated on CIFAR-10 training images
+# An int8 export must give Keras' class id on at least this share of the verification images whose top two
+# Keras probabilities differ by more than INT8_MARGIN (closer ones are a coin toss under int8 noise).
+# Measured: >= 99.6% on trained cifar_speed and tiny_speed networks (docs/serving.md); quantizing GELU's
+# elementwise ops too gave 63% (all images).
+INT8_MIN_AGREEMENT = 0.95
+INT8_MARGIN = 0.05
+INT8_VERIFY_IMAGES = 512
 
 
 def check_format(fmt):
@@ -58,6 +83,18 @@ def check_format(fmt):
     if fmt not in FORMATS:
         raise ValueError(f"Unknown export format {fmt!r}. Use one of: {', '.join(FORMATS)}.")
     return fmt
+
+
+def check_quantize(fmt, quantize):
+    """Returns `quantize` (None or one of `QUANTIZATIONS`) if `fmt` takes it, else raises a one-line ValueError."""
+    if quantize is None:
+        return None
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"Unknown quantization {quantize!r}. Use one of: {', '.join(QUANTIZATIONS)}.")
+    if fmt not in QUANTIZE_FORMATS:
+        raise ValueError(f"--quantize {quantize} is for --format {' or '.join(QUANTIZE_FORMATS)}; --format {fmt} "
+                         "exports float32 only: drop --quantize or pick one of those formats.")
+    return quantize
 
 
 def missing_packages(fmt):
@@ -104,7 +141,25 @@ def verification_images(count=VERIFY_IMAGES):
     return rng.integers(0, 256, (count,) + IMAGE_SHAPE, dtype=np.uint8), f"{count} random images (no CIFAR-10)"
 
 
-def export_model(model, name, fmt="saved_model", version=None, base_dir="saved_models", verify=True, fold=True):
+def calibration_images(count=CALIBRATION_IMAGES, seed=0):
+    """`count` CIFAR-10 training images drawn at random (seeded), for calibrating an int8 export.
+
+    Raises:
+        export.ExportError: CIFAR-10 cannot be read (the message says how to point at it).
+    """
+    from nfnet_keras.data import DataError, load_cifar10
+
+    try:
+        (x_train, _), _ = load_cifar10()
+    except DataError as e:
+        raise export.ExportError(f"--quantize int8 calibrates on CIFAR-10 training images, which could not be read "
+                                 f"({e}); set NFNET_DATA_DIR to the folder holding cifar-10-batches-py/.") from e
+    index = np.sort(np.random.default_rng(seed).choice(len(x_train), min(count, len(x_train)), replace=False))
+    return np.ascontiguousarray(x_train[index])
+
+
+def export_model(model, name, fmt="saved_model", version=None, base_dir="saved_models", verify=True, fold=True,
+                 quantize=None, calibration=None):
     """Exports `model` as `<base_dir>/<name>/<version>/` in the format `fmt`.
 
     Args:
@@ -117,18 +172,23 @@ def export_model(model, name, fmt="saved_model", version=None, base_dir="saved_m
         verify: bool. Run the written model in its runtime in a fresh process
             and compare it with `model` before publishing. Defaults to `True`.
         fold: bool. Export the inference twin (`fold_for_inference`). Defaults to `True`.
+        quantize: None or `"int8"`. Post-training int8 quantization (ONNX
+            and LiteRT only). Defaults to `None` (float32).
+        calibration: uint8 array or None. The calibration images of an int8
+            export. Defaults to `calibration_images()`.
 
     Returns:
         The path of the new version folder.
 
     Raises:
-        ValueError: a bad format, name, version or model.
+        ValueError: a bad format, quantization, name, version or model.
         FileExistsError: the version exists already.
         export.ExportError: a package the format needs is missing, a backend
-            other than TensorFlow, or the written model failed verification;
-            nothing was published.
+            other than TensorFlow, no CIFAR-10 to calibrate on, or the written
+            model failed verification; nothing was published.
     """
     check_format(fmt)
+    check_quantize(fmt, quantize)
     if fmt == "saved_model":
         return export.export_saved_model(model, name, version, base_dir, verify=verify, fold=fold)
     export.check_model_name(name)
@@ -144,15 +204,22 @@ def export_model(model, name, fmt="saved_model", version=None, base_dir="saved_m
             f"--format {fmt} needs {', '.join(missing)}, not installed: {INSTALL_HINT} "
             f"(or pip install {' '.join(missing)})."
         )
+    if quantize and fmt in CALIBRATED and calibration is None:
+        calibration = calibration_images()
     serving = serving_model(model, fold)
     weight_bytes = sum(int(np.prod(v.shape)) * 4 for v in serving.weights)
 
     def write(tmp_dir):
         path = os.path.join(tmp_dir, RUNTIMES[fmt][0])
-        _WRITERS[fmt](serving, path)
+        if quantize:
+            _INT8_WRITERS[fmt](serving, path, calibration)
+        else:
+            _WRITERS[fmt](serving, path)
         with open(os.path.join(tmp_dir, CLASS_NAMES_ASSET), "w", encoding="utf-8") as f:
             f.write("".join(f"{n}\n" for n in CLASS_NAMES))
-        if verify:
+        if verify and quantize:
+            check_int8_in_runtime(model, fmt, path)
+        elif verify:
             check_in_runtime(model, fmt, path)
 
     return export.publish_version(os.path.join(base_dir, name), name, version, write,
@@ -181,6 +248,48 @@ def _write_openvino(serving, path):
 _WRITERS = {"onnx": _write_onnx, "litert": _write_litert, "openvino": _write_openvino}
 
 
+INT8_OPS = ["Conv", "MatMul", "Gemm"]
+
+
+def _write_onnx_int8(serving, path, calibration, batch_size=64):
+    """Static int8 quantization of the float ONNX export, QDQ format, calibrated on `calibration`."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{INPUT: calibration[i:i + batch_size]}
+                                 for i in range(0, len(calibration), batch_size)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory(prefix="nfnet-export-onnx-") as tmp:
+        float_path, prepared = os.path.join(tmp, "float.onnx"), os.path.join(tmp, "prepared.onnx")
+        _write_onnx(serving, float_path)
+        quant_pre_process(float_path, prepared)  # shape inference and graph optimisation, as ORT advises
+        # Only the convolutions and the classifier's matmul (the work): quantizing GELU's elementwise parts
+        # (x^3, tanh, ...) each to int8 gave Keras' class id on only 63% of images (tiny_speed), these 96%.
+        quantize_static(prepared, path, Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=INT8_OPS,
+                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+
+
+def _write_litert_int8(serving, path, calibration):
+    """The TFLite converter's dynamic-range quantization: int8 weights, activations quantized per call.
+
+    Full-integer quantization (int8 activations, `calibration` as the
+    representative data set) gave Keras' class id on only 91% of images
+    (tiny_speed; its int8 softmax ties the top two classes on 3%), this 99%:
+    it needs no calibration, so `calibration` is unused.
+    """
+    import tensorflow as tf
+
+    serving.export(path, format="litert", verbose=False, optimizations=[tf.lite.Optimize.DEFAULT])
+
+
+_INT8_WRITERS = {"onnx": _write_onnx_int8, "litert": _write_litert_int8}
+
+
 # The verifying process imports `nfnet_keras.runtimes` (NumPy and the runtime) and not the package's
 # `__init__`, which imports TensorFlow: the check sees the runtime alone, and starts in a second.
 _CHILD = """
@@ -191,6 +300,32 @@ sys.modules["nfnet_keras"] = package
 from nfnet_keras.runtimes import _verify_child
 sys.exit(_verify_child(sys.argv[2:]))
 """
+
+
+def _keras_probabilities(model, images):
+    reference = export.float32_twin(model)
+    x = (images.astype("float32") / 255.0 - np.asarray(CIFAR10_MEAN, "float32")) / np.asarray(CIFAR10_STD, "float32")
+    return keras.ops.convert_to_numpy(keras.ops.softmax(reference.predict(x, batch_size=256, verbose=0), axis=-1))
+
+
+def _runtime_probabilities(fmt, path, images, expected_shape):
+    """The probabilities of `path` on `images`, run in its runtime in a fresh process."""
+    runtime = RUNTIMES[fmt][2]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+    with tempfile.TemporaryDirectory(prefix="nfnet-verify-") as tmp:
+        images_path, out_path = os.path.join(tmp, "images.npy"), os.path.join(tmp, "probabilities.npy")
+        np.save(images_path, images)
+        proc = subprocess.run([sys.executable, "-c", _CHILD, os.path.dirname(os.path.abspath(__file__)), path,
+                               images_path, out_path], env=env, capture_output=True, text=True)
+        if proc.returncode != 0 or not os.path.isfile(out_path):
+            lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+            raise export.ExportError(f"The exported {fmt} model failed in {runtime} (exit status {proc.returncode}: "
+                                     f"{lines[-1] if lines else 'no message'}); not published.")
+        got = np.load(out_path)
+    if got.shape != expected_shape:
+        raise export.ExportError(f"The exported {fmt} model returned shape {got.shape} in {runtime}, expected "
+                                 f"{expected_shape}; not published.")
+    return got
 
 
 def check_in_runtime(model, fmt, path, images=None, atol=PROB_ATOL):
@@ -213,24 +348,9 @@ def check_in_runtime(model, fmt, path, images=None, atol=PROB_ATOL):
     described = "the given images"
     if images is None:
         images, described = verification_images()
-    reference = export.float32_twin(model)
-    x = (images.astype("float32") / 255.0 - np.asarray(CIFAR10_MEAN, "float32")) / np.asarray(CIFAR10_STD, "float32")
-    expected = keras.ops.convert_to_numpy(keras.ops.softmax(reference(x, training=False), axis=-1))
+    expected = _keras_probabilities(model, images)
     runtime = RUNTIMES[fmt][2]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
-    with tempfile.TemporaryDirectory(prefix="nfnet-verify-") as tmp:
-        images_path, out_path = os.path.join(tmp, "images.npy"), os.path.join(tmp, "probabilities.npy")
-        np.save(images_path, images)
-        proc = subprocess.run([sys.executable, "-c", _CHILD, os.path.dirname(os.path.abspath(__file__)), path,
-                               images_path, out_path], env=env, capture_output=True, text=True)
-        if proc.returncode != 0 or not os.path.isfile(out_path):
-            lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-            raise export.ExportError(f"The exported {fmt} model failed in {runtime} (exit status {proc.returncode}: "
-                                     f"{lines[-1] if lines else 'no message'}); not published.")
-        got = np.load(out_path)
-    if got.shape != expected.shape:
-        raise export.ExportError(f"The exported {fmt} model returned shape {got.shape} in {runtime}, expected "
-                                 f"{expected.shape}; not published.")
+    got = _runtime_probabilities(fmt, path, images, expected.shape)
     error = float(np.max(np.abs(got - expected)))
     top2 = np.sort(expected, axis=-1)[:, -2:]
     clear = top2[:, 1] - top2[:, 0] > 2 * atol  # ids are compared where the top two are not tied within atol
@@ -243,3 +363,45 @@ def check_in_runtime(model, fmt, path, images=None, atol=PROB_ATOL):
     print(f"Verified {fmt} in {runtime} on {described}: probabilities within {error:.1e} of Keras', "
           "class ids equal.")
     return error
+
+
+def check_int8_in_runtime(model, fmt, path, images=None, min_agreement=INT8_MIN_AGREEMENT):
+    """Runs the int8 `path` in its runtime in a fresh process; its class ids must mostly equal `model`'s.
+
+    Args:
+        model: keras.Model. The float model that was quantized (logits out).
+        fmt: str. The format of `path`.
+        path: str. The written model file.
+        images: uint8 array or None. Defaults to `verification_images(INT8_VERIFY_IMAGES)`.
+        min_agreement: float. The smallest share of images with Keras' class id.
+            Defaults to `INT8_MIN_AGREEMENT`.
+
+    Returns:
+        The share of images whose class id equals Keras', among those whose
+        top two Keras probabilities differ by more than `INT8_MARGIN` (all
+        images where none do).
+
+    Raises:
+        export.ExportError: the runtime failed, or fewer class ids agree.
+    """
+    described = "the given images"
+    if images is None:
+        images, described = verification_images(INT8_VERIFY_IMAGES)
+    expected = _keras_probabilities(model, images)
+    runtime = RUNTIMES[fmt][2]
+    got = _runtime_probabilities(fmt, path, images, expected.shape)
+    equal = np.argmax(got, -1) == np.argmax(expected, -1)
+    top2 = np.sort(expected, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > INT8_MARGIN
+    agreement = float(np.mean(equal[clear])) if clear.any() else float(np.mean(equal))
+    error = float(np.max(np.abs(got - expected)))
+    if not agreement >= min_agreement:
+        raise export.ExportError(
+            f"The exported int8 {fmt} model gives the Keras model's class id in {runtime} on {agreement:.1%} of "
+            f"{described} where Keras' top two probabilities differ by more than {INT8_MARGIN} "
+            f"({int(clear.sum())} images) (< {min_agreement:.0%}); not published."
+        )
+    print(f"Verified int8 {fmt} in {runtime} on {described}: class ids equal to Keras' on {agreement:.1%} of the "
+          f"{int(clear.sum())} with a clear top class, {np.mean(equal):.1%} of all (probabilities within "
+          f"{error:.1e}).")
+    return agreement

@@ -326,3 +326,105 @@ def test_unknown_model_file_is_one_line(tmp_path):
     with pytest.raises(InputError, match=r"is neither a \.keras file, a SavedModel directory .* nor an exported "
                                          r"\.onnx, \.tflite or OpenVINO \.xml model\.$"):
         load_predictor(str(tmp_path / "model.pt"))
+
+
+# === Int8 (--quantize int8) ===
+
+
+def test_quantize_refused_for_other_formats_in_one_line(tmp_path, capsys):
+    # Runs without any runtime: the flag is checked before the framework loads.
+    assert export.QUANTIZE_FORMATS == export_formats.QUANTIZE_FORMATS
+    model_file = tmp_path / "model.keras"
+    model_file.write_bytes(b"")
+    for fmt in ("openvino", "saved_model"):
+        with pytest.raises(SystemExit) as exit_info:
+            export.main(["--model", str(model_file), "--name", "m", "--base-dir", str(tmp_path / "repo"),
+                         "--format", fmt, "--quantize", "int8"])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1].endswith(
+            f"error: --quantize int8 is for --format onnx or litert; --format {fmt} exports float32 only: drop "
+            "--quantize or pick one of those formats.")
+    assert not os.path.exists(tmp_path / "repo")
+    with pytest.raises(ValueError, match=r"^--quantize int8 is for --format onnx or litert; --format openvino "
+                                         r"exports float32 only: drop --quantize or pick one of those formats\.$"):
+        export_formats.export_model(None, "m", "openvino", base_dir=str(tmp_path / "repo"), quantize="int8")
+    with pytest.raises(ValueError, match=r"^Unknown quantization 'int4'\. Use one of: int8\.$"):
+        export_formats.export_model(None, "m", "onnx", base_dir=str(tmp_path / "repo"), quantize="int4")
+    assert not os.path.exists(tmp_path / "repo")
+
+
+def int8_tensor_count(fmt, path):
+    """How many int8 weight tensors the exported model holds."""
+    if fmt == "onnx":
+        import onnx
+
+        return sum(t.data_type == onnx.TensorProto.INT8 for t in onnx.load(path).graph.initializer)
+    from ai_edge_litert.interpreter import Interpreter
+
+    return sum(d["dtype"] == np.int8 for d in Interpreter(model_path=path).get_tensor_details())
+
+
+@pytest.fixture(scope="module")
+def trained_speed_model():
+    """tiny_speed after 2 epochs on 2,048 CIFAR-10 training images: int8 is meant for trained weights.
+
+    (Random gains and biases spread the activations beyond what int8 ranges hold: the ONNX int8 export of
+    `build("tiny_speed")` gave its class id on 93% of the images with a clear top class, trained networks 99.6%+.)
+    """
+    if not os.environ.get("NFNET_DATA_DIR"):
+        pytest.skip("NFNET_DATA_DIR is not set: point it at a folder holding cifar-10-batches-py/")
+    (x_train, y_train), _ = load_cifar10()
+    keras.utils.set_random_seed(0)
+    model = build_model("tiny_speed")
+    x = preprocess(x_train[:2048]).numpy()
+    adapt_model(model, x)
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.9),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, np.asarray(y_train[:2048]).reshape(-1), batch_size=64, epochs=2, verbose=0)
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["onnx", "litert"])
+def test_int8_export_runs_in_its_runtime_close_to_keras(trained_speed_model, tmp_path_factory, cifar_images, fmt):
+    need(fmt)
+    speed_model = trained_speed_model
+    path = export_formats.export_model(speed_model, "speed", fmt, base_dir=str(tmp_path_factory.mktemp(fmt)),
+                                       quantize="int8")
+    float_path = export_formats.export_model(speed_model, "speed", fmt, base_dir=os.path.dirname(path), verify=False)
+    assert sorted(os.listdir(path)) == FORMAT_FILES[fmt]
+    model_file = os.path.join(path, FORMAT_FILES[fmt][-1])
+    # tiny_speed: seven convs and the classifier. ONNX quantizes every kernel; LiteRT's dynamic range leaves
+    # kernels under 1,024 elements float (the stem, stage 1's second conv, the classifier): five are int8.
+    assert int8_tensor_count(fmt, model_file) >= {"onnx": 8, "litert": 5}[fmt]
+    assert int8_tensor_count(fmt, os.path.join(float_path, FORMAT_FILES[fmt][-1])) == 0
+    expected = keras_probabilities(speed_model, cifar_images)
+    got = runtimes.load_runtime(path, batch_size=24)(cifar_images)
+    assert got.dtype == np.float32 and got.shape == (64, 10)
+    np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)
+    top2 = np.sort(expected, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > export_formats.INT8_MARGIN
+    assert clear.sum() >= 16 and len(set(expected.argmax(-1))) > 2  # the check compares real decisions
+    assert np.mean(got.argmax(-1)[clear] == expected.argmax(-1)[clear]) >= export_formats.INT8_MIN_AGREEMENT
+    assert 0 < np.abs(got - expected).max() < 0.2  # int8: not the float model's probabilities, yet close
+
+
+def test_int8_failed_verification_and_missing_data_publish_nothing(speed_model, tmp_path, monkeypatch):
+    need("onnx")
+    (tmp_path / "speed" / "1").mkdir(parents=True)
+    other = export_formats.serving_model(build("tiny_speed", seed=1))  # other weights: other class ids
+    monkeypatch.setitem(export_formats._INT8_WRITERS, "onnx",
+                        lambda serving, path, calibration: export_formats._write_onnx(other, path))
+    images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    with pytest.raises(export.ExportError, match=r"^The exported int8 onnx model gives the Keras model's class id in "
+                       r"onnxruntime on \d+\.\d% of \d+ (CIFAR-10 test|random) images where Keras' top two "
+                       r"probabilities differ by more than 0\.05 \(\d+ images\) \(< 95%\); not published\.$"):
+        export_formats.export_model(speed_model, "speed", "onnx", base_dir=str(tmp_path), quantize="int8",
+                                    calibration=images)
+    assert os.listdir(tmp_path / "speed") == ["1"]  # no version 2, no temporary
+    monkeypatch.setenv("NFNET_DATA_DIR", str(tmp_path / "empty"))
+    with pytest.raises(export.ExportError, match=r"^--quantize int8 calibrates on CIFAR-10 training images, which "
+                       r"could not be read \(NFNET_DATA_DIR=.*empty: no such folder; .*\); set NFNET_DATA_DIR to "
+                       r"the folder holding cifar-10-batches-py/\.$"):
+        export_formats.export_model(speed_model, "speed2", "onnx", base_dir=str(tmp_path), quantize="int8")
+    assert not os.path.exists(tmp_path / "speed2")
