@@ -133,8 +133,8 @@ class TrainConfig:
         group=_MODEL, metavar="PATH", commands=("fit",), hparam="the .keras model the weights started from (unset: "
         "initialised)")
     freeze: str | None = option(
-        None, "comma-separated stages not trained (weights, BatchNorm statistics): stem, stage1, ... (e.g. "
-        "stem,stage1)", group=_MODEL, metavar="STAGES", commands=("fit",),
+        None, "comma-separated stages not trained (weights, BatchNorm statistics): stem, stage1, ..., final (an "
+        "NF-ResNet's final conv and activation); e.g. stem,stage1", group=_MODEL, metavar="STAGES", commands=("fit",),
         hparam="stages not trained (unset: none)")
     # === Optimisation ===
     epochs: int = option(200, "training epochs", group=_OPT, hparam="epochs of the run", shown=True)
@@ -233,10 +233,10 @@ class TrainConfig:
         from nfnet_keras.console import keras_backend
         from nfnet_keras.models.conv_groups.presets import ConvGroupsConfig
         from nfnet_keras.models.presets import resolve_config
-        from nfnet_keras.models.stages import STEM, check_stages, stage_names
+        from nfnet_keras.models.stages import STEM, check_stages
 
         resolved = resolve_config(self.preset, self.overrides)
-        frozen = [] if self.freeze is None else check_stages(self.freeze, stage_names(resolved), "--freeze")
+        frozen = [] if self.freeze is None else check_stages(self.freeze, resolved.stage_names, "--freeze")
         checks = [
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}."),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}."),

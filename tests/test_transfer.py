@@ -9,17 +9,20 @@ import pytest
 
 from nfnet_keras import exits, fit
 from nfnet_keras.config import TrainConfig
-from nfnet_keras.models import BATCHNORM_TWIN, build_model, transfer
+from nfnet_keras.models import BATCHNORM_TWIN, build_model, resolve_config, transfer
 
 TWIN = {"nf": {}, "bn": BATCHNORM_TWIN}
 # (preset, norm): the three kinds of body, NF-ResNet (with and without a final conv), its BatchNorm twin, the
 # speed network.
 NETWORKS = [("tiny", "nf"), ("tiny", "bn"), ("tiny_grouped", "nf"), ("tiny_speed", "nf"), ("tiny_speed", "bn")]
 # The per-stage maps of each body on 32 x 32 images: the NF-ResNets' stem and blocks keep 32 x 32 until a stride-2
-# stage; the speed network's 2 x 2 whitening patches give 31 x 31, each group max-pools by 2.
+# stage, and "final" is the map the head pools (tiny_grouped's final 1x1 conv doubles the channels); the speed
+# network's 2 x 2 whitening patches give 31 x 31, each group max-pools by 2.
 FEATURE_SHAPES = {
-    "tiny": {"stem": (None, 32, 32, 8), "stage1": (None, 32, 32, 16), "stage2": (None, 16, 16, 32)},
-    "tiny_grouped": {"stem": (None, 32, 32, 16), "stage1": (None, 32, 32, 32), "stage2": (None, 16, 16, 64)},
+    "tiny": {"stem": (None, 32, 32, 8), "stage1": (None, 32, 32, 16), "stage2": (None, 16, 16, 32),
+             "final": (None, 16, 16, 32)},
+    "tiny_grouped": {"stem": (None, 32, 32, 16), "stage1": (None, 32, 32, 32), "stage2": (None, 16, 16, 64),
+                     "final": (None, 16, 16, 128)},
     "tiny_speed": {"stem": (None, 31, 31, 24), "stage1": (None, 15, 15, 8), "stage2": (None, 7, 7, 16),
                    "stage3": (None, 3, 3, 16)},
 }
@@ -75,16 +78,18 @@ def test_a_bad_pooling_is_refused_in_one_line():
 def test_feature_maps_are_named_by_stage_with_their_shapes(preset, norm, models):
     extractor = transfer.feature_extractor(models[preset, norm])
     assert {name: tuple(t.shape) for name, t in extractor.output.items()} == FEATURE_SHAPES[preset]
+    # The names the commands check --freeze against, from the config alone, are the model's.
+    assert resolve_config(preset).stage_names == list(transfer.stage_layers(models[preset, norm]))
 
 
 def test_the_head_reads_the_last_stage_and_the_backbone_shares_the_weights(models, images):
     model = models["tiny", "nf"]
     maps = transfer.feature_extractor(model)(images)
-    assert list(maps) == ["stem", "stage1", "stage2"]
-    # tiny's head: final_act -> global average -> classifier, on the last stage's map.
+    assert list(maps) == ["stem", "stage1", "stage2", "final"]
+    # tiny's body ends with final_act on the last stage's map; the head averages it and classifies.
+    np.testing.assert_array_equal(_np(maps["final"]), _np(model.get_layer("final_act")(maps["stage2"])))
     pooled = _np(transfer.backbone(model)(images))
-    expected = _np(keras.ops.mean(model.get_layer("final_act")(maps["stage2"]), axis=(1, 2)))
-    np.testing.assert_allclose(pooled, expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(pooled, _np(keras.ops.mean(maps["final"], axis=(1, 2))), rtol=0, atol=1e-6)
     np.testing.assert_allclose(_np(model(images)), _np(model.get_layer("classifier")(pooled)), rtol=0, atol=1e-6)
 
 
@@ -153,7 +158,9 @@ def test_freeze_names_the_valid_stages_of_a_wrong_one(models):
 
 @pytest.mark.parametrize("values, message", [
     (dict(freeze="stem,stage3"), "--freeze: unknown stage(s) 'stage3'; the stages of this network are stem, stage1, "
-                                 "stage2 (comma-separated, e.g. stem,stage1)."),
+                                 "stage2, final (comma-separated, e.g. stem,stage1)."),
+    (dict(preset="tiny_speed", freeze="final"), "--freeze: unknown stage(s) 'final'; the stages of this network are "
+                                                "stem, stage1, stage2, stage3 (comma-separated, e.g. stem,stage1)."),
     (dict(preset="tiny_speed", freeze="stem", whitening_bias_epochs=3),
      "--freeze stem keeps the whitening stem's bias fixed from the start; drop --whitening-bias-epochs or stem "
      "from --freeze."),

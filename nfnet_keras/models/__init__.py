@@ -18,7 +18,6 @@ __getattr__, __dir__, __all__ = lazy.attach(
         ".registry": ["BATCHNORM_TWIN", "build_model"],
         ".signal": ["signal_propagation"],
         ".signal_block": ["SignalBlock", "adapt_model", "model_convs", "signal_blocks"],
-        ".stages": ["stage_names"],
         ".transfer": ["backbone", "copy_weights", "feature_extractor", "freeze", "with_new_head"],
     },
     submodules=("conv_groups", "nf_resnet", "transfer"),

@@ -3,11 +3,12 @@ frozen stages, and the body weights of one model copied into another of the same
 
 Every network of the package lays out its layers the same way (see
 `models.nf_resnet.backbone` and `models.conv_groups.backbone`): the stem's layers
-start with `stem_`, stage k's with `stage{k}_` (`models.stages`), and the head
-begins at the global pooling layer `pool` (then `dropout` where the preset has
-one, `classifier`, and the speed network's `logit_scale`). Everything before
-`pool` is the body. The functions here read those names and work on any model
-of the package, its BatchNorm twin included, trained, converted or new.
+start with `stem_`, stage k's with `stage{k}_`, an NF-ResNet's final conv and
+activation with `final_` (`models.stages`), and the head begins at the global
+pooling layer `pool` (then `dropout` where the preset has one, `classifier`, and
+the speed network's `logit_scale`). Everything before `pool` is the body. The
+functions here read those names and work on any model of the package, its
+BatchNorm twin included, trained, converted or new.
 
 Example:
 
@@ -16,8 +17,8 @@ Example:
 >>> model = nk.build_model("tiny")
 >>> transfer.backbone(model).output_shape
 (None, 32)
->>> {k: v.shape for k, v in transfer.feature_extractor(model).output.items()}
-{'stem': (None, 32, 32, 8), 'stage1': (None, 32, 32, 16), 'stage2': (None, 16, 16, 32)}
+>>> {k: v.shape[1:] for k, v in transfer.feature_extractor(model).output.items()}
+{'stem': (32, 32, 8), 'stage1': (32, 32, 16), 'stage2': (16, 16, 32), 'final': (16, 16, 32)}
 >>> transfer.with_new_head(model, 100).output_shape
 (None, 100)
 >>> transfer.freeze(model, ["stem", "stage1"])
@@ -66,7 +67,7 @@ def head_layers(model):
 
 
 def stage_layers(model):
-    """`{"stem": [layers], "stage1": [layers], ...}`: the model's top-level layers by stage, in order.
+    """`{"stem": [layers], "stage1": [layers], ..., "final": [layers]}`: the model's top-level layers by stage.
 
     Raises:
         ValueError: the model has no layers named like the package's networks.
@@ -123,10 +124,12 @@ def feature_extractor(model, name=None):
     """A model of `model`'s input returning the output of the stem and of every stage, by name.
 
     The outputs are `{"stem": ..., "stage1": ..., ..., "stage{N}": ...}`, each the
-    output of the last layer of that stage: for an NF-ResNet the residual
-    stream after each stage's last block (before the next block's
-    pre-activation), for the speed network the stem's activation and each
-    conv-pool group's output. The extractor shares its layers with `model`.
+    output of the last layer of that stage: for an NF-ResNet the stem's last
+    conv and the residual stream after each stage's last block (before the
+    next block's pre-activation), then `"final"`, the map its head pools (after
+    the final conv and activation, where the preset has them); for the speed
+    network the stem's activation and each conv-pool group's output. The
+    extractor shares its layers with `model`.
 
     Args:
         model: keras.Model. A network of the package, or a backbone of one.
@@ -185,8 +188,9 @@ def freeze(model, stages, trainable=False):
 
     Args:
         model: keras.Model. A network of the package.
-        stages: str or sequence of str. Stage names (`"stem"`, `"stage1"`, ...),
-            or one comma-separated string (`"stem,stage1"`).
+        stages: str or sequence of str. Stage names (`"stem"`, `"stage1"`, ...,
+            `"final"` where the model has it), or one comma-separated string
+            (`"stem,stage1"`).
         trainable: bool. The value to set. Defaults to `False` (freeze).
 
     Returns:
