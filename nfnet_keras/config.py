@@ -126,6 +126,16 @@ class TrainConfig:
     whitening_bias_epochs: int | None = option(
         None, "train the whitening stem's bias for the first N epochs only, as airbench94 (3); default: every epoch",
         group=_MODEL, metavar="N", hparam="epochs the whitening stem's bias trains (unset: all)")
+    init_from: str | None = option(
+        None, "start from the weights of this .keras model of the same --preset/--override/--norm (a trained run's "
+        "model.keras, nfnet-convert's output): the body's, and the classifier's if it has the data's classes (else "
+        "a fresh one); its whitening stem is kept, not adapted. A resumed run restores its checkpoint instead",
+        group=_MODEL, metavar="PATH", commands=("fit",), hparam="the .keras model the weights started from (unset: "
+        "initialised)")
+    freeze: str | None = option(
+        None, "comma-separated stages not trained (weights, BatchNorm statistics): stem, stage1, ..., final (an "
+        "NF-ResNet's final conv and activation); e.g. stem,stage1", group=_MODEL, metavar="STAGES", commands=("fit",),
+        hparam="stages not trained (unset: none)")
     # === Optimisation ===
     epochs: int = option(200, "training epochs", group=_OPT, hparam="epochs of the run", shown=True)
     batch_size: int = option(64, "images per step", group=_OPT, commands=("fit",), hparam="images per step",
@@ -223,8 +233,10 @@ class TrainConfig:
         from nfnet_keras.console import keras_backend
         from nfnet_keras.models.conv_groups.presets import ConvGroupsConfig
         from nfnet_keras.models.presets import resolve_config
+        from nfnet_keras.models.stages import STEM, check_stages
 
         resolved = resolve_config(self.preset, self.overrides)
+        frozen = [] if self.freeze is None else check_stages(self.freeze, resolved.stage_names, "--freeze")
         checks = [
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}."),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}."),
@@ -267,6 +279,12 @@ class TrainConfig:
             (self.whitening_bias_epochs is None or keras_backend() == "tensorflow",
              f"--whitening-bias-epochs needs KERAS_BACKEND=tensorflow (it freezes a layer during fit, done here "
              f"on TensorFlow only), got {keras_backend()}."),
+            (self.whitening_bias_epochs is None or STEM not in frozen,
+             "--freeze stem keeps the whitening stem's bias fixed from the start; drop --whitening-bias-epochs or "
+             "stem from --freeze."),
+            (self.init_from is None or self.init_from.endswith(".keras"),
+             f"--init-from takes a .keras model file (a run's model.keras, nfnet-convert's output), got "
+             f"{self.init_from!r}."),
         ]
         for ok, message in checks:
             if not ok:

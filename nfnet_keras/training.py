@@ -24,6 +24,7 @@ from nfnet_keras.config import PRECISIONS, RECIPES, SCHEDULES, STRATEGIES, Train
 from nfnet_keras.inference import TTA_POLICY_VIEWS, TTA_POLICY_WEIGHTS, keras_predictor, with_tta
 from nfnet_keras.models import BATCHNORM_TWIN, adapt_model, build_model
 from nfnet_keras.models.initialization import dirac_initialize
+from nfnet_keras.models.transfer import WeightsMismatch, copy_weights, freeze
 from nfnet_keras.optimization import make_loss, make_optimizer
 from nfnet_keras.preemption import Preempted, StepCheckpoint, StopSignals
 from nfnet_keras.tensorboard import SignalPropagationLogger, TensorBoard, log_hparams, log_test_metrics, session_dir
@@ -100,17 +101,49 @@ def compile_model(model, config, steps_per_epoch):
     return model
 
 
-def build_for(config):
+def build_for(config, resuming=False):
     """The model of `config`: its preset and overrides, or their BatchNorm twin (`norm="batch"`).
 
     With `conv_init="dirac"` every conv but the stem starts with its first `C_in`
-    filters the identity (`models.initialization.dirac_initialize`).
+    filters the identity (`models.initialization.dirac_initialize`). With
+    `init_from` the weights come from that `.keras` model (`init_from_file`),
+    unless `resuming` (the run's checkpoint then restores them). The stages
+    named by `freeze` are made non-trainable (`models.transfer.freeze`).
     """
     twin = BATCHNORM_TWIN if config.norm == "batch" else {}
     model = build_model(config.preset, **{**twin, **config.overrides})
     if config.conv_init == "dirac":
         dirac_initialize(model)
+    if config.init_from and not resuming:
+        init_from_file(model, config)
+    if config.freeze:
+        frozen = freeze(model, config.freeze)
+        print(f"Frozen (--freeze {config.freeze}): {', '.join(frozen)}.")
     return model
+
+
+def init_from_file(model, config):
+    """Copies the weights of the `.keras` model `config.init_from` into `model` (`models.transfer.copy_weights`).
+
+    The body's weights always, the classifier's when it has the model's classes
+    (else the model keeps its fresh one); the whitening stem and BatchNorm
+    statistics are weights and come from the file too.
+
+    Raises:
+        ValueError: one line, if the file is not a loadable `.keras` model of the config's network.
+    """
+    try:
+        head = copy_weights(model, config.init_from)
+    except WeightsMismatch as e:
+        network = f"--preset {config.preset}" + "".join(f" --override {k}={v!r}" for k, v in config.overrides.items())
+        network += " --norm batch" if config.norm == "batch" else ""
+        raise ValueError(f"--init-from {config.init_from} is not a model of {network}: {e.detail}; give a .keras "
+                         "model of that network.") from None
+    except ValueError as e:
+        raise ValueError(f"--init-from {e}") from None
+    classes = model.output_shape[-1]
+    print(f"Initialised from {config.init_from}: the body and "
+          + ("the classifier." if head else f"a fresh {classes}-class classifier (the file's has other classes)."))
 
 
 # Training images a data-dependent layer (the whitening stem) is adapted to.
@@ -316,6 +349,8 @@ def train(config, run_dir, export_name=None, export_dir="saved_models", verbose=
     check_batch_size(config.batch_size, len(train_arr[0]))
     fingerprint = rundir.data_fingerprint(*train_arr, *val_arr, *test_arr)
     rundir.check_data(run_dir, fingerprint)
+    resuming = StepCheckpoint(_checkpoint_dir(run_dir)).newest() != (0, 0)
+    model = _build_compiled(config, strategy, train_arr, resuming)  # a bad --init-from: an error, nothing written
     with rundir.locked(run_dir, what="--run-dir"):
         rundir.check_run_dir(run_dir, config)  # another process may have finished it meanwhile
         for path in rundir.remove_stale_temporaries(run_dir):
@@ -323,14 +358,17 @@ def train(config, run_dir, export_name=None, export_dir="saved_models", verbose=
         rundir.write_record(run_dir, config, fingerprint)
         print(f"Run directory: {run_dir}  (TensorBoard: tensorboard --logdir {os.path.join(run_dir, 'logs')})",
               flush=True)
-        return _train_locked(config, run_dir, strategy, (train_arr, val_arr, test_arr), fingerprint,
+        return _train_locked(config, run_dir, model, (train_arr, val_arr, test_arr), fingerprint,
                              export_name, export_dir, verbose)
 
 
-def _train_locked(config, run_dir, strategy, splits, fingerprint, export_name, export_dir, verbose):
-    """The job inside the locked run directory: build, train, test, save, export."""
+def _checkpoint_dir(run_dir):
+    return os.path.join(run_dir, "checkpoints")
+
+
+def _train_locked(config, run_dir, model, splits, fingerprint, export_name, export_dir, verbose):
+    """The job inside the locked run directory: train, test, save, export."""
     train_arr, val_arr, test_arr = splits
-    model = _build_compiled(config, strategy, train_arr)
     start = time.time()
     result, signal_logger, session = _train(config, run_dir, model, train_arr, val_arr, verbose)
     history = rundir.read_history(run_dir)
@@ -350,12 +388,22 @@ def _train_locked(config, run_dir, strategy, splits, fingerprint, export_name, e
     return metrics
 
 
-def _build_compiled(config, strategy, train_images_labels):
-    """The run's model, compiled, its data-dependent layers adapted to the training images."""
+def _build_compiled(config, strategy, train_images_labels, resuming=False):
+    """The run's model, compiled, its data-dependent layers adapted to the training images.
+
+    With `--init-from` nothing is adapted: the file's body was trained on the
+    output of its own whitening stem, and re-adapting the stem to these images
+    would change what every layer after it sees; the stem comes from the file
+    (or, resuming, from the checkpoint).
+    """
     train_images = train_images_labels[0]
     with strategy.scope():
-        model = build_for(config)
+        model = build_for(config, resuming=resuming)
         compile_model(model, config, math.ceil(len(train_images) / config.batch_size))
+    if config.init_from:
+        if resuming:
+            print(f"Resuming: the checkpoint restores the weights; --init-from {config.init_from} is not read.")
+        return model
     adapted = adapt_to(model, train_images)  # a resumed run then restores the same values
     if adapted:
         print(f"Adapted {', '.join(adapted)} to {min(len(train_images), ADAPT_IMAGES)} training images.")
@@ -367,7 +415,7 @@ def _train(config, run_dir, model, train_arr, val_arr, verbose):
     history CSV and TensorBoard; returns `(FitResult, the signal logger, the HParams session folder)`."""
     train_ds, val_ds = make_datasets(config, train_arr, val_arr)
     stop = StopSignals()
-    checkpoint = StepCheckpoint(os.path.join(run_dir, "checkpoints"), every_steps=config.checkpoint_every, stop=stop)
+    checkpoint = StepCheckpoint(_checkpoint_dir(run_dir), every_steps=config.checkpoint_every, stop=stop)
     session = session_dir(os.path.join(run_dir, "logs"))  # the HParams session; train/, validation/, test/ below
     signal_logger = SignalPropagationLogger(session, data_lib.preprocess(val_arr[0][:64]))
     callbacks = [

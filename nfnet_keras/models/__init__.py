@@ -1,5 +1,6 @@
 """The networks: one folder per family, a registry from preset names to builders, and the
-tools that read a model block by block (signal propagation, multiply-add counts).
+tools that read a model block by block (signal propagation, multiply-add counts), and the
+transfer-learning ones (backbones, feature maps, new heads, frozen stages).
 Each name imports its module on first use."""
 
 from nfnet_keras import lazy
@@ -17,6 +18,7 @@ __getattr__, __dir__, __all__ = lazy.attach(
         ".registry": ["BATCHNORM_TWIN", "build_model"],
         ".signal": ["signal_propagation"],
         ".signal_block": ["SignalBlock", "adapt_model", "model_convs", "signal_blocks"],
+        ".transfer": ["backbone", "copy_weights", "feature_extractor", "freeze", "with_new_head"],
     },
-    submodules=("conv_groups", "nf_resnet"),
+    submodules=("conv_groups", "nf_resnet", "transfer"),
 )

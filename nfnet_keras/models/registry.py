@@ -17,6 +17,7 @@ from nfnet_keras.models.conv_groups.presets import ConvGroupsConfig
 from nfnet_keras.models.nf_resnet import backbone as nf_resnet_backbone
 from nfnet_keras.models.nf_resnet.presets import NFResNetConfig
 from nfnet_keras.models.presets import PRESETS, check_preset, resolve_config  # noqa: F401  (re-exported)
+from nfnet_keras.models.transfer import POOLINGS, backbone, copy_weights
 
 BUILDERS = {NFResNetConfig: nf_resnet_backbone.build, ConvGroupsConfig: conv_groups_backbone.build}
 # `build_model` arguments that give a network's BatchNorm twin: BatchNorm -> activation where the
@@ -48,7 +49,7 @@ def load_weights_into(model, path):
 
 
 def build_model(preset="report_resnet", num_classes=10, input_shape=(32, 32, 3), *, conv_layer=WSConv2D,
-                norm_layer=None, name=None, weights=None, **overrides):
+                norm_layer=None, name=None, weights=None, include_top=True, pooling="avg", **overrides):
     """Builds a network from a preset: an NF-ResNet (NFNets included) or the CIFAR speed network.
 
     The model takes normalised float images (see `nfnet_keras.preprocess`) and
@@ -75,7 +76,14 @@ def build_model(preset="report_resnet", num_classes=10, input_shape=(32, 32, 3),
         name: str or None. The model's name. Defaults to the preset name.
         weights: str, path or None. A `.keras` or `.weights.h5` file of the same
             network to load (see `load_weights_into`), e.g. one `nfnet-convert`
-            wrote from timm's NFNet-F weights. Defaults to `None` (initialised).
+            wrote from timm's NFNet-F weights. With `include_top=False`: a
+            `.keras` file of the same network with any head, whose body weights
+            are copied (`models.transfer.copy_weights`). Defaults to `None`
+            (initialised).
+        include_top: bool. False: the backbone, the network without its head
+            (`models.transfer.backbone`), for transfer learning. Defaults to `True`.
+        pooling: `"avg"`, `"max"` or None. With `include_top=False`: the global
+            pooling of the last feature map (None: the map itself). Defaults to `"avg"`.
         **overrides: config fields to replace, e.g. `depths=(2, 2, 2)`.
 
     Returns:
@@ -87,6 +95,8 @@ def build_model(preset="report_resnet", num_classes=10, input_shape=(32, 32, 3),
     >>> model.output_shape
     (None, 10)
     >>> bn_twin = build_model("tiny", **BATCHNORM_TWIN)
+    >>> build_model("tiny", include_top=False).output_shape
+    (None, 32)
     """
     config = resolve_config(preset, overrides)
     if not (isinstance(num_classes, numbers.Integral) and not isinstance(num_classes, bool) and num_classes > 0):
@@ -94,9 +104,16 @@ def build_model(preset="report_resnet", num_classes=10, input_shape=(32, 32, 3),
     input_shape = tuple(input_shape)
     if len(input_shape) != 3:
         raise ValueError(f"input_shape must be (height, width, channels), got {input_shape!r}.")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of 'avg', 'max' or None, got {pooling!r}.")
     conv_layer = resolve_layer_class(conv_layer, keras.layers.Conv2D, "conv_layer")
     if norm_layer is not None:
         norm_layer = resolve_layer_class(norm_layer, keras.layers.Layer, "norm_layer")
     model = BUILDERS[type(config)](config, num_classes, input_shape, conv_layer=conv_layer, norm_layer=norm_layer,
                                    name=preset if name is None else name)
-    return model if weights is None else load_weights_into(model, weights)
+    if include_top:
+        return model if weights is None else load_weights_into(model, weights)
+    features = backbone(model, pooling, name=model.name)
+    if weights is not None:
+        copy_weights(features, weights)
+    return features

@@ -4,6 +4,7 @@ import dataclasses
 
 from nfnet_keras.layers.gammas import check_activation
 from nfnet_keras.models import config_checks as checks
+from nfnet_keras.models import stages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,11 @@ class ConvGroupsConfig:
         checks.number("whitening_epsilon", self.whitening_epsilon, lambda v: v > 0, "> 0")
         checks.number("logit_scale", self.logit_scale, lambda v: v > 0, "> 0")
         checks.number("dropout", self.dropout, lambda v: 0 <= v < 1, "in [0, 1)")
+
+    @property
+    def stage_names(self):
+        """`stem` (the whitening and its activation), then `stage1` ... `stage{N}`, one per conv-pool group."""
+        return stages.names(len(self.widths))
 
 
 # The shape of airbench94 (widths 64/256/256) and of airbench95 (128/384/384), without normalization:

@@ -8,6 +8,7 @@ import dataclasses
 
 from nfnet_keras.layers.gammas import check_activation
 from nfnet_keras.models import config_checks as checks
+from nfnet_keras.models import stages
 
 # What an NFBlock divides its input by: the expected standard deviation (the papers) or the
 # expected variance (the report's code, kept to reproduce it).
@@ -160,6 +161,11 @@ class NFResNetConfig:
     def final_conv_width(self):
         """Output channels of the final 1x1 conv (0: none)."""
         return int(self.widths[-1] * self.final_conv_multiplier)
+
+    @property
+    def stage_names(self):
+        """`stem`, `stage1` ... `stage{N}`, and `final` where the body has a final conv or activation."""
+        return stages.names(len(self.widths), final=bool(self.final_conv_multiplier or self.head_activation))
 
 
 _CIFAR = NFResNetConfig()
