@@ -297,8 +297,22 @@ def _translate_flip(pixels, fill_mode, seed):
 EPOCH_AUGMENTATIONS = ("translate_altflip",)
 # Salts of the stateless random streams of an epoch-indexed pipeline (one per kind of draw).
 _FLIP_SALT, _ORDER_SALT, _SHIFT_SALT, _MIRROR_SALT, _CHOICE_SALT, _ANGLE_SALT, _NOISE_SALT = 1, 2, 3, 4, 5, 6, 7
-# The largest shift (pixels) of each translating policy, and how the uncovered border is filled.
+# The largest shift (pixels, at 32 x 32) of each translating policy, and how the uncovered border is filled.
 _SHIFT_POLICIES = {"translate_altflip": (2, "REFLECT"), "translate_flip": (2, "REFLECT"), "standard": (4, "CONSTANT")}
+
+
+def shift_for(policy, image_shape):
+    """(largest shift in pixels, border fill) of a translating policy on images of `image_shape` `(h, w, ...)`.
+
+    The shift of `_SHIFT_POLICIES` at 32 x 32, scaled with the shorter side
+    (rounded, at least 1): e.g. `translate_flip` moves 64 x 64 images by up to 4 pixels.
+    A policy that does not translate: `(0, None)`.
+    """
+    pad, fill = _SHIFT_POLICIES.get(policy, (0, None))
+    if pad:
+        pad = max(1, round(pad * min(image_shape[:2]) / 32))
+    return pad, fill
+
 # `noise_rotate_flip`: the noise (normalised units) and the largest rotation (degrees), as `NoiseRotateFlip`'s.
 _NOISE_STDDEV, _MAX_DEGREES = 0.2, 15.0
 
@@ -462,7 +476,8 @@ def make_epoch_dataset(x, y, batch_size, epochs, augment="translate_altflip", se
     exactly those that were not mirrored on the epoch before.
     `translate_flip`: the same shift, each image mirrored with probability
     1/2. `standard`: a shift in `-4..4` with zero (mean) borders, a pad-4
-    random crop, and the mirror. `noise_rotate_flip`: each image 40% untouched,
+    random crop, and the mirror. The shifts are those of 32 x 32 images,
+    scaled with the images' shorter side (`shift_for`). `noise_rotate_flip`: each image 40% untouched,
     20% Gaussian noise (std 0.2 in normalised units), 20% rotated by a uniform
     angle in +-15 degrees (reflected corners), 20% mirrored (`NoiseRotateFlip`'s
     policy). `none`: no augmentation.
@@ -497,7 +512,7 @@ def make_epoch_dataset(x, y, batch_size, epochs, augment="translate_altflip", se
     feed = EpochFeed(steps) if start_epoch is None else None
     images, labels = tf.constant(x), tf.constant(y)
     mirrored_first = tf.constant(first_epoch_mirrored(seed, count))
-    pad, fill = _SHIFT_POLICIES.get(policy, (0, None))
+    pad, fill = shift_for(policy, x.shape[1:])
 
     def skipped(epoch):
         if feed is None:

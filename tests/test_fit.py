@@ -303,8 +303,8 @@ def test_predict_npy_csv_folder_and_savedmodel_agree(finished_run, cifar_dir, tm
     "array, message",
     [
         (np.zeros((2, 32, 32, 3), np.float32), "expected uint8"),
-        (np.zeros((2, 28, 28, 3), np.uint8), "expected shape N x 32 x 32 x 3"),
-        (np.zeros((32, 32, 3), np.uint8), "expected shape N x 32 x 32 x 3"),
+        (np.zeros((2, 28, 28, 1), np.uint8), "expected shape N x H x W x 3"),
+        (np.zeros((32, 32, 3), np.uint8), "expected shape N x H x W x 3"),
     ],
 )
 def test_predict_rejects_bad_arrays(array, message, tmp_path, capsys):
