@@ -35,6 +35,11 @@ def format_report(matrix, names=CLASS_NAMES):
     return "\n".join(lines)
 
 
+def _listed(names, most=10):
+    """`names` joined by commas, the first `most` of a longer list followed by `...`."""
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
+
+
 def _test_split(args, predict):
     """The test images of `--dataset` at the model's image size, and their class names.
 
@@ -49,8 +54,8 @@ def _test_split(args, predict):
     data = load_dataset(args.dataset, args.data_dir, args.tfds_dir, image_size=size, test_only=True)
     if tuple(predict.class_names) != tuple(data.class_names):
         raise InputError(
-            f"--model {args.model} classifies {len(predict.class_names)} classes ({', '.join(predict.class_names)}) "
-            f"but --dataset {args.dataset} has {len(data.class_names)} ({', '.join(data.class_names)}); evaluate a "
+            f"--model {args.model} classifies {len(predict.class_names)} classes ({_listed(predict.class_names)}) "
+            f"but --dataset {args.dataset} has {len(data.class_names)} ({_listed(data.class_names)}); evaluate a "
             "model on data with its classes.")
     return data.test, data.class_names
 

@@ -140,6 +140,27 @@ def test_evaluate_refuses_data_with_other_classes(folder_run, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
+def test_the_savedmodel_takes_the_model_image_size_and_carries_its_class_names(folder_run, tmp_path):
+    from nfnet_keras import export
+
+    model_path = str(folder_run / "model.keras")
+    assert export.main(["--model", model_path, "--name", "shapes", "--base-dir", str(tmp_path)]) == exits.OK
+    version = tmp_path / "shapes" / "1"
+    assert (version / "assets" / "class_names.txt").read_text() == "circle\ncross\nstripes\n"
+    images = tmp_path / "x.npy"
+    np.save(images, np.concatenate([class_images(label, 2, 40, seed=3) for label in range(3)]))
+    rows = {}
+    for source in (model_path, str(version)):
+        out = tmp_path / f"{len(rows)}.csv"
+        assert predict.main(["--model", source, "--images", str(images), "--out", str(out)]) == exits.OK
+        with open(out) as f:
+            rows[source] = list(csv.DictReader(f))
+    assert [r["class"] for r in rows[model_path]] == [r["class"] for r in rows[str(version)]]
+    np.testing.assert_allclose([float(r["probability"]) for r in rows[model_path]],
+                               [float(r["probability"]) for r in rows[str(version)]], atol=1e-4)
+
+
 def _bad_folders(root):
     """name -> (the folder, the error after `error: --dataset folder:<folder>`)."""
     cases = {}
@@ -267,3 +288,28 @@ def test_an_unknown_or_unprepared_tfds_dataset_is_refused(name, message, tfds_di
         exits.BAD_INPUT
     assert one_line_error(capsys) == message.format(dir=tfds_dir)
     assert not run_dir.exists()
+
+
+# === Augmentation at other sizes ===
+
+
+@pytest.mark.parametrize("policy, size, pad", [("translate_flip", 32, 2), ("translate_flip", 64, 4),
+                                                ("standard", 40, 5), ("standard", 16, 2), ("noise_rotate_flip", 64, 0)])
+def test_shifts_scale_with_the_image_size(policy, size, pad):
+    from nfnet_keras import data
+
+    assert data.shift_for(policy, (size, size, 3))[0] == pad
+
+
+def test_translate_flip_moves_64_pixel_images_by_up_to_4_pixels():
+    from nfnet_keras import data
+
+    images = np.random.default_rng(0).normal(size=(32, 64, 64, 3)).astype("float32")
+    out = data.make_augmenter("translate_flip", seed=3)(images).numpy()
+    shifts = []
+    for x, y in zip(images, out):
+        found = [(dy, dx) for v in (x, x[:, ::-1]) for dy in range(-4, 5) for dx in range(-4, 5)
+                 if np.array_equal(np.roll(v, (dy, dx), (0, 1))[4:-4, 4:-4], y[4:-4, 4:-4])]
+        assert len(found) == 1
+        shifts.append(max(abs(found[0][0]), abs(found[0][1])))
+    assert max(shifts) == 4
