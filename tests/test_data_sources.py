@@ -82,6 +82,13 @@ def test_the_split_of_a_folder_without_train_and_test_is_a_fixed_fifth_of_each_c
     np.testing.assert_array_equal(sources.holdout_split(labels)[1], test)  # the same every time
 
 
+def test_the_validation_split_of_other_data_is_at_most_a_tenth_of_its_training_images():
+    assert sources.val_size_for("folder:x", 5000, 1000) == (
+        100, "Holding out 100 of the 1000 training images for validation (--val-size 5000 is at most a tenth of them).")
+    assert sources.val_size_for("tfds:x", 50, 1000) == (50, "")
+    assert sources.val_size_for("cifar10", 5000, 1000) == (5000, "")  # CIFAR-10's --val-size is as given
+
+
 @pytest.mark.slow
 def test_predict_names_the_folder_classes_and_resizes_to_the_model(folder_run, tmp_path, capsys):
     images = tmp_path / "images"
