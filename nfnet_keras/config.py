@@ -51,6 +51,8 @@ OPTIMIZERS = ("sgd", "renorm_sgd", "muon")
 # Fields that say where things are (or how often a checkpoint is written), not what the experiment
 # is: they may differ between the runs of one experiment (e.g. on resume, after moving the data).
 LOCATION_FIELDS = ("data_dir", "tfds_dir", "checkpoint_every")
+# The kinds of labelled image source (`nfnet_keras.sources`): CIFAR-10, a folder of class subfolders, a TFDS dataset.
+DATASET_KINDS = ("folder", "tfds")
 
 # Named sets of TrainConfig values: `python -m nfnet_keras.fit --recipe NAME`
 # (explicit flags and --hparams win). docs/training.md explains each choice.
@@ -189,13 +191,21 @@ class TrainConfig:
                           "same shift, each image mirrored on alternate epochs; none", group=_OPT,
                           choices=AUGMENTATIONS, hparam="augmentation policy")
     # === Data ===
+    dataset: str = option("cifar10", "the images: cifar10; folder:PATH, one subfolder of images per class (train/ and "
+                          "test/ inside if given, else a fixed fifth of each class is tested on); or tfds:NAME, a TFDS "
+                          "image classification dataset prepared in --tfds-dir (docs/training.md#your-own-images)",
+                          group=_DATA, metavar="SOURCE", commands=("fit",), hparam="the training images")
+    image_size: int | None = option(None, "resize every image to N x N (default: the data's own size)", group=_DATA,
+                                    metavar="N", commands=("fit",), hparam="image size (unset: the data's own)")
     data_dir: str | None = option(None, "folder with cifar-10-batches-py/ or cifar-10-python.tar.gz (default: "
                                   "$NFNET_DATA_DIR, then TFDS)", group=_DATA)
-    tfds_dir: str | None = option(None, "TFDS data_dir, used only when no --data-dir or $NFNET_DATA_DIR is given "
-                                  "(default: ~/tensorflow_datasets)", group=_DATA)
+    tfds_dir: str | None = option(None, "TFDS data_dir: where --dataset tfds:NAME is read, and CIFAR-10 when no "
+                                  "--data-dir or $NFNET_DATA_DIR is given (default: ~/tensorflow_datasets)",
+                                  group=_DATA)
     train_limit: int | None = option(None, "train on the first N training images (default: all)", group=_DATA,
                                      metavar="N", hparam="training images used (unset: all)")
-    val_size: int = option(5000, "validation images held out of the 50,000", group=_DATA,
+    val_size: int = option(5000, "validation images held out of the training images (of a dataset other than "
+                           "CIFAR-10's 50,000: at most a tenth of them)", group=_DATA,
                            hparam="validation images held out of the training set")
     test_limit: int | None = option(None, "evaluate the trained model on the first N test images (default: all "
                                     "10,000; with --train-limit N: min(10000, max(1000, N)))", group=_DATA,
@@ -265,6 +275,9 @@ class TrainConfig:
             (not (self.lookahead and self.strategy == "mirrored"),
              "--lookahead is not supported with --strategy mirrored; use --strategy none or data_parallel."),
             (self.val_size >= 1, f"--val-size must be >= 1, got {self.val_size}."),
+            (not dataset_problem(self.dataset), f"--dataset {dataset_problem(self.dataset)}."),
+            (self.image_size is None or self.image_size >= 8,
+             f"--image-size must be >= 8 (pixels), got {self.image_size}."),
             (self.train_limit is None or self.train_limit >= 1,
              f"--train-limit must be >= 1, got {self.train_limit}."),
             (self.checkpoint_every >= 0,
@@ -324,6 +337,14 @@ class TrainConfig:
     def identity(self):
         """What makes two runs the same experiment (`identity_of`)."""
         return identity_of(self.to_dict())
+
+
+def dataset_problem(value):
+    """Why `value` is not a `--dataset` (cifar10, folder:PATH, tfds:NAME), as one line, or None."""
+    kind, sep, rest = value.partition(":") if isinstance(value, str) else ("", "", "")
+    if value == "cifar10" or (sep and kind in DATASET_KINDS and rest):
+        return None
+    return f"must be cifar10, folder:PATH or tfds:NAME, got {value!r}"
 
 
 def default_test_limit(train_limit):

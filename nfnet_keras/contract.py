@@ -1,13 +1,17 @@
 """What a model of this package takes and gives, in one place.
 
-The images every entry point accepts (uint8 RGB, 32 x 32), the class names,
-and the TF Serving contract of an export: the signature, its input and output
-names, and the class-names asset. `export` writes this contract, `serving`
-reads it, `inference` and `data` check images against it. Imports no
+The images every entry point accepts (uint8 RGB, 32 x 32 for CIFAR-10; a
+model trained on other images takes their size), the class names, and the TF
+Serving contract of an export: the signature, its input and output names, and
+the class-names asset. A `.keras` model written by `fit` carries its class
+names too, as the member `class_names.txt` of its zip archive
+(`write_class_names`, `read_class_names`). `export` writes this contract,
+`serving` reads it, `inference` and `data` check images against it. Imports no
 TensorFlow.
 """
 
 import re
+import zipfile
 
 import numpy as np
 
@@ -32,31 +36,55 @@ class InputError(ValueError):
     """Bad images, a bad model path or a bad output path; the message says what to do."""
 
 
-def check_images(images, where="images", allow_single=False):
-    """Returns `images` as a uint8 array `(batch, 32, 32, 3)`, or raises InputError.
+def check_images(images, where="images", allow_single=False, shape=IMAGE_SHAPE):
+    """Returns `images` as a uint8 array `(batch, *shape)`, or raises InputError.
 
     Args:
         images: array-like. Raw RGB pixels, 0-255.
         where: str. What to name in the error message (a flag, a file).
-        allow_single: bool. Accept one image `(32, 32, 3)` and add a batch axis.
+        allow_single: bool. Accept one image `shape` and add a batch axis.
             Defaults to `False`.
+        shape: tuple. `(height, width, 3)` of an image; a `None` size takes any.
+            Defaults to `IMAGE_SHAPE`.
 
     Raises:
         InputError: not uint8 (models normalise raw pixels themselves, so the
-            pixels must not be scaled), or not `(batch, 32, 32, 3)`.
+            pixels must not be scaled), or not `(batch, *shape)`.
     """
+    shape = tuple(shape)
     images = np.asarray(images)
     if images.dtype != np.uint8:
         raise InputError(
             f"{where}: expected uint8 raw pixels (0-255), got dtype {images.dtype}; the model "
             "normalises them itself, so do not scale them."
         )
-    if allow_single and images.shape == IMAGE_SHAPE:
+    def fits(image_shape):
+        return len(image_shape) == 3 and all(s is None or s == d for s, d in zip(shape, image_shape))
+
+    if allow_single and images.ndim == 3 and fits(images.shape):
         images = images[None]
-    if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
-        expected = "N x 32 x 32 x 3" + (" or 32 x 32 x 3" if allow_single else "")
+    if images.ndim != 4 or not fits(images.shape[1:]):
+        sizes = " x ".join("H W 3".split()[i] if s is None else str(s) for i, s in enumerate(shape))
+        expected = f"N x {sizes}" + (f" or {sizes}" if allow_single else "")
         raise InputError(f"{where}: expected shape {expected}, got {images.shape}.")
     return images
+
+
+def write_class_names(keras_path, class_names):
+    """Adds the class names (one per line, in class-id order) to a saved `.keras` archive as `class_names.txt`.
+
+    Keras loads the archive as before: it reads only its own members.
+    """
+    with zipfile.ZipFile(keras_path, "a") as archive:
+        archive.writestr(CLASS_NAMES_ASSET, "".join(f"{name}\n" for name in class_names))
+
+
+def read_class_names(keras_path):
+    """The class names a `.keras` archive carries (`write_class_names`), or None if it carries none."""
+    with zipfile.ZipFile(keras_path) as archive:
+        if CLASS_NAMES_ASSET not in archive.namelist():
+            return None
+        return tuple(archive.read(CLASS_NAMES_ASSET).decode("utf-8").splitlines())
 
 
 def check_model_name(name):

@@ -4,6 +4,7 @@ The data path reads one way: a source gives uint8 arrays -> `split` ->
 `make_dataset` (batch -> `preprocess` -> augmentation -> prefetch) -> the model.
 """
 
+import itertools
 import os
 import pickle
 import tarfile
@@ -11,9 +12,6 @@ import tarfile
 import keras
 import numpy as np
 import tensorflow as tf
-
-# Keras' base of its tf.data-safe layers (not exported; its docstring shows this import).
-from keras.src.layers.preprocessing.data_layer import DataLayer
 
 from nfnet_keras.config import AUGMENTATIONS
 from nfnet_keras.contract import NUM_CLASSES
@@ -239,67 +237,35 @@ def split(x, y, val_size=5000, train_limit=None):
     return (x[train_idx], y[train_idx]), (x[val_idx], y[val_idx])
 
 
-# === Augmentation (on normalised float batches) ===
-
-
-class NoiseRotateFlip(DataLayer):
-    """The report's per-image policy, vectorised over a batch.
-
-    Each image independently: 40% untouched, 20% additive Gaussian noise
-    (`noise_stddev`, in normalised units), 20% rotation by a uniform angle in
-    +-`max_degrees`, 20% horizontal flip.
-
-    A Keras `DataLayer` (as Keras' own random image layers are): inside a
-    `tf.data` pipeline it computes with TensorFlow and a TensorFlow seed
-    generator whatever `KERAS_BACKEND` is, so the JAX backend trains from the
-    same pipeline.
-    """
-
-    def __init__(self, noise_stddev=0.2, max_degrees=15.0, seed=None, **kwargs):
-        # Input pipelines work in float32 whatever the global mixed-precision policy.
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
-        self.noise_stddev = noise_stddev
-        self.max_degrees = max_degrees
-        self.seed = seed
-        self.generator = keras.random.SeedGenerator(seed)
-        self.rotate = keras.layers.RandomRotation(
-            max_degrees / 360.0, fill_mode="reflect", seed=None if seed is None else seed + 1, dtype="float32"
-        )
-
-    def call(self, images):
-        batch = tf.shape(images)[0]
-        generator = self._get_seed_generator(self.backend.name)
-        choice = self.backend.random.uniform((batch,), seed=generator)
-        noise = self.backend.random.normal(tf.shape(images), stddev=self.noise_stddev, seed=generator)
-        rotated = self.rotate(images, training=True)
-        # Branch per image: [0, 0.4) untouched, [0.4, 0.6) noise, [0.6, 0.8)
-        # rotation, [0.8, 1) horizontal flip; selected in place, no stacked copies.
-        branch = tf.searchsorted(tf.constant([0.4, 0.6, 0.8]), choice, side="right")[:, None, None, None]
-        out = tf.where(branch == 1, images + noise, images)
-        out = tf.where(branch == 2, rotated, out)
-        return tf.where(branch == 3, tf.reverse(images, axis=[2]), out)
-
-
-def _translate_flip(pixels, fill_mode, seed):
-    """A random translation of up to `pixels` in each direction (nearest pixel), then a random mirror."""
-    shift = keras.layers.RandomTranslation(
-        pixels / 32, pixels / 32, fill_mode=fill_mode, interpolation="nearest", seed=seed, dtype="float32"
-    )
-    flip = keras.layers.RandomFlip("horizontal", seed=None if seed is None else seed + 1, dtype="float32")
-    return lambda x: flip(shift(x, training=True), training=True)
-
-
-# === Epoch-indexed pipelines ===
+# === Augmentation (on normalised float batches) and the pipelines ===
+#
+# One implementation of every policy: per-image draws from a stateless key (`_per_image_draws`) applied to a
+# batch (`_augment_batch`). `make_epoch_dataset` keys them on (seed, epoch) and the image, `make_augmenter` on
+# (seed, batch index).
 
 # Policies that only an epoch-indexed pipeline implements (they depend on the epoch): `make_augmenter`
 # has no batch augmenter for them. Every policy has an epoch-indexed training pipeline (`make_epoch_dataset`).
 EPOCH_AUGMENTATIONS = ("translate_altflip",)
 # Salts of the stateless random streams of an epoch-indexed pipeline (one per kind of draw).
 _FLIP_SALT, _ORDER_SALT, _SHIFT_SALT, _MIRROR_SALT, _CHOICE_SALT, _ANGLE_SALT, _NOISE_SALT = 1, 2, 3, 4, 5, 6, 7
-# The largest shift (pixels) of each translating policy, and how the uncovered border is filled.
+# The largest shift (pixels, at 32 x 32) of each translating policy, and how the uncovered border is filled.
 _SHIFT_POLICIES = {"translate_altflip": (2, "REFLECT"), "translate_flip": (2, "REFLECT"), "standard": (4, "CONSTANT")}
-# `noise_rotate_flip`: the noise (normalised units) and the largest rotation (degrees), as `NoiseRotateFlip`'s.
+
+
+def shift_for(policy, image_shape):
+    """(largest shift in pixels, border fill) of a translating policy on images of `image_shape` `(h, w, ...)`.
+
+    The shift of `_SHIFT_POLICIES` at 32 x 32, scaled with the shorter side
+    (rounded, at least 1): e.g. `translate_flip` moves 64 x 64 images by up to 4 pixels.
+    A policy that does not translate: `(0, None)`.
+    """
+    pad, fill = _SHIFT_POLICIES.get(policy, (0, None))
+    if pad:
+        pad = max(1, round(pad * min(image_shape[:2]) / 32))
+    return pad, fill
+
+
+# `noise_rotate_flip`: the noise (normalised units) and the largest rotation (degrees).
 _NOISE_STDDEV, _MAX_DEGREES = 0.2, 15.0
 
 
@@ -462,9 +428,10 @@ def make_epoch_dataset(x, y, batch_size, epochs, augment="translate_altflip", se
     exactly those that were not mirrored on the epoch before.
     `translate_flip`: the same shift, each image mirrored with probability
     1/2. `standard`: a shift in `-4..4` with zero (mean) borders, a pad-4
-    random crop, and the mirror. `noise_rotate_flip`: each image 40% untouched,
+    random crop, and the mirror. The shifts are those of 32 x 32 images,
+    scaled with the images' shorter side (`shift_for`). `noise_rotate_flip`: each image 40% untouched,
     20% Gaussian noise (std 0.2 in normalised units), 20% rotated by a uniform
-    angle in +-15 degrees (reflected corners), 20% mirrored (`NoiseRotateFlip`'s
+    angle in +-15 degrees (reflected corners), 20% mirrored (the report's
     policy). `none`: no augmentation.
 
     Args:
@@ -497,7 +464,7 @@ def make_epoch_dataset(x, y, batch_size, epochs, augment="translate_altflip", se
     feed = EpochFeed(steps) if start_epoch is None else None
     images, labels = tf.constant(x), tf.constant(y)
     mirrored_first = tf.constant(first_epoch_mirrored(seed, count))
-    pad, fill = _SHIFT_POLICIES.get(policy, (0, None))
+    pad, fill = shift_for(policy, x.shape[1:])
 
     def skipped(epoch):
         if feed is None:
@@ -530,23 +497,37 @@ def make_epoch_dataset(x, y, batch_size, epochs, augment="translate_altflip", se
 
 
 def make_augmenter(policy, seed=None):
-    """Returns a callable on normalised float batches for a policy of `config.AUGMENTATIONS`.
+    """Returns `augment(images, index=None)` on normalised float batches for a policy of `config.AUGMENTATIONS`.
 
-    `noise_rotate_flip`: the report's per-image policy;
+    The policies of `make_epoch_dataset`, by the same code (`_per_image_draws`,
+    `_augment_batch`), each batch's draws keyed on `(seed, index)`: `index`
+    counts the batches (`make_dataset` passes it); a call without it takes the
+    next count. `noise_rotate_flip`: the report's per-image policy;
     `standard`: pad-4 random crop + horizontal flip; `translate_flip`: a
     random translation of up to 2 px with reflected borders + horizontal
-    flip; `none`: None. The policies of `EPOCH_AUGMENTATIONS` depend on the
-    epoch and have no batch augmenter: `make_dataset(..., epochs=N)` builds them.
+    flip (shifts scaled with the image size, `shift_for`); `none`: None. The
+    policies of `EPOCH_AUGMENTATIONS` depend on the epoch and have no batch
+    augmenter: `make_dataset(..., epochs=N)` builds them.
+
+    Args:
+        policy: str. A policy of `config.AUGMENTATIONS`.
+        seed: int or None. None: a seed drawn at random. Defaults to `None`.
     """
     if _check_policy(policy) in EPOCH_AUGMENTATIONS:
         raise ValueError(f"{policy!r} depends on the epoch: build its pipeline with make_dataset(..., epochs=N).")
-    if policy == "noise_rotate_flip":
-        return NoiseRotateFlip(seed=seed)
-    if policy == "standard":  # pad-4 random crop (zero = mean padding in normalised space) + flip
-        return _translate_flip(4, "constant", seed)
-    if policy == "translate_flip":  # +-2 px, reflected borders (no flat padding at the edges) + flip
-        return _translate_flip(2, "reflect", seed)
-    return None  # "none"
+    if policy == "none":
+        return None
+    seed = int(np.random.default_rng().integers(2**31)) if seed is None else seed
+    calls = itertools.count()
+
+    def augment(images, index=None):
+        images = tf.convert_to_tensor(images, tf.float32)
+        index = tf.constant(next(calls), tf.int64) if index is None else tf.cast(index, tf.int64)
+        pad, fill = shift_for(policy, images.shape[1:])
+        draws = _per_image_draws(policy, seed, index, tf.shape(images)[0], pad, None)
+        return _augment_batch(images, draws, pad, fill, seed, index, 0)
+
+    return augment
 
 
 def make_dataset(x, y, batch_size, training=False, augment="none", seed=None, repeat=False, one_hot=False,
@@ -560,8 +541,8 @@ def make_dataset(x, y, batch_size, training=False, augment="none", seed=None, re
     `make_epoch_dataset`'s: all the epochs in one pass, each batch a function
     of (seed, epoch, step), with an `epoch_feed` for `fit`, so that a resumed
     run sees the batches of an uninterrupted one. Without `epochs` it shuffles
-    anew on each pass and augments with `make_augmenter`'s layers; a policy of
-    `EPOCH_AUGMENTATIONS` needs `epochs`.
+    anew on each pass and augments each batch with `make_augmenter`'s draws,
+    keyed on the seed and the batch's index; a policy of `EPOCH_AUGMENTATIONS` needs `epochs`.
     """
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}.")
@@ -576,12 +557,13 @@ def make_dataset(x, y, batch_size, training=False, augment="none", seed=None, re
         ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()
-    ds = ds.batch(batch_size, drop_remainder=False)
+    ds = ds.batch(batch_size, drop_remainder=False).enumerate()
 
-    def transform(images, labels):
+    def transform(index, batch):
+        images, labels = batch
         images = preprocess(images)
         if augmenter is not None:
-            images = augmenter(images)
+            images = augmenter(images, index)
         if one_hot:
             labels = tf.one_hot(labels, num_classes)
         return images, labels

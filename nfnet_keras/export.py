@@ -82,7 +82,10 @@ def main(argv=None):
         parser.error(f"--model {args.model} could not be loaded as a Keras model ({reason}).")
     try:
         if args.format == "saved_model":
-            path = export_saved_model(model, args.name, args.version, args.base_dir, fold=args.fold)
+            from nfnet_keras.contract import CLASS_NAMES, read_class_names
+
+            class_names = read_class_names(args.model) or CLASS_NAMES
+            path = export_saved_model(model, args.name, args.version, args.base_dir, class_names, fold=args.fold)
         else:
             from nfnet_keras.export_formats import export_model
 

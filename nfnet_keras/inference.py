@@ -10,7 +10,17 @@ import numpy as np
 import tensorflow as tf
 
 from nfnet_keras.config import TTA_LOG_AVERAGED, TTA_POLICY_WEIGHTS
-from nfnet_keras.contract import IMAGE_SHAPE, INPUT, NUM_CLASSES, PROBABILITIES, SIGNATURE, InputError, check_images
+from nfnet_keras.contract import (
+    CLASS_NAMES,
+    CLASS_NAMES_ASSET,
+    IMAGE_SHAPE,
+    INPUT,
+    PROBABILITIES,
+    SIGNATURE,
+    InputError,
+    check_images,
+    read_class_names,
+)
 from nfnet_keras.data import preprocess
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -95,13 +105,28 @@ def with_tta(predict, policy="flip"):
     return predict_tta
 
 
+def _described(predict, class_names, image_shape):
+    """`predict` with the model's `class_names` and `image_shape` `(height, width, 3)` as attributes."""
+    predict.class_names = tuple(class_names)
+    predict.image_shape = tuple(image_shape)
+    return predict
+
+
+def _default_names(count):
+    """The class names of a model that carries none: CIFAR-10's for 10 classes, else the class ids."""
+    return CLASS_NAMES if count == len(CLASS_NAMES) else tuple(str(i) for i in range(count))
+
+
 def load_predictor(path, batch_size=256):
-    """Returns `predict(uint8 images N x 32 x 32 x 3) -> float32 probabilities N x 10`.
+    """Returns `predict(uint8 images N x H x W x 3) -> float32 probabilities N x classes`.
 
     `path` is a `.keras` file (normalisation applied here with `preprocess`),
     an exported SavedModel directory, or an exported `.onnx`, `.tflite` or
     OpenVINO `.xml` file (or the version folder holding one), run by its own
     runtime (`nfnet_keras.runtimes`); the exports normalise inside their graphs.
+    The function's `class_names` and `image_shape` attributes say what the
+    model classifies (the names a `.keras` file or a SavedModel carries) and
+    the images it takes (`(32, 32, 3)` for CIFAR-10).
     """
     if path.endswith(".keras"):
         if not os.path.isfile(path):
@@ -120,41 +145,55 @@ def load_predictor(path, batch_size=256):
         except Exception as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise InputError(f"--model {path} is not a loadable .keras model ({reason}).") from e
-        return keras_predictor(model, batch_size)
+        names = read_class_names(path) or _default_names(model.output_shape[-1])
+        return _described(keras_predictor(model, batch_size), names, model.input_shape[1:])
     if os.path.isfile(os.path.join(path, "saved_model.pb")):
-        loaded = tf.saved_model.load(path)
-        if SIGNATURE not in loaded.signatures:
-            raise InputError(f"--model {path} has no {SIGNATURE} signature.")
-        signature = loaded.signatures[SIGNATURE]
-
-        def predict(images):
-            out = [signature(**{INPUT: tf.constant(images[i:i + batch_size])})[PROBABILITIES].numpy()
-                   for i in range(0, len(images), batch_size)]
-            return np.concatenate(out) if out else np.zeros((0, NUM_CLASSES), np.float32)
-
-        return predict
+        return _saved_model_predictor(path, batch_size)
     from nfnet_keras import runtimes
 
     if runtimes.format_of(path)[0] is not None:
-        return runtimes.load_runtime(path, batch_size=batch_size)
+        return _described(runtimes.load_runtime(path, batch_size=batch_size), CLASS_NAMES, IMAGE_SHAPE)
     raise InputError(
         f"--model {path} is neither a .keras file, a SavedModel directory (a folder with saved_model.pb, e.g. "
         "saved_models/nfnet/1) nor an exported .onnx, .tflite or OpenVINO .xml model."
     )
 
 
-def read_images(path, flag="--images"):
-    """Reads images to classify: a `.npy` uint8 array N x 32 x 32 x 3, an image file, or a folder.
+def _saved_model_predictor(path, batch_size):
+    loaded = tf.saved_model.load(path)
+    if SIGNATURE not in loaded.signatures:
+        raise InputError(f"--model {path} has no {SIGNATURE} signature.")
+    signature = loaded.signatures[SIGNATURE]
+    image_shape = tuple(signature.structured_input_signature[1][INPUT].shape[1:])
+    names_path = os.path.join(path, "assets", CLASS_NAMES_ASSET)
+    names = None
+    if os.path.isfile(names_path):
+        with open(names_path, encoding="utf-8") as f:
+            names = tuple(f.read().splitlines())
+
+    def predict(images):
+        out = [signature(**{INPUT: tf.constant(images[i:i + batch_size])})[PROBABILITIES].numpy()
+               for i in range(0, len(images), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, len(predict.class_names)), np.float32)
+
+    count = signature.structured_outputs[PROBABILITIES].shape[-1]
+    return _described(predict, names or _default_names(count), image_shape)
+
+
+def read_images(path, flag="--images", image_shape=IMAGE_SHAPE):
+    """Reads images to classify: a `.npy` uint8 array N x H x W x 3, an image file, or a folder.
 
     Args:
         path: str. The `.npy` file, image file or folder.
         flag: str. How the user gave `path`, named in the error messages
             (`"--images"`; `""` for a positional argument). Defaults to `"--images"`.
+        image_shape: tuple. The model's `(height, width, 3)`: a `.npy` must
+            have it, image files are resized to it. Defaults to `IMAGE_SHAPE`.
 
     Returns:
         `(names, images)`: one name per image (the file name, or the row index
-        of a `.npy`) and a uint8 array N x 32 x 32 x 3. Image files of another
-        size are resized to 32 x 32.
+        of a `.npy`) and a uint8 array N x H x W x 3. Image files of another
+        size are resized to H x W.
     """
     given = f"{flag} {path}" if flag else path
     if not os.path.exists(path):
@@ -164,7 +203,7 @@ def read_images(path, flag="--images"):
             images = np.load(path, allow_pickle=False)
         except Exception as e:
             raise InputError(f"{given} is not a readable .npy array ({e}).") from e
-        return [str(i) for i in range(len(images))], check_images(images, path)
+        return [str(i) for i in range(len(images))], check_images(images, path, shape=image_shape)
     if os.path.isdir(path):
         files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
         if not files:
@@ -180,8 +219,8 @@ def read_images(path, flag="--images"):
             image = tf.io.decode_image(tf.io.read_file(f), channels=3, expand_animations=False)
         except tf.errors.OpError as e:
             raise InputError(f"{f} is not a readable PNG/JPEG image.") from e
-        if tuple(image.shape[:2]) != IMAGE_SHAPE[:2]:
-            resized = tf.image.resize(image, IMAGE_SHAPE[:2], antialias=True)
+        if None not in image_shape[:2] and tuple(image.shape[:2]) != tuple(image_shape[:2]):
+            resized = tf.image.resize(image, image_shape[:2], antialias=True)
             image = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8)
         images.append(image.numpy())
     return [os.path.basename(f) for f in files], np.stack(images)

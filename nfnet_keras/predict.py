@@ -1,12 +1,15 @@
 """Classify images with a trained model: `python -m nfnet_keras.predict --model PATH --images FILE --out FILE`.
 
-`--images`: a `.npy` uint8 array N x 32 x 32 x 3 (the report's private test set
-format), a PNG/JPEG file, or a folder of them. `--out`: `.npy` (class
-probabilities N x 10) or `.csv` (file, class, probability).
+`--images`: a `.npy` uint8 array N x H x W x 3 of the model's image size
+(N x 32 x 32 x 3 for CIFAR-10: the report's private test set format), a
+PNG/JPEG file, or a folder of them (resized to the model's size). `--out`:
+`.npy` (class probabilities N x classes) or `.csv` (file, class, probability),
+with the class names the model carries.
 """
 
 import argparse
 import csv
+import os
 import sys
 
 import numpy as np
@@ -16,7 +19,7 @@ from nfnet_keras.console import prog
 from nfnet_keras.contract import CLASS_NAMES, InputError
 
 
-def write_predictions(path, names, probabilities):
+def write_predictions(path, names, probabilities, class_names=CLASS_NAMES):
     """Writes probabilities to `.npy`, or `file,class,probability` rows to `.csv`, atomically."""
     if path.endswith(".npy"):
         with fileio.atomic_write(path, "wb") as f:
@@ -26,7 +29,7 @@ def write_predictions(path, names, probabilities):
         writer = csv.writer(f)
         writer.writerow(["file", "class", "probability"])
         for name, p in zip(names, probabilities):
-            writer.writerow([name, CLASS_NAMES[int(p.argmax())], f"{float(p.max()):.6f}"])
+            writer.writerow([name, class_names[int(p.argmax())], f"{float(p.max()):.6f}"])
 
 
 def main(argv=None):
@@ -34,7 +37,8 @@ def main(argv=None):
                                 description=__doc__.splitlines()[0].split(": `")[0] + ".")
     p.add_argument("--model", required=True,
                    help="a .keras file, a SavedModel directory, or an exported .onnx, .tflite or OpenVINO .xml")
-    p.add_argument("--images", required=True, help=".npy uint8 N x 32 x 32 x 3, a PNG/JPEG, or a folder")
+    p.add_argument("--images", required=True, help=".npy uint8 N x H x W x 3 (the model's image size: 32 x 32 for "
+                   "CIFAR-10), a PNG/JPEG, or a folder (resized to the model's size)")
     p.add_argument("--out", required=True, help="output .npy (probabilities) or .csv (file, class, probability)")
     args = p.parse_args(argv)
     if not args.out.endswith((".npy", ".csv")):
@@ -48,16 +52,18 @@ def main(argv=None):
     from nfnet_keras.inference import load_predictor, read_images
 
     try:
-        names, images = read_images(args.images)
+        if args.images.endswith(".npy") or not os.path.exists(args.images):  # checked before the model loads
+            read_images(args.images, image_shape=(None, None, 3))
+        predict = load_predictor(args.model)
+        names, images = read_images(args.images, image_shape=predict.image_shape)
         if len(images) == 0:
             raise InputError(f"--images {args.images}: holds no images (an empty array); give at least one.")
-        predict = load_predictor(args.model)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return exits.BAD_INPUT
     probabilities = predict(images)
     try:
-        write_predictions(args.out, names, probabilities)
+        write_predictions(args.out, names, probabilities, predict.class_names)
     except fileio.WriteError as e:
         print(f"error: {e}", file=sys.stderr)
         return exits.ENVIRONMENT

@@ -3,8 +3,8 @@
 The exported signature `serving_default` takes raw pixels and does the
 normalisation itself:
 
-    inputs:  image          uint8   [batch, 32, 32, 3]
-    outputs: probabilities  float32 [batch, 10]
+    inputs:  image          uint8   [batch, 32, 32, 3]  (a model trained on other images: their size)
+    outputs: probabilities  float32 [batch, 10]         (one per class)
              class_id       int64   [batch]
 
 The graph is the model's inference twin (`fold_for_inference`): plain convs
@@ -312,6 +312,11 @@ def stale_exports(model_dir):
     return found
 
 
+def image_shape_of(model):
+    """The `(height, width, 3)` images the export of `model` takes: its input's, a `None` size taken as CIFAR-10's."""
+    return tuple(s if s is not None else d for s, d in zip(tuple(model.input_shape)[1:], IMAGE_SHAPE))
+
+
 def _check_model(model, class_names):
     if not isinstance(model, keras.Model):
         raise ValueError(f"Expected a keras.Model, got {type(model).__name__}.")
@@ -320,11 +325,9 @@ def _check_model(model, class_names):
         out_shape = tuple(model.output_shape)
     except (AttributeError, ValueError) as e:
         raise ValueError(f"The model has no single input/output shape ({e}); build it first.") from e
-    if len(in_shape) != 4 or any(d not in (None, s) for d, s in zip(in_shape[1:], IMAGE_SHAPE)):
-        raise ValueError(
-            f"The model must take images of shape (batch, {', '.join(map(str, IMAGE_SHAPE))}), "
-            f"got input shape {in_shape}."
-        )
+    if len(in_shape) != 4 or in_shape[-1] != 3:
+        raise ValueError(f"The model must take RGB images of shape (batch, height, width, 3), got input shape "
+                         f"{in_shape}.")
     if len(out_shape) != 2 or out_shape[-1] != len(class_names):
         raise ValueError(
             f"The model must return (batch, {len(class_names)}) logits, one per class name, "
@@ -333,15 +336,17 @@ def _check_model(model, class_names):
 
 
 def _write_saved_model(model, path, class_names):
+    image_shape = image_shape_of(model)
+
     @tf.function(
-        input_signature=[tf.TensorSpec((None,) + IMAGE_SHAPE, tf.uint8, name=INPUT)],
+        input_signature=[tf.TensorSpec((None,) + image_shape, tf.uint8, name=INPUT)],
         jit_compile=False,  # TF Serving runs without XLA
         autograph=False,
     )
     def serve(image):
         # The placeholder's static shape is not checked by TF Serving's C++ session:
         # check it in the graph for a clear INVALID_ARGUMENT error.
-        image = tf.ensure_shape(image, (None,) + IMAGE_SHAPE)
+        image = tf.ensure_shape(image, (None,) + image_shape)
         logits = model(preprocess(image), training=False)
         probabilities = tf.nn.softmax(tf.cast(logits, tf.float32), axis=-1)
         class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
@@ -401,7 +406,7 @@ def servability_problems(path):
 
 
 def _check_outputs(model, path, atol=1e-4):
-    images = np.random.default_rng(0).integers(0, 256, (4,) + IMAGE_SHAPE, dtype=np.uint8)
+    images = np.random.default_rng(0).integers(0, 256, (4,) + image_shape_of(model), dtype=np.uint8)
     expected = tf.nn.softmax(tf.cast(model(preprocess(images), training=False), tf.float32))
     outputs = tf.saved_model.load(path).signatures[SIGNATURE](**{INPUT: tf.constant(images)})
     error = float(np.max(np.abs(outputs[PROBABILITIES].numpy() - expected.numpy())))

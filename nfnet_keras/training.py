@@ -18,9 +18,10 @@ import numpy as np
 import tensorflow as tf
 
 from nfnet_keras import data as data_lib
-from nfnet_keras import distribution, fileio, rundir
+from nfnet_keras import distribution, fileio, rundir, sources
 from nfnet_keras.callbacks import DivergenceMonitor, EpochTimer, FreezeAfterEpochs
 from nfnet_keras.config import PRECISIONS, RECIPES, SCHEDULES, STRATEGIES, TrainConfig  # noqa: F401  (re-exported)
+from nfnet_keras.contract import IMAGE_SHAPE, NUM_CLASSES, write_class_names
 from nfnet_keras.inference import TTA_POLICY_VIEWS, TTA_POLICY_WEIGHTS, keras_predictor, with_tta
 from nfnet_keras.models import BATCHNORM_TWIN, adapt_model, build_model
 from nfnet_keras.models.initialization import dirac_initialize
@@ -101,17 +102,18 @@ def compile_model(model, config, steps_per_epoch):
     return model
 
 
-def build_for(config, resuming=False):
+def build_for(config, num_classes=NUM_CLASSES, input_shape=IMAGE_SHAPE, resuming=False):
     """The model of `config`: its preset and overrides, or their BatchNorm twin (`norm="batch"`).
 
-    With `conv_init="dirac"` every conv but the stem starts with its first `C_in`
+    `num_classes` and `input_shape` come from the data (`load_data`). With
+    `conv_init="dirac"` every conv but the stem starts with its first `C_in`
     filters the identity (`models.initialization.dirac_initialize`). With
     `init_from` the weights come from that `.keras` model (`init_from_file`),
     unless `resuming` (the run's checkpoint then restores them). The stages
     named by `freeze` are made non-trainable (`models.transfer.freeze`).
     """
     twin = BATCHNORM_TWIN if config.norm == "batch" else {}
-    model = build_model(config.preset, **{**twin, **config.overrides})
+    model = build_model(config.preset, num_classes, input_shape, **{**twin, **config.overrides})
     if config.conv_init == "dirac":
         dirac_initialize(model)
     if config.init_from and not resuming:
@@ -163,11 +165,37 @@ def adapt_to(model, train_images):
 # === Data ===
 
 
+@dataclasses.dataclass
+class Splits:
+    """A run's data: `train`, `val` and `test` as `(uint8 NHWC, int64 labels)`, the class names, and notes.
+
+    Attributes:
+        notes: list of str. How the splits were made where the config did not say (printed by `train`).
+    """
+
+    train: tuple
+    val: tuple
+    test: tuple
+    class_names: tuple
+    notes: list
+
+    @property
+    def image_shape(self):
+        return tuple(self.train[0].shape[1:])
+
+
+def load_data(config):
+    """The run's `Splits`: `config.dataset` (`sources.load_dataset`), validation held out of its training images."""
+    data = sources.load_dataset(config.dataset, config.data_dir, config.tfds_dir, config.image_size)
+    val_size, val_note = sources.val_size_for(config.dataset, config.val_size, len(data.train[0]))
+    train, val = data_lib.split(*data.train, val_size, config.train_limit)
+    return Splits(train, val, data.test, tuple(data.class_names), [n for n in (data.note, val_note) if n])
+
+
 def load_splits(config):
     """((x_train, y_train), (x_val, y_val), (x_test, y_test)) as uint8/int64 arrays."""
-    (x, y), test = data_lib.load_cifar10(config.data_dir, config.tfds_dir)
-    train, val = data_lib.split(x, y, config.val_size, config.train_limit)
-    return train, val, test
+    data = load_data(config)
+    return data.train, data.val, data.test
 
 
 def check_batch_size(batch_size, train_size, flag="--batch-size"):
@@ -179,13 +207,13 @@ def check_batch_size(batch_size, train_size, flag="--batch-size"):
         )
 
 
-def make_datasets(config, train, val, batch_size=None):
+def make_datasets(config, train, val, batch_size=None, num_classes=NUM_CLASSES):
     """The training and validation `tf.data` pipelines for `config`."""
     batch_size = batch_size or config.batch_size
     one_hot = bool(config.label_smoothing)
     train_ds = data_lib.make_dataset(*train, batch_size, training=True, augment=config.augment, seed=config.seed,
-                                     one_hot=one_hot, epochs=config.epochs)
-    val_ds = data_lib.make_dataset(*val, batch_size, one_hot=one_hot)
+                                     one_hot=one_hot, num_classes=num_classes, epochs=config.epochs)
+    val_ds = data_lib.make_dataset(*val, batch_size, one_hot=one_hot, num_classes=num_classes)
     return train_ds, val_ds
 
 
@@ -322,7 +350,8 @@ def export_command(model_path, export_name, export_dir="saved_models"):
 def train(config, run_dir, export_name=None, export_dir="saved_models", verbose="auto"):
     """Runs one whole training job; resumable.
 
-    Loads CIFAR-10, builds and compiles the model, trains with TensorBoard logs,
+    Loads the data (`config.dataset`), builds and compiles the model (its
+    classes and image size from the data), trains with TensorBoard logs,
     atomic checkpoints at every epoch's end, every `config.checkpoint_every`
     steps and on SIGTERM or Ctrl-C (`preemption.StepCheckpoint`; rerunning with
     the same `run_dir` resumes from the newest, mid-epoch too, on the batches of
@@ -345,12 +374,13 @@ def train(config, run_dir, export_name=None, export_dir="saved_models", verbose=
     config.validate()
     rundir.check_run_dir(run_dir, config)
     strategy = setup_runtime(config)
-    train_arr, val_arr, test_arr = load_splits(config)  # before writing anything
-    check_batch_size(config.batch_size, len(train_arr[0]))
-    fingerprint = rundir.data_fingerprint(*train_arr, *val_arr, *test_arr)
+    data = load_data(config)  # before writing anything
+    check_batch_size(config.batch_size, len(data.train[0]))
+    fingerprint = rundir.data_fingerprint(*data.train, *data.val, *data.test)
     rundir.check_data(run_dir, fingerprint)
     resuming = StepCheckpoint(_checkpoint_dir(run_dir)).newest() != (0, 0)
-    model = _build_compiled(config, strategy, train_arr, resuming)  # a bad --init-from: an error, nothing written
+    # A bad --init-from is an error before anything is written.
+    model = _build_compiled(config, strategy, data.train, len(data.class_names), resuming)
     with rundir.locked(run_dir, what="--run-dir"):
         rundir.check_run_dir(run_dir, config)  # another process may have finished it meanwhile
         for path in rundir.remove_stale_temporaries(run_dir):
@@ -358,38 +388,42 @@ def train(config, run_dir, export_name=None, export_dir="saved_models", verbose=
         rundir.write_record(run_dir, config, fingerprint)
         print(f"Run directory: {run_dir}  (TensorBoard: tensorboard --logdir {os.path.join(run_dir, 'logs')})",
               flush=True)
-        return _train_locked(config, run_dir, model, (train_arr, val_arr, test_arr), fingerprint,
-                             export_name, export_dir, verbose)
+        for note in data.notes:
+            print(note)
+        return _train_locked(config, run_dir, model, data, fingerprint, export_name, export_dir, verbose)
 
 
 def _checkpoint_dir(run_dir):
     return os.path.join(run_dir, "checkpoints")
 
 
-def _train_locked(config, run_dir, model, splits, fingerprint, export_name, export_dir, verbose):
+def _train_locked(config, run_dir, model, data, fingerprint, export_name, export_dir, verbose):
     """The job inside the locked run directory: train, test, save, export."""
-    train_arr, val_arr, test_arr = splits
+    num_classes = len(data.class_names)
     start = time.time()
-    result, signal_logger, session = _train(config, run_dir, model, train_arr, val_arr, verbose)
+    result, signal_logger, session = _train(config, run_dir, model, data, verbose)
     history = rundir.read_history(run_dir)
     metrics = dict(config=config.to_dict(), data_fingerprint=fingerprint, history=history,
                    epochs_completed=len(history.get("epoch", [])), seconds_per_epoch=result.seconds_per_epoch,
                    wall_seconds_this_process=time.time() - start, signal_propagation=signal_logger.stats)
     if result.diverged:
         _report_divergence(config, run_dir, metrics, result.diverged_at)
-    metrics.update(_test(config, model, test_arr, session, metrics["epochs_completed"] - 1))
+    metrics.update(_test(config, model, data.test, session, metrics["epochs_completed"] - 1, num_classes))
     model_path = os.path.join(run_dir, "model.keras")
     with fileio.atomic_path(model_path) as tmp:
         model.save(tmp)
-    metrics.update(diverged=False, model_path=model_path)
+        write_class_names(tmp, data.class_names)  # predict and evaluate name the classes with them
+    metrics.update(diverged=False, model_path=model_path, class_names=list(data.class_names))
     if export_name:
-        metrics["export_path"] = _export(model, metrics, run_dir, model_path, export_name, export_dir)
+        metrics["export_path"] = _export(model, metrics, run_dir, model_path, export_name, export_dir,
+                                         data.class_names)
     rundir.write_metrics(run_dir, metrics)
     return metrics
 
 
-def _build_compiled(config, strategy, train_images_labels, resuming=False):
-    """The run's model, compiled, its data-dependent layers adapted to the training images.
+def _build_compiled(config, strategy, train_images_labels, num_classes=NUM_CLASSES, resuming=False):
+    """The run's model (for the images' shape and `num_classes`), compiled, its data-dependent layers adapted
+    to the training images.
 
     With `--init-from` nothing is adapted: the file's body was trained on the
     output of its own whitening stem, and re-adapting the stem to these images
@@ -398,7 +432,7 @@ def _build_compiled(config, strategy, train_images_labels, resuming=False):
     """
     train_images = train_images_labels[0]
     with strategy.scope():
-        model = build_for(config, resuming=resuming)
+        model = build_for(config, num_classes, tuple(train_images.shape[1:]), resuming=resuming)
         compile_model(model, config, math.ceil(len(train_images) / config.batch_size))
     if config.init_from:
         if resuming:
@@ -410,10 +444,11 @@ def _build_compiled(config, strategy, train_images_labels, resuming=False):
     return model
 
 
-def _train(config, run_dir, model, train_arr, val_arr, verbose):
+def _train(config, run_dir, model, data, verbose):
     """Trains with checkpoints (at epoch ends, every `--checkpoint-every` steps and on SIGTERM/Ctrl-C), the
     history CSV and TensorBoard; returns `(FitResult, the signal logger, the HParams session folder)`."""
-    train_ds, val_ds = make_datasets(config, train_arr, val_arr)
+    train_arr, val_arr = data.train, data.val
+    train_ds, val_ds = make_datasets(config, train_arr, val_arr, num_classes=len(data.class_names))
     stop = StopSignals()
     checkpoint = StepCheckpoint(_checkpoint_dir(run_dir), every_steps=config.checkpoint_every, stop=stop)
     session = session_dir(os.path.join(run_dir, "logs"))  # the HParams session; train/, validation/, test/ below
@@ -451,7 +486,7 @@ def _report_divergence(config, run_dir, metrics, at):
     )
 
 
-def _test(config, model, test_arr, session, step):
+def _test(config, model, test_arr, session, step, num_classes=NUM_CLASSES):
     """The final evaluation on the test images (`--test-limit`): plain, flip and the `--tta` policy.
 
     Returns the metrics it adds to `metrics.json`.
@@ -461,7 +496,7 @@ def _test(config, model, test_arr, session, step):
         test_arr = (test_arr[0][:limit], test_arr[1][:limit])
     views = ("plain", "flip") + (() if config.tta in ("none", "flip") else (config.tta,))
     print(f"Evaluating on {len(test_arr[0])} test images ({', '.join(views)}) ...", flush=True)
-    test_ds = data_lib.make_dataset(*test_arr, 256, one_hot=bool(config.label_smoothing))
+    test_ds = data_lib.make_dataset(*test_arr, 256, one_hot=bool(config.label_smoothing), num_classes=num_classes)
     test_loss, test_accuracy = model.evaluate(test_ds, verbose=0)
     log_test_metrics(session, step, test_loss, test_accuracy)
     print(f"Test accuracy: {test_accuracy:.4f} (loss {test_loss:.4f}) on {len(test_arr[0])} images.")
@@ -481,12 +516,12 @@ def _test(config, model, test_arr, session, step):
                 test_accuracy_tta=tta[config.tta], test_images=len(test_arr[0]))
 
 
-def _export(model, metrics, run_dir, model_path, export_name, export_dir):
+def _export(model, metrics, run_dir, model_path, export_name, export_dir, class_names):
     """Exports the trained model for TF Serving; on failure records it and raises `ExportFailed`."""
     from nfnet_keras.export import export_saved_model
 
     try:
-        path = export_saved_model(model, export_name, base_dir=export_dir)
+        path = export_saved_model(model, export_name, base_dir=export_dir, class_names=class_names)
     except Exception as e:  # training is done: keep its results, then report the export's failure
         metrics["export_error"] = str(e)
         rundir.write_metrics(run_dir, metrics)

@@ -303,8 +303,8 @@ def test_predict_npy_csv_folder_and_savedmodel_agree(finished_run, cifar_dir, tm
     "array, message",
     [
         (np.zeros((2, 32, 32, 3), np.float32), "expected uint8"),
-        (np.zeros((2, 28, 28, 3), np.uint8), "expected shape N x 32 x 32 x 3"),
-        (np.zeros((32, 32, 3), np.uint8), "expected shape N x 32 x 32 x 3"),
+        (np.zeros((2, 28, 28, 1), np.uint8), "expected shape N x H x W x 3"),
+        (np.zeros((32, 32, 3), np.uint8), "expected shape N x H x W x 3"),
     ],
 )
 def test_predict_rejects_bad_arrays(array, message, tmp_path, capsys):
@@ -512,11 +512,13 @@ def test_help_names_the_command_typed_and_tells_each_default_once(command, main,
     assert len(entries) > 3 and all(entry.count("(default") <= 1 for entry in entries), entries
     if command == "nfnet-fit":
         assert "--train-limit N train on the first N training images (default: all) --val-size" in flat
-        assert "--val-size VAL_SIZE validation images held out of the 50,000 (default: 5000)" in flat
+        assert ("--val-size VAL_SIZE validation images held out of the training images (of a dataset other than "
+                "CIFAR-10's 50,000: at most a tenth of them) (default: 5000)") in flat
         assert "--jit, --no-jit XLA-compile the train step" in flat  # one help for both
         assert "--seed SEED random seed (weights, shuffling, augmentation) (default: 0)" in flat  # 0 is a default
     if command == "nfnet-evaluate":
-        assert "--tfds-dir TFDS_DIR TFDS data_dir, used only when no --data-dir" in flat
+        assert "--tfds-dir TFDS_DIR TFDS data_dir: where --dataset tfds:NAME is read, and CIFAR-10 when no" in flat
+        assert "--dataset SOURCE cifar10, folder:PATH or tfds:NAME, as fit's --dataset (default: cifar10)" in flat
 
 
 def test_help_under_python_m_names_the_module():
