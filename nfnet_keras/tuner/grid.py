@@ -89,7 +89,7 @@ def build_parser():
                    help="run a chief and N workers on this machine (127.0.0.1), each its own process; worker i "
                    "logs to <directory>/<project-name>_tuner<i>.log. 0: one process, or the role that "
                    f"{launch.TUNER_ID}, {launch.ORACLE_IP} and {launch.ORACLE_PORT} give")
-    g.add_argument("--chief-timeout", type=float, default=120.0, metavar="SECONDS",
+    g.add_argument("--chief-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="how long a worker waits for the chief to answer, at start and on every request, "
                    "before it exits with status 3")
     return p

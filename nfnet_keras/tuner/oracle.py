@@ -165,7 +165,7 @@ class NFNetGridSearch(keras_tuner.GridSearch):
             search (divergences do not count). Defaults to `3`.
         chief_timeout: float. In a distributed search, seconds a worker waits
             for the chief to answer, at start and on every request, before
-            `nfnet_keras.tuner.distributed.ChiefUnreachable`. Defaults to `120`.
+            `nfnet_keras.tuner.distributed.ChiefUnreachable`. Defaults to `300`.
         **kwargs: `keras_tuner.Tuner` arguments (`directory`, `project_name`,
             `overwrite`, `executions_per_trial`, ...).
     """
@@ -178,7 +178,7 @@ class NFNetGridSearch(keras_tuner.GridSearch):
         seed=1,
         max_retries_per_trial=0,
         max_consecutive_failed_trials=3,
-        chief_timeout=120.0,
+        chief_timeout=300.0,
         **kwargs,
     ):
         self.seed = seed
@@ -207,6 +207,9 @@ class NFNetGridSearch(keras_tuner.GridSearch):
             self.oracle.verbose = fit_kwargs["verbose"]
         self.save()
         distributed.serve(self.oracle)
+        # KerasTuner's end_trial saves oracle.json before it drops the trial from `ongoing_trials`: saved
+        # again, the file ends with no trial running.
+        self.save()
 
     def save(self):
         # BaseTuner.save, with atomic writes.
