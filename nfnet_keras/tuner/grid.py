@@ -16,7 +16,8 @@ started on the same folder exits with status 5 and names the process. With
 `KERASTUNER_TUNER_ID`, `KERASTUNER_ORACLE_IP` and `KERASTUNER_ORACLE_PORT`
 set, the same command is a chief (`chief`: serves the oracle, prints the table
 at the end) or a worker (`tuner0`, `tuner1`, ...: runs trials) of a
-distributed search.
+distributed search; `--local-workers N` starts a chief and N workers on this
+machine (see `nfnet_keras.tuner.launch`).
 """
 
 import argparse
@@ -29,6 +30,7 @@ import sys
 from nfnet_keras import cli, exits, fileio, rundir
 from nfnet_keras.config import LOCATION_FIELDS, TrainConfig, with_defaults
 from nfnet_keras.console import prog
+from nfnet_keras.tuner import launch
 
 DEFAULT_LRS = (0.001, 0.01, 0.1)
 DEFAULT_BATCH_SIZES = (32, 64, 128, 256)
@@ -82,6 +84,14 @@ def build_parser():
                    help="start afresh instead of resuming (ignored by distributed workers)")
     g.add_argument("--tensorboard-dir", help="default: <directory>/<project-name>/logs")
     g.add_argument("--quiet", action="store_true", help="one line per epoch, no progress bar")
+    g = p.add_argument_group("distributed (KerasTuner's chief and workers; see docs/tuning.md)")
+    g.add_argument("--local-workers", type=int, default=0, metavar="N",
+                   help="run a chief and N workers on this machine (127.0.0.1), each its own process; worker i "
+                   "logs to <directory>/<project-name>_tuner<i>.log. 0: one process, or the role that "
+                   f"{launch.TUNER_ID}, {launch.ORACLE_IP} and {launch.ORACLE_PORT} give")
+    g.add_argument("--chief-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="how long a worker waits for the chief to answer, at start and on every request, "
+                   "before it exits with status 3")
     return p
 
 
@@ -114,18 +124,22 @@ def parse_config(argv=None):
             raise ValueError(f"--executions-per-trial must be >= 1, got {args.executions_per_trial}.")
         if args.max_retries_per_trial < 0:
             raise ValueError(f"--max-retries-per-trial must be >= 0, got {args.max_retries_per_trial}.")
+        if args.local_workers < 0:
+            raise ValueError(f"--local-workers must be >= 0, got {args.local_workers}.")
+        if not args.chief_timeout > 0:
+            raise ValueError(f"--chief-timeout must be a positive number of seconds, got {args.chief_timeout:g}.")
     except ValueError as e:
         parser.error(str(e))
     return config, args
 
 
-def role():
-    """"single", "chief" or "worker", from KerasTuner's distributed-tuning environment variables."""
-    from keras_tuner.src.distribute import utils as dist_utils
-
-    if not dist_utils.has_chief_oracle():  # raises if only some of the variables are set
-        return "single"
-    return "chief" if dist_utils.is_chief_oracle() else "worker"
+def role(local_workers=0):
+    """"single", "chief" or "worker" (`nfnet_keras.tuner.launch.role`); RuntimeError if set with --local-workers."""
+    who = launch.role()
+    if who != "single" and local_workers:
+        raise RuntimeError(f"--local-workers sets {launch.TUNER_ID}, {launch.ORACLE_IP} and {launch.ORACLE_PORT} "
+                           "itself; unset them, or drop --local-workers.")
+    return who
 
 
 def study_record(config, args):
@@ -162,9 +176,10 @@ def check_study(project_dir, study):
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
     config, args = parse_config(argv)
     try:
-        who = role()
+        who = role(args.local_workers)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return exits.BAD_INPUT
@@ -182,6 +197,13 @@ def main(argv=None):
             print(f"error: {flag} {getattr(args, flag[2:].replace('-', '_'))}: {problem}; give a folder to write "
                   "the search in.", file=sys.stderr)
             return exits.BAD_INPUT
+    if args.local_workers:
+        return _launch_local(argv, args)
+    if who == "worker":  # before loading anything: a wrong address fails at once
+        problem = launch.chief_problem(args.chief_timeout)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return exits.NO_ANSWER
     # The flags are checked: now load the framework.
     from nfnet_keras import load_framework
 
@@ -209,10 +231,22 @@ def main(argv=None):
         return exits.ENVIRONMENT
 
 
-def _search(config, args, who, overwrite, project_dir, log_dir, study, grid_size, train, val):
-    import keras
+def _launch_local(argv, args):
+    """`--local-workers N`: this command as a chief and N workers on 127.0.0.1; returns the exit status."""
+    try:
+        os.makedirs(args.directory, exist_ok=True)
+        return launch.launch_local(argv, args.local_workers, os.path.join(args.directory, f"{args.project_name}_"))
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return exits.ENVIRONMENT
+    except KeyboardInterrupt:
+        print("\nInterrupted. Rerun the same command to resume.", file=sys.stderr)
+        return exits.INTERRUPTED
 
-    from nfnet_keras.tuner.hypermodel import OBJECTIVE, NFNetHyperModel, hparams_experiment, tensorboard_callback
+
+def _search(config, args, who, overwrite, project_dir, log_dir, study, grid_size, train, val):
+    from nfnet_keras.tuner import distributed
+    from nfnet_keras.tuner.hypermodel import OBJECTIVE, NFNetHyperModel
     from nfnet_keras.tuner.oracle import NFNetGridSearch
 
     train_size = None if train is None else len(train[0])
@@ -228,34 +262,47 @@ def _search(config, args, who, overwrite, project_dir, log_dir, study, grid_size
         project_name=args.project_name,
         overwrite=overwrite,
         executions_per_trial=args.executions_per_trial,
+        chief_timeout=args.chief_timeout,
     )
     if who != "worker":
         fileio.write_json(os.path.join(project_dir, "study.json"), study)
-    tuner.search_space_summary()
+    try:
+        _run(tuner, config, args, who, project_dir, log_dir, grid_size, train, val)
+    except KeyboardInterrupt:
+        print("\nInterrupted. Rerun the same command to resume.", file=sys.stderr)
+        return exits.INTERRUPTED
+    except distributed.ChiefUnreachable as e:
+        print(f"error: [{tuner.tuner_id}] {e}", file=sys.stderr)
+        return exits.NO_ANSWER
+    except distributed.ChiefCannotListen as e:
+        print(f"error: {e}", file=sys.stderr)
+        return exits.ENVIRONMENT
+    if who == "worker":
+        print(f"[{tuner.tuner_id}] no trials left; done.")
+        return 0
+    return report(tuner, config, args)
+
+
+def _run(tuner, config, args, who, project_dir, log_dir, grid_size, train, val):
+    import keras
+
+    from nfnet_keras.tuner.hypermodel import hparams_experiment, tensorboard_callback
+
+    tuner.search_space_summary()  # a worker's first request to the chief
     if who != "worker":
         left = tuner.oracle.unfinished_values()
         agc_axis = f" x {len(args.agcs)} AGC factors" if args.agcs is not None else ""
         print(f"Grid: {len(args.lrs)} lrs x {len(args.batch_sizes)} batch sizes{agc_axis} = {grid_size} trials of "
               f"{config.epochs} epoch(s), preset {config.preset}, Keras backend {keras.backend.backend()}; "
               f"{grid_size - len(left)} finished, {len(left)} to run. Project: {project_dir}")
-    if who != "chief":
-        experiment = hparams_experiment(args.lrs, args.batch_sizes, args.agcs)
-        print(f"TensorBoard: tensorboard --logdir {log_dir}")
-
     verbose = 2 if args.quiet else "auto"
-    try:
-        if who == "chief":
-            print("Chief: serving the oracle until every trial has finished.", flush=True)
-            tuner.search(verbose=verbose)
-        else:
-            tuner.search(train=train, val=val, callbacks=[tensorboard_callback(log_dir, experiment)], verbose=verbose)
-    except KeyboardInterrupt:
-        print("\nInterrupted. Rerun the same command to resume.", file=sys.stderr)
-        return exits.INTERRUPTED
-    if who == "worker":
-        print(f"[{tuner.tuner_id}] no trials left; done.")
-        return 0
-    return report(tuner, config, args)
+    if who == "chief":
+        print(f"Chief: serving the oracle on {launch.address()} until every trial has finished.", flush=True)
+        tuner.search(verbose=verbose)
+        return
+    experiment = hparams_experiment(args.lrs, args.batch_sizes, args.agcs)
+    print(f"TensorBoard: tensorboard --logdir {log_dir}")
+    tuner.search(train=train, val=val, callbacks=[tensorboard_callback(log_dir, experiment)], verbose=verbose)
 
 
 def report(tuner, config, args):

@@ -31,10 +31,12 @@ import os
 
 import keras_tuner
 from keras_tuner.src import utils as kt_utils
+from keras_tuner.src.distribute import utils as dist_utils
 from keras_tuner.src.engine import metrics_tracking
 from keras_tuner.src.engine import trial as trial_module
 
 from nfnet_keras import fileio
+from nfnet_keras.tuner import distributed
 
 DIVERGED = "diverged"  # metric set to 1.0 by a trial whose loss became NaN/inf
 
@@ -161,6 +163,9 @@ class NFNetGridSearch(keras_tuner.GridSearch):
             diverged one). Defaults to `0`.
         max_consecutive_failed_trials: int. Crashes in a row that stop the
             search (divergences do not count). Defaults to `3`.
+        chief_timeout: float. In a distributed search, seconds a worker waits
+            for the chief to answer, at start and on every request, before
+            `nfnet_keras.tuner.distributed.ChiefUnreachable`. Defaults to `300`.
         **kwargs: `keras_tuner.Tuner` arguments (`directory`, `project_name`,
             `overwrite`, `executions_per_trial`, ...).
     """
@@ -173,6 +178,7 @@ class NFNetGridSearch(keras_tuner.GridSearch):
         seed=1,
         max_retries_per_trial=0,
         max_consecutive_failed_trials=3,
+        chief_timeout=300.0,
         **kwargs,
     ):
         self.seed = seed
@@ -190,6 +196,20 @@ class NFNetGridSearch(keras_tuner.GridSearch):
         # afresh and run the finished trial again. Written now, a rerun always reloads.
         if not self._is_worker() and not os.path.exists(self._get_tuner_fname()):
             self.save()
+        if self._is_worker():  # KerasTuner made its OracleClient: bound its waits on the chief
+            distributed.bounded_client(self.oracle, chief_timeout)
+
+    def search(self, *fit_args, **fit_kwargs):
+        if not dist_utils.is_chief_oracle():
+            return super().search(*fit_args, **fit_kwargs)
+        # BaseTuner.search's chief branch, with `distributed.serve` for KerasTuner's `start_server`.
+        if "verbose" in fit_kwargs:
+            self.oracle.verbose = fit_kwargs["verbose"]
+        self.save()
+        distributed.serve(self.oracle)
+        # KerasTuner's end_trial saves oracle.json before it drops the trial from `ongoing_trials`: saved
+        # again, the file ends with no trial running.
+        self.save()
 
     def save(self):
         # BaseTuner.save, with atomic writes.
