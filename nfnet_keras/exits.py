@@ -8,5 +8,6 @@ DIVERGED = 3  # nfnet-fit: the loss became NaN/inf
 NO_ANSWER = 3  # nfnet-serve-client: nothing answered at the address
 EXPORT_FAILED = 4  # nfnet-fit: trained and saved, but the export failed
 ENVIRONMENT = 5  # a file could not be written, the run folder is busy, or no checkpoint could be read
+PEER_LOST = 6  # nfnet-fit with several processes: another process of the run stopped answering or failed
 INTERRUPTED = 130  # Ctrl-C (128 + SIGINT); rerun the same command to resume
 TERMINATED = 143  # SIGTERM (128 + 15), as a shell reports a process the signal ended
