@@ -90,7 +90,7 @@ def _all_reduce(model, spec):
     mesh = keras_mesh()
     rows = NamedSharding(mesh, PartitionSpec("batch"))
     shapes = [tuple(v.shape) for v in model.trainable_variables]
-    local = [np.ones((1,) + shape, np.float32) for shape in shapes]  # one row per device of this process
+    local = [np.ones((jax.local_device_count(),) + shape, np.float32) for shape in shapes]  # a row per device
     arrays = [jax.make_array_from_process_local_data(rows, a) for a in local]
     total = jax.jit(lambda xs: [a.sum(0) for a in xs], out_shardings=NamedSharding(mesh, PartitionSpec()))
     jax.block_until_ready(total(arrays))

@@ -305,3 +305,19 @@ def test_a_failed_collective_is_a_lost_peer_only_with_several_processes(monkeypa
         "Read error [127.0.0.1]:2946: Connection reset by peer); rerun every process with the same command to "
         "resume from the last checkpoint.")
     assert distribution.peer_failure(ValueError("bad flag")) is None
+
+
+@needs_jax
+def test_jax_still_creates_its_coordination_client_through_the_name_the_join_overrides():
+    # distribution._runtime_timeouts replaces these two factories of jax._src.distributed._jax during the join.
+    from jax._src import distributed as jax_distributed
+
+    real = jax_distributed._jax
+    for argument in ("heartbeat_timeout", "init_timeout", "missed_heartbeat_callback"):
+        assert f"{argument}:" in real.get_distributed_runtime_client.__doc__, argument
+    assert "heartbeat_timeout:" in real.get_distributed_runtime_service.__doc__
+    with distribution._runtime_timeouts(7, 9):
+        overlay = jax_distributed._jax
+        assert overlay.get_distributed_runtime_client is not real.get_distributed_runtime_client
+        assert overlay.DistributedRuntimeClient is real.DistributedRuntimeClient
+    assert jax_distributed._jax is real
