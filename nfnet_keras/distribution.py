@@ -448,7 +448,9 @@ def process_zero_checkpoint(base):
     others in their temporary folder: saving reads the variables on every
     process together). Before restoring, the others receive process 0's
     complete checkpoints (`mirror_checkpoints`), so they resume from the same
-    epoch and step with the same weights.
+    epoch and step with the same weights. After every step the processes
+    agree on whether a stop signal (SIGTERM, Ctrl-C) reached any of them, so
+    that all checkpoint and stop at the same step.
     """
 
     class ProcessZeroCheckpoint(base):
@@ -457,6 +459,25 @@ def process_zero_checkpoint(base):
             if received:
                 print(f"Received process 0's checkpoints ({received} files).", flush=True)
             return super()._load_model()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self._agree_on_stop()
+            super().on_train_batch_end(batch, logs)
+
+        def on_epoch_end(self, epoch, logs=None):
+            self._agree_on_stop()
+            super().on_epoch_end(epoch, logs)
+
+        def _agree_on_stop(self):
+            """A stop signal that reached any process stops every process at the same step (saving is collective)."""
+            if self.stop is None:
+                return
+            import numpy as np
+            from jax.experimental import multihost_utils
+
+            received = np.asarray(multihost_utils.process_allgather(np.int32(self.stop.received or 0)))
+            if self.stop.received is None and received.max():
+                self.stop.received = int(received.max())
 
     ProcessZeroCheckpoint.__name__ = ProcessZeroCheckpoint.__qualname__ = f"ProcessZero{base.__name__}"
     return ProcessZeroCheckpoint
