@@ -219,6 +219,9 @@ def _initialize_processes(environ):
     join_timeout = _timeout(environ, JOIN_TIMEOUT_ENV, DEFAULT_JOIN_TIMEOUT)
     _state.update(processes=processes, index=process_id)
     address = values[MULTI_HOST_ENV[0]]
+    # Every process must run its collectives in the same order: no program runs behind the Python code (a step
+    # still running when a callback's collective starts would pair Gloo's messages wrongly across processes).
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
     with _runtime_timeouts(peer_timeout, join_timeout):
         try:
             keras.distribution.initialize(address, processes, process_id)
