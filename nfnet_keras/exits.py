@@ -9,5 +9,6 @@ NO_ANSWER = 3  # nfnet-serve-client: nothing answered at the address; nfnet-grid
 EXPORT_FAILED = 4  # nfnet-fit: trained and saved, but the export failed
 ENVIRONMENT = 5  # a file could not be written, the run folder is busy, no checkpoint could be read, or a
 # grid chief cannot listen on its address
+PEER_LOST = 6  # nfnet-fit with several processes: another process of the run stopped answering or failed
 INTERRUPTED = 130  # Ctrl-C (128 + SIGINT); rerun the same command to resume
 TERMINATED = 143  # SIGTERM (128 + 15), as a shell reports a process the signal ended

@@ -13,7 +13,8 @@ Exit statuses: 0 done; 2 bad input, including a --run-dir or export
 destination that cannot be written (nothing written); 3 the loss diverged;
 4 trained but the export failed; 5 a file could not be written (e.g. a full
 disk), the run directory is in use by another process, or no checkpoint could
-be read; 130 interrupted by Ctrl-C, 143 (128 + 15) stopped by SIGTERM: both
+be read; 6 (a run of several processes) another process stopped answering
+or failed; 130 interrupted by Ctrl-C, 143 (128 + 15) stopped by SIGTERM: both
 checkpointed at the step reached (rerun the same command to resume).
 """
 
@@ -38,7 +39,8 @@ def build_parser():
         description="Train a Normalizer-Free ResNet on CIFAR-10 (defaults: the report's final run).",
         formatter_class=cli.HelpFormatter,
         epilog="Exit statuses: 0 done, 2 bad input, 3 diverged, 4 export failed, 5 files or checkpoints, "
-        "130 Ctrl-C, 143 SIGTERM (both checkpoint at the next step; rerun the same command to resume).",
+        "6 another process of the run lost, 130 Ctrl-C, 143 SIGTERM (both checkpoint at the next step; rerun the "
+        "same command to resume).",
     )
     p.add_argument("--recipe", choices=sorted(RECIPES), default="report",
                    help="a named set of defaults: report (the report's final run), fast (20 epochs) or "
@@ -122,6 +124,13 @@ def output_problem(run_dir, args):
 
 
 def main(argv=None):
+    status = _main(argv)
+    distribution = sys.modules.get("nfnet_keras.distribution")  # loaded with the framework
+    # A failed process of several exits at once, not at JAX's shutdown barrier.
+    return distribution.exit_now(status) if distribution else status
+
+
+def _main(argv=None):
     config, args = parse_config(argv)
     run_dir = args.run_dir or rundir.default_run_dir(config)
     problem = output_problem(run_dir, args)
@@ -162,9 +171,11 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return exits.BAD_INPUT
     except Exception as e:  # raised inside the tf.data pipeline, wrapped in TensorFlow's error
-        from nfnet_keras.distribution import UNEVEN_BATCH
+        from nfnet_keras.distribution import UNEVEN_BATCH, leave, peer_failure
 
         message = str(e)
+        if peer_failure(e):
+            leave(peer_failure(e))
         if UNEVEN_BATCH not in message:
             raise
         reason = message[message.index(UNEVEN_BATCH):].split("]")[0]

@@ -372,6 +372,13 @@ def train(config, run_dir, export_name=None, export_dir="saved_models", verbose=
         ValueError, data.DataError: bad configuration or data.
     """
     config.validate()
+    with distribution.own_run_dir(run_dir) as own:  # processes other than 0 write to a temporary folder
+        if own != run_dir:
+            export_name = None
+        return _train_in(config, own, export_name, export_dir, verbose)
+
+
+def _train_in(config, run_dir, export_name, export_dir, verbose):
     rundir.check_run_dir(run_dir, config)
     strategy = setup_runtime(config)
     data = load_data(config)  # before writing anything
@@ -450,7 +457,9 @@ def _train(config, run_dir, model, data, verbose):
     train_arr, val_arr = data.train, data.val
     train_ds, val_ds = make_datasets(config, train_arr, val_arr, num_classes=len(data.class_names))
     stop = StopSignals()
-    checkpoint = StepCheckpoint(_checkpoint_dir(run_dir), every_steps=config.checkpoint_every, stop=stop)
+    checkpoint_class = distribution.process_zero_checkpoint(StepCheckpoint) if distribution.is_multi_process() \
+        else StepCheckpoint
+    checkpoint = checkpoint_class(_checkpoint_dir(run_dir), every_steps=config.checkpoint_every, stop=stop)
     session = session_dir(os.path.join(run_dir, "logs"))  # the HParams session; train/, validation/, test/ below
     signal_logger = SignalPropagationLogger(session, data_lib.preprocess(val_arr[0][:64]))
     callbacks = [
@@ -500,7 +509,7 @@ def _test(config, model, test_arr, session, step, num_classes=NUM_CLASSES):
     test_loss, test_accuracy = model.evaluate(test_ds, verbose=0)
     log_test_metrics(session, step, test_loss, test_accuracy)
     print(f"Test accuracy: {test_accuracy:.4f} (loss {test_loss:.4f}) on {len(test_arr[0])} images.")
-    predict = keras_predictor(model)
+    predict = distribution.replicated_predictor(model) if distribution.is_multi_process() else keras_predictor(model)
     test_accuracy_flip_tta = _accuracy(with_tta(predict, "flip"), test_arr)
     print(f"Test accuracy with flip test-time augmentation: {test_accuracy_flip_tta:.4f}.")
     tta = dict(none=float(test_accuracy), flip=test_accuracy_flip_tta)
