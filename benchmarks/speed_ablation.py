@@ -1,6 +1,7 @@
 """The speed recipe with the airbench94 parts added one at a time, on real CIFAR-10.
 
-Each row is `python -m nfnet_keras.fit --recipe speed --epochs E --seed S --no-export <the row's flags>`
+Each row is `python -m nfnet_keras.fit --recipe speed --epochs E --seed S --no-export --optimizer sgd
+--augment translate_flip <the row's flags>`
 in its own run directory `<runs-dir>/ab_<row>` (rerunning resumes an interrupted run and skips a
 finished one), then `python -m nfnet_keras.evaluate --tta flip_translate_weighted` of its model.
 The summary, `benchmarks/results/speed_ablation_<E>ep[_<tag>].json`, holds each row's command,
@@ -23,7 +24,10 @@ from benchmarks import common
 ALTFLIP = ["--augment", "translate_altflip"]
 DIRAC = ["--conv-init", "dirac"]
 LOOKAHEAD = ["--ema", "0", "--lookahead", "5", "--lookahead-schedule", "airbench"]
-# The rows, each the recipe plus its flags: the airbench94 parts added one at a time in airbench's order,
+# The recipe the rows start from: `--recipe speed` as it was before its Muon and alternating flip (rows b5_muon
+# and a1_altflip), so that every row measures what it did when it was chosen.
+BASE = ["--optimizer", "sgd", "--augment", "translate_flip"]
+# The rows, each the base plus its flags: the airbench94 parts added one at a time in airbench's order,
 # a part that lost (dirac) left out of the rows after it.
 ROWS = {
     "a0_recipe": [],
@@ -43,7 +47,7 @@ def row_flags():
 
 def fit_command(args, flags):
     return [sys.executable, "-m", "nfnet_keras.fit", "--recipe", "speed", "--epochs", str(args.epochs),
-            "--seed", str(args.seed), "--no-export", *flags, *args.extra]
+            "--seed", str(args.seed), "--no-export", *BASE, *flags, *args.extra]
 
 
 def run_row(args, name, flags):

@@ -307,7 +307,8 @@ def test_speed_ablation_rows_and_summary(tmp_path):
     (row,) = speed_ablation.summarize(args, {"a1_altflip": flags["a1_altflip"], "a2_dirac": flags["a2_dirac"]})
     assert (row["row"], row["test_accuracy_6view_tta"], row["test_accuracy_weighted_tta"]) == ("a1_altflip", 0.8831,
                                                                                                0.8823)
-    assert row["seconds"] == 210.5 and row["command"].endswith("--no-export --augment translate_altflip")
+    assert row["seconds"] == 210.5 and row["command"].endswith(
+        "--no-export --optimizer sgd --augment translate_flip --augment translate_altflip")
 
 
 # === The trainer's overhead and the PyTorch airbench94 comparison ===

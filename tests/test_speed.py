@@ -213,8 +213,9 @@ def test_speed_recipe_sets_its_defaults_and_flags_win():
     config, _ = fit.parse_config(["--recipe", "speed", "--no-export"])
     assert (config.preset, config.epochs, config.batch_size, config.schedule) == ("cifar_speed", 10, 512, "triangle")
     assert (config.lr, config.weight_decay, config.momentum, config.agc) == (0.4, 5e-3, 0.9, 0.04)
-    assert (config.label_smoothing, config.augment, config.tta, config.norm) == (0.2, "translate_flip",
+    assert (config.label_smoothing, config.augment, config.tta, config.norm) == (0.2, "translate_altflip",
                                                                                  "flip_translate", "none")
+    assert (config.optimizer, config.kernel_lr, config.kernel_momentum) == ("muon", 0.24, 0.6)
     assert config.ema == RECIPES["speed"]["ema"] > 0 and config.nesterov
     config, _ = fit.parse_config(["--recipe", "speed", "--norm", "batch", "--ema", "0", "--no-export"])
     assert config.norm == "batch" and config.ema == 0.0
