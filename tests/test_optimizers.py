@@ -447,6 +447,26 @@ def test_split_sends_conv_kernels_to_their_optimizer_and_the_rest_to_sgd(tiny, n
             np.testing.assert_allclose(_filter_norms(got[v.path]), 1.0, atol=1e-6, err_msg=v.path)
 
 
+def test_split_optimizer_updates_a_subset_and_leaves_the_rest(tiny):
+    # A layer frozen after the optimizer was built (--whitening-bias-epochs): Keras' MultiOptimizer refuses
+    # the shorter gradient list; SplitOptimizer updates the given variables and nothing else.
+    config = TrainConfig(optimizer="muon", lr=LR, kernel_lr=0.03, momentum=0.9, weight_decay=0.0,
+                         schedule="constant").validate()
+    opt = make_optimizer(config, 10)
+    variables = tiny.trainable_variables
+    opt.build(variables)
+    start = _randomize(variables)
+    subset = [v for v in variables if not v.path.endswith("bias")]
+    assert 0 < len(subset) < len(variables)
+    got = _steps(opt, subset, 1)
+    for v in variables:
+        moved = not np.array_equal(np.array(v), start[v.path])
+        assert moved == (v.path in got), v.path
+    assert int(opt.iterations) == 1
+    restored = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
+    assert type(restored) is type(opt) and [type(o) for o in restored.optimizers] == [type(o) for o in opt.optimizers]
+
+
 @pytest.mark.parametrize("name", ["renorm_sgd", "muon"])
 def test_kernel_optimizers_with_agc_ema_and_lookahead_train_and_resume_exactly(tmp_path, name):
     config = TrainConfig(optimizer=name, lr=LR, kernel_lr=0.03, kernel_momentum=0.6, muon_ns_steps=3,

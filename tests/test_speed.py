@@ -301,9 +301,12 @@ def test_speed_fit_adapts_the_stem_reports_tta_and_ends_with_the_average(speed_r
     model = keras.saving.load_model(run_dir / "model.keras", compile=True)
     stem = model.get_layer("stem_whitening")
     assert np.asarray(stem.eigenvalues)[0] > 2 * np.asarray(stem.eigenvalues)[-1]  # adapted, not the identity
-    # The saved model holds the optimizer's moving average of the weights.
-    averages = model.optimizer._model_variables_moving_average
-    for variable, average in zip(model.trainable_variables, averages):
+    # The saved model holds the optimizers' moving average of the weights (Muon's for the conv kernels,
+    # SGD's for the rest).
+    pairs = [(variable, average) for optimizer in model.optimizer.optimizers
+             for variable, average in zip(optimizer._trainable_variables, optimizer._model_variables_moving_average)]
+    assert len(pairs) == len(model.trainable_variables)
+    for variable, average in pairs:
         np.testing.assert_allclose(np.asarray(variable), np.asarray(average), rtol=1e-6, atol=1e-7)
 
 

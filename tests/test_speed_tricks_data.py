@@ -98,9 +98,10 @@ RAMP_COUNT, RAMP_BATCH = 40, 8  # 5 batches per epoch
 
 
 def _ramps(count=RAMP_COUNT):
-    """Images whose pixel value rises with the column (20 per column) and is the same down each column."""
-    columns = np.arange(12) * 20 + np.arange(count)[:, None] % 7
-    return np.broadcast_to(columns[:, None, :, None], (count, 8, 12, 3)).astype("uint8").copy()
+    """32 x 32 images (CIFAR's size, so shifts go up to 2 px) whose pixel value rises with the column (7 per
+    column) and is the same down each column."""
+    columns = np.arange(32) * 7 + np.arange(count)[:, None] % 7
+    return np.broadcast_to(columns[:, None, :, None], (count, 32, 32, 3)).astype("uint8").copy()
 
 
 def _mirrored_by_image(ds, epochs):
@@ -216,7 +217,7 @@ def test_fit_resumed_after_an_epoch_trains_on_the_same_flips_as_an_uninterrupted
 
     def fit(checkpoints, record):
         keras.utils.set_random_seed(0)
-        inputs = keras.Input((8, 12, 3))
+        inputs = keras.Input((32, 32, 3))
         x = keras.layers.Flatten()(_Fingerprint(name="fingerprint")(inputs))
         model = keras.Model(inputs, keras.layers.Dense(10)(x))
         model.compile(optimizer=keras.optimizers.SGD(0.01), loss="sparse_categorical_crossentropy")

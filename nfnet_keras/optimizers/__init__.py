@@ -13,5 +13,5 @@ __getattr__, __dir__, __all__ = lazy.attach(__name__, {
     ".groups": ["GROUPS", "GroupSGD", "param_group"],
     ".lookahead": ["Lookahead"],
     ".renorm": ["RenormSGD"],
-    ".split": ["CONV_KERNELS", "split_kernels"],
+    ".split": ["CONV_KERNELS", "SplitOptimizer", "split_kernels"],
 })
