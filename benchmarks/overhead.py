@@ -57,6 +57,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from nfnet_keras import contract  # noqa: E402
 from nfnet_keras import data as data_lib  # noqa: E402
 from nfnet_keras import training  # noqa: E402
 from nfnet_keras.config import RECIPES, TrainConfig  # noqa: E402
@@ -170,7 +171,8 @@ class Trainer:
         run_dir = tempfile.mkdtemp(prefix="trainer-", dir=self.root)
         self._current = {}
         with common.Stopwatch() as sw:
-            result, _, _ = training._train(self.config, run_dir, self.model, self.train, self.val, verbose=0)
+            data = training.Splits(self.train, self.val, self.val, contract.CLASS_NAMES, [])
+            result, _, _ = training._train(self.config, run_dir, self.model, data, verbose=0)
         shutil.rmtree(run_dir, ignore_errors=True)
         if result.diverged:
             raise SystemExit(f"the trainer's loss diverged at {result.diverged_at}: the window is not a full epoch.")

@@ -167,15 +167,15 @@ def _main(argv=None):
     except (rundir.RunBusy, fileio.WriteError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return exits.ENVIRONMENT
-    except (ValueError, DataError) as e:
+    except (ValueError, DataError) as e:  # a collective whose peer is gone can surface as a ValueError
+        _leave_if_a_peer_is_lost(e)
         print(f"error: {e}", file=sys.stderr)
         return exits.BAD_INPUT
     except Exception as e:  # raised inside the tf.data pipeline, wrapped in TensorFlow's error
-        from nfnet_keras.distribution import UNEVEN_BATCH, leave, peer_failure
+        from nfnet_keras.distribution import UNEVEN_BATCH
 
         message = str(e)
-        if peer_failure(e):
-            leave(peer_failure(e))
+        _leave_if_a_peer_is_lost(e)
         if UNEVEN_BATCH not in message:
             raise
         reason = message[message.index(UNEVEN_BATCH):].split("]")[0]
@@ -183,6 +183,15 @@ def _main(argv=None):
         return exits.BAD_INPUT
     print(f"Wrote {os.path.join(run_dir, rundir.METRICS_FILE)} (test_accuracy {metrics['test_accuracy']:.4f}).")
     return 0
+
+
+def _leave_if_a_peer_is_lost(error):
+    """Ends the process with `exits.PEER_LOST` if `error` is a collective whose peer process is gone."""
+    from nfnet_keras.distribution import leave, peer_failure
+
+    reason = peer_failure(error)
+    if reason:
+        leave(reason)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,11 @@ def write_predictions(path, names, probabilities, class_names=CLASS_NAMES):
             writer.writerow([name, class_names[int(p.argmax())], f"{float(p.max()):.6f}"])
 
 
+def _require_images(path, images):
+    if len(images) == 0:
+        raise InputError(f"--images {path}: holds no images (an empty array); give at least one.")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog=prog("nfnet_keras.predict"),
                                 description=__doc__.splitlines()[0].split(": `")[0] + ".")
@@ -53,11 +58,10 @@ def main(argv=None):
 
     try:
         if args.images.endswith(".npy") or not os.path.exists(args.images):  # checked before the model loads
-            read_images(args.images, image_shape=(None, None, 3))
+            _require_images(args.images, read_images(args.images, image_shape=(None, None, 3))[1])
         predict = load_predictor(args.model)
         names, images = read_images(args.images, image_shape=predict.image_shape)
-        if len(images) == 0:
-            raise InputError(f"--images {args.images}: holds no images (an empty array); give at least one.")
+        _require_images(args.images, images)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return exits.BAD_INPUT

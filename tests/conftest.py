@@ -52,6 +52,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=f"TensorFlow only, not {backend}: {reason}"))
 
 
+@pytest.fixture(autouse=True)
+def _float32_policy_after_each_test():
+    """Restores the global float32 dtype policy after every test.
+
+    Training under a mixed recipe sets the global policy; a test that fails
+    before its own clean-up would otherwise build every later test's layers in
+    bfloat16.
+    """
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
 # === CIFAR-10 ===
 
 
