@@ -5,11 +5,14 @@ model trained on other images takes their size), the class names, and the TF
 Serving contract of an export: the signature, its input and output names, and
 the class-names asset. A `.keras` model written by `fit` carries its class
 names too, as the member `class_names.txt` of its zip archive
-(`write_class_names`, `read_class_names`). `export` writes this contract,
+(`write_class_names`, `read_class_names`), and every export as a
+`class_names.txt` file (`read_class_names_file`): an export's contract follows
+its model, whatever its image size and classes. `export` writes this contract,
 `serving` reads it, `inference` and `data` check images against it. Imports no
 TensorFlow.
 """
 
+import os
 import re
 import zipfile
 
@@ -24,7 +27,7 @@ IMAGE_SHAPE = (32, 32, 3)
 
 # The exported SavedModel's serving signature.
 SIGNATURE = "serving_default"
-INPUT = "image"  # uint8 [batch, 32, 32, 3], raw pixels
+INPUT = "image"  # uint8 [batch, height, width, 3], raw pixels (32 x 32 for CIFAR-10)
 PROBABILITIES = "probabilities"  # float32 [batch, num_classes]
 CLASS_ID = "class_id"  # int64 [batch]
 CLASS_NAMES_ASSET = "class_names.txt"  # under assets/, one name per line in class-id order
@@ -85,6 +88,31 @@ def read_class_names(keras_path):
         if CLASS_NAMES_ASSET not in archive.namelist():
             return None
         return tuple(archive.read(CLASS_NAMES_ASSET).decode("utf-8").splitlines())
+
+
+def read_class_names_file(path):
+    """The class names of a `class_names.txt` (one per line, in class-id order), or None if there is no such file."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return tuple(f.read().splitlines())
+
+
+def default_class_names(count):
+    """The class names of a model that carries none: CIFAR-10's for 10 classes, else the class ids as text."""
+    return CLASS_NAMES if count == NUM_CLASSES else tuple(str(i) for i in range(count))
+
+
+def is_cifar10(image_shape, class_names):
+    """Whether a model with these `(height, width, 3)` inputs and class names classifies CIFAR-10."""
+    return tuple(image_shape) == IMAGE_SHAPE and tuple(class_names) == CLASS_NAMES
+
+
+def describe(image_shape, class_names, most=5):
+    """`"48 x 48 images, 3 classes (cat, dog, fox)"`: what a model takes and gives, for messages."""
+    sizes = " x ".join("?" if s is None else str(s) for s in tuple(image_shape)[:2])
+    names = ", ".join(class_names[:most]) + (", ..." if len(class_names) > most else "")
+    return f"{sizes} images, {len(class_names)} classes ({names})"
 
 
 def check_model_name(name):

@@ -44,7 +44,8 @@ def _parse_args(argv):
                              "(model.xml + model.bin) (default: %(default)s)")
     parser.add_argument("--quantize", choices=("int8",),
                         help="int8: post-training int8 quantization for --format onnx (static, calibrated on CIFAR-10 "
-                             "training images from $NFNET_DATA_DIR) or litert (dynamic range) (default: float32)")
+                             "training images from $NFNET_DATA_DIR: CIFAR-10 models only) or litert (dynamic range, "
+                             "any model) (default: float32)")
     parser.add_argument("--no-fold", dest="fold", action="store_false",
                         help="export the model as trained, without folding weight standardization and scalars "
                              "into plain conv kernels")
@@ -80,17 +81,18 @@ def main(argv=None):
     except Exception as e:  # not a .keras zip, unknown layer, ...
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         parser.error(f"--model {args.model} could not be loaded as a Keras model ({reason}).")
+    from nfnet_keras.contract import read_class_names
+
+    # The names fit wrote into the .keras file; without them, CIFAR-10's for 10 classes, else the class ids.
+    class_names = read_class_names(args.model)
     try:
         if args.format == "saved_model":
-            from nfnet_keras.contract import CLASS_NAMES, read_class_names
-
-            class_names = read_class_names(args.model) or CLASS_NAMES
             path = export_saved_model(model, args.name, args.version, args.base_dir, class_names, fold=args.fold)
         else:
             from nfnet_keras.export_formats import export_model
 
             path = export_model(model, args.name, args.format, args.version, args.base_dir, fold=args.fold,
-                                quantize=args.quantize)
+                                quantize=args.quantize, class_names=class_names)
     except (ValueError, FileExistsError, ExportError, OSError) as e:
         parser.error(str(e))
     print(f"Exported {args.model} to {path}")

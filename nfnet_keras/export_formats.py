@@ -6,10 +6,13 @@ Server's model repositories too), atomically, and verified before it is
 published. Each holds the model's inference twin (`fold_for_inference`) with
 the serving contract of `nfnet_keras.contract` built into its graph:
 
-    input:  image          uint8   [batch, 32, 32, 3]   (raw pixels; normalised inside)
-    output: probabilities  float32 [batch, 10]
+    input:  image          uint8   [batch, height, width, 3]   (raw pixels; normalised inside)
+    output: probabilities  float32 [batch, classes]
 
-and `class_names.txt` (one per line, in class-id order) beside it:
+and `class_names.txt` (one per line, in class-id order) beside it. The
+contract follows the model: its input's image size (32 x 32 for CIFAR-10)
+and its classes, named as the `.keras` file names them (`nfnet-export` reads
+them with `read_class_names`):
 
     onnx      model.onnx                 Keras' ONNX export (tf2onnx), run by onnxruntime
     litert    model.tflite               Keras' LiteRT export (TFLite converter), run by ai-edge-litert
@@ -21,7 +24,9 @@ the same contract with int8 weights inside:
     onnx      onnxruntime.quantization.quantize_static, QDQ format: the convs'
               and the classifier's weights int8 per output channel, their
               inputs int8 with ranges calibrated (MinMax) on 512 CIFAR-10
-              training images (`calibration_images`); GELU stays float
+              training images (`calibration_images`); GELU stays float.
+              A model of other images or classes is refused (one line)
+              unless `calibration` images of its own are passed
     litert    the TFLite converter's dynamic-range quantization: int8
               weights, activations quantized per call by the runtime
 
@@ -34,7 +39,8 @@ ONNX path agrees to 2e-7.
 Verification loads the written model in its own runtime in a fresh process
 (`nfnet_keras.runtimes`) and compares its probabilities (within 1e-4) and class
 ids with the Keras model's on CIFAR-10 test images (`$NFNET_DATA_DIR`; seeded
-random pixels where there are none). An int8 model's probabilities move by
+random pixels where there are none, and for a model of another image size or
+other classes, at its image size). An int8 model's probabilities move by
 more than that, so it is checked by the share of images whose class id equals
 Keras' (at least `INT8_MIN_AGREEMENT`, among the images whose top two Keras
 probabilities differ by more than `INT8_MARGIN`). A failed check publishes nothing.
@@ -50,7 +56,7 @@ import keras
 import numpy as np
 
 from nfnet_keras import saved_model as export
-from nfnet_keras.contract import CLASS_NAMES, CLASS_NAMES_ASSET, IMAGE_SHAPE, INPUT
+from nfnet_keras.contract import CLASS_NAMES, CLASS_NAMES_ASSET, IMAGE_SHAPE, INPUT, check_images, describe, is_cifar10
 from nfnet_keras.data import CIFAR10_MEAN, CIFAR10_STD
 from nfnet_keras.models.folding import fold_for_inference
 from nfnet_keras.runtimes import INSTALL_HINT, RUNTIMES
@@ -111,34 +117,45 @@ def serving_model(model, fold=True):
             in float32). Defaults to `True`.
 
     Returns:
-        A Functional `keras.Model` with the uint8 input `image` (batch, 32, 32, 3)
-        that normalises as `nfnet_keras.data.preprocess` does and returns the
+        A Functional `keras.Model` with the uint8 input `image` (batch, height,
+        width, 3) of `model`'s image size (`export.image_shape_of`) that
+        normalises as `nfnet_keras.data.preprocess` does and returns the
         float32 softmax probabilities.
     """
+    image_shape = export.image_shape_of(model)
     core = export.float32_twin(model)
     if fold:
         core = fold_for_inference(core)
-    inputs = keras.Input(IMAGE_SHAPE, dtype="uint8", name=INPUT)
+    inputs = keras.Input(image_shape, dtype="uint8", name=INPUT)
     x = keras.ops.cast(inputs, "float32") / 255.0
     x = (x - np.asarray(CIFAR10_MEAN, "float32")) / np.asarray(CIFAR10_STD, "float32")
     probabilities = keras.ops.softmax(keras.ops.cast(core(x), "float32"), axis=-1)
     serving = keras.Model(inputs, probabilities, name=f"{model.name}_serving")
-    serving(np.zeros((1,) + IMAGE_SHAPE, "uint8"))  # Keras exports only a model that has been called
+    serving(np.zeros((1,) + image_shape, "uint8"))  # Keras exports only a model that has been called
     return serving
 
 
-def verification_images(count=VERIFY_IMAGES):
-    """`(images, description)`: the first CIFAR-10 test images, or seeded random pixels without the data set."""
+def verification_images(count=VERIFY_IMAGES, image_shape=IMAGE_SHAPE, class_names=CLASS_NAMES):
+    """`(images, description)`: the images an export is checked on, for a model of `image_shape` and `class_names`.
+
+    The first CIFAR-10 test images for a CIFAR-10 model (32 x 32, CIFAR-10's
+    classes) where `$NFNET_DATA_DIR` holds them; else seeded random pixels
+    of `image_shape`: the check compares the export with its Keras model, so
+    any images of the model's size serve, and random ones need no data set.
+    """
     from nfnet_keras.data import DataError, load_cifar10
 
-    if os.environ.get("NFNET_DATA_DIR"):
+    image_shape = tuple(image_shape)
+    cifar10 = is_cifar10(image_shape, class_names)
+    if cifar10 and os.environ.get("NFNET_DATA_DIR"):
         try:
             _, (x_test, _) = load_cifar10(test_only=True)
             return np.ascontiguousarray(x_test[:count]), f"{min(count, len(x_test))} CIFAR-10 test images"
         except DataError:
             pass
-    rng = np.random.default_rng(0)
-    return rng.integers(0, 256, (count,) + IMAGE_SHAPE, dtype=np.uint8), f"{count} random images (no CIFAR-10)"
+    images = np.random.default_rng(0).integers(0, 256, (count,) + image_shape, dtype=np.uint8)
+    why = "no CIFAR-10" if cifar10 else f"{image_shape[0]} x {image_shape[1]}, not a CIFAR-10 model"
+    return images, f"{count} random images ({why})"
 
 
 def calibration_images(count=CALIBRATION_IMAGES, seed=0):
@@ -159,7 +176,7 @@ def calibration_images(count=CALIBRATION_IMAGES, seed=0):
 
 
 def export_model(model, name, fmt="saved_model", version=None, base_dir="saved_models", verify=True, fold=True,
-                 quantize=None, calibration=None):
+                 quantize=None, calibration=None, class_names=None):
     """Exports `model` as `<base_dir>/<name>/<version>/` in the format `fmt`.
 
     Args:
@@ -175,7 +192,12 @@ def export_model(model, name, fmt="saved_model", version=None, base_dir="saved_m
         quantize: None or `"int8"`. Post-training int8 quantization (ONNX
             and LiteRT only). Defaults to `None` (float32).
         calibration: uint8 array or None. The calibration images of an int8
-            export. Defaults to `calibration_images()`.
+            ONNX export, of the model's image size. Defaults to
+            `calibration_images()` for a CIFAR-10 model; a model of other
+            images or classes needs its own.
+        class_names: sequence of str or None. The model's class names, in
+            class-id order, written as `class_names.txt`. Defaults to `None`:
+            `default_class_names` of its number of classes.
 
     Returns:
         The path of the new version folder.
@@ -184,15 +206,17 @@ def export_model(model, name, fmt="saved_model", version=None, base_dir="saved_m
         ValueError: a bad format, quantization, name, version or model.
         FileExistsError: the version exists already.
         export.ExportError: a package the format needs is missing, a backend
-            other than TensorFlow, no CIFAR-10 to calibrate on, or the written
+            other than TensorFlow, no CIFAR-10 to calibrate on (or a model of
+            other images or classes without `calibration`), or the written
             model failed verification; nothing was published.
     """
     check_format(fmt)
     check_quantize(fmt, quantize)
     if fmt == "saved_model":
-        return export.export_saved_model(model, name, version, base_dir, verify=verify, fold=fold)
+        return export.export_saved_model(model, name, version, base_dir, class_names, verify=verify, fold=fold)
     export.check_model_name(name)
-    export._check_model(model, CLASS_NAMES)
+    class_names = export._check_model(model, class_names)
+    image_shape = export.image_shape_of(model)
     if keras.backend.backend() != "tensorflow":
         raise export.ExportError(
             f"--format {fmt} is written from a TensorFlow graph here; the {keras.backend.backend()} backend is "
@@ -204,8 +228,16 @@ def export_model(model, name, fmt="saved_model", version=None, base_dir="saved_m
             f"--format {fmt} needs {', '.join(missing)}, not installed: {INSTALL_HINT} "
             f"(or pip install {' '.join(missing)})."
         )
-    if quantize and fmt in CALIBRATED and calibration is None:
-        calibration = calibration_images()
+    if quantize and fmt in CALIBRATED:
+        if calibration is not None:
+            calibration = check_images(calibration, "calibration", shape=image_shape)
+        elif not is_cifar10(image_shape, class_names):
+            raise export.ExportError(
+                f"--quantize int8 --format {fmt} calibrates on CIFAR-10 training images, and this model takes "
+                f"{describe(image_shape, class_names)}: export it as float32 (drop --quantize), or as --format "
+                "litert --quantize int8 (dynamic range: no calibration images).")
+        else:
+            calibration = calibration_images()
     serving = serving_model(model, fold)
     weight_bytes = sum(int(np.prod(v.shape)) * 4 for v in serving.weights)
 
@@ -216,11 +248,11 @@ def export_model(model, name, fmt="saved_model", version=None, base_dir="saved_m
         else:
             _WRITERS[fmt](serving, path)
         with open(os.path.join(tmp_dir, CLASS_NAMES_ASSET), "w", encoding="utf-8") as f:
-            f.write("".join(f"{n}\n" for n in CLASS_NAMES))
+            f.write("".join(f"{n}\n" for n in class_names))
         if verify and quantize:
-            check_int8_in_runtime(model, fmt, path)
+            check_int8_in_runtime(model, fmt, path, class_names=class_names)
         elif verify:
-            check_in_runtime(model, fmt, path)
+            check_in_runtime(model, fmt, path, class_names=class_names)
 
     return export.publish_version(os.path.join(base_dir, name), name, version, write,
                                   int(weight_bytes * 2.5) + (8 << 20))
@@ -302,6 +334,10 @@ sys.exit(_verify_child(sys.argv[2:]))
 """
 
 
+def _verification_images(model, count, class_names):
+    return verification_images(count, export.image_shape_of(model), export._check_model(model, class_names))
+
+
 def _keras_probabilities(model, images):
     reference = export.float32_twin(model)
     x = (images.astype("float32") / 255.0 - np.asarray(CIFAR10_MEAN, "float32")) / np.asarray(CIFAR10_STD, "float32")
@@ -328,15 +364,18 @@ def _runtime_probabilities(fmt, path, images, expected_shape):
     return got
 
 
-def check_in_runtime(model, fmt, path, images=None, atol=PROB_ATOL):
+def check_in_runtime(model, fmt, path, images=None, atol=PROB_ATOL, class_names=None):
     """Runs the exported `path` in its runtime in a fresh process and compares it with `model`.
 
     Args:
         model: keras.Model. The model that was exported (logits out).
         fmt: str. The format of `path`.
         path: str. The written model file.
-        images: uint8 array or None. Defaults to `verification_images()`.
+        images: uint8 array or None. Defaults to `verification_images()` of
+            the model's image size and `class_names`.
         atol: float. Largest allowed probability difference. Defaults to `1e-4`.
+        class_names: sequence of str or None. The model's class names (which
+            verification images to take). Defaults to `default_class_names`.
 
     Returns:
         The largest absolute probability difference.
@@ -347,7 +386,7 @@ def check_in_runtime(model, fmt, path, images=None, atol=PROB_ATOL):
     """
     described = "the given images"
     if images is None:
-        images, described = verification_images()
+        images, described = _verification_images(model, VERIFY_IMAGES, class_names)
     expected = _keras_probabilities(model, images)
     runtime = RUNTIMES[fmt][2]
     got = _runtime_probabilities(fmt, path, images, expected.shape)
@@ -365,16 +404,18 @@ def check_in_runtime(model, fmt, path, images=None, atol=PROB_ATOL):
     return error
 
 
-def check_int8_in_runtime(model, fmt, path, images=None, min_agreement=INT8_MIN_AGREEMENT):
+def check_int8_in_runtime(model, fmt, path, images=None, min_agreement=INT8_MIN_AGREEMENT, class_names=None):
     """Runs the int8 `path` in its runtime in a fresh process; its class ids must mostly equal `model`'s.
 
     Args:
         model: keras.Model. The float model that was quantized (logits out).
         fmt: str. The format of `path`.
         path: str. The written model file.
-        images: uint8 array or None. Defaults to `verification_images(INT8_VERIFY_IMAGES)`.
+        images: uint8 array or None. Defaults to `verification_images` of
+            `INT8_VERIFY_IMAGES`, the model's image size and `class_names`.
         min_agreement: float. The smallest share of images with Keras' class id.
             Defaults to `INT8_MIN_AGREEMENT`.
+        class_names: sequence of str or None. As `check_in_runtime`'s.
 
     Returns:
         The share of images whose class id equals Keras', among those whose
@@ -386,7 +427,7 @@ def check_int8_in_runtime(model, fmt, path, images=None, min_agreement=INT8_MIN_
     """
     described = "the given images"
     if images is None:
-        images, described = verification_images(INT8_VERIFY_IMAGES)
+        images, described = _verification_images(model, INT8_VERIFY_IMAGES, class_names)
     expected = _keras_probabilities(model, images)
     runtime = RUNTIMES[fmt][2]
     got = _runtime_probabilities(fmt, path, images, expected.shape)

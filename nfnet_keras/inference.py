@@ -11,7 +11,6 @@ import tensorflow as tf
 
 from nfnet_keras.config import TTA_LOG_AVERAGED, TTA_POLICY_WEIGHTS
 from nfnet_keras.contract import (
-    CLASS_NAMES,
     CLASS_NAMES_ASSET,
     IMAGE_SHAPE,
     INPUT,
@@ -19,7 +18,9 @@ from nfnet_keras.contract import (
     SIGNATURE,
     InputError,
     check_images,
+    default_class_names,
     read_class_names,
+    read_class_names_file,
 )
 from nfnet_keras.data import preprocess
 
@@ -112,11 +113,6 @@ def _described(predict, class_names, image_shape):
     return predict
 
 
-def _default_names(count):
-    """The class names of a model that carries none: CIFAR-10's for 10 classes, else the class ids."""
-    return CLASS_NAMES if count == len(CLASS_NAMES) else tuple(str(i) for i in range(count))
-
-
 def load_predictor(path, batch_size=256):
     """Returns `predict(uint8 images N x H x W x 3) -> float32 probabilities N x classes`.
 
@@ -125,8 +121,9 @@ def load_predictor(path, batch_size=256):
     OpenVINO `.xml` file (or the version folder holding one), run by its own
     runtime (`nfnet_keras.runtimes`); the exports normalise inside their graphs.
     The function's `class_names` and `image_shape` attributes say what the
-    model classifies (the names a `.keras` file or a SavedModel carries) and
-    the images it takes (`(32, 32, 3)` for CIFAR-10).
+    model classifies (the names a `.keras` file, a SavedModel or an export's
+    `class_names.txt` carries) and the images it takes (its input's size:
+    `(32, 32, 3)` for CIFAR-10).
     """
     if path.endswith(".keras"):
         if not os.path.isfile(path):
@@ -145,14 +142,14 @@ def load_predictor(path, batch_size=256):
         except Exception as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise InputError(f"--model {path} is not a loadable .keras model ({reason}).") from e
-        names = read_class_names(path) or _default_names(model.output_shape[-1])
+        names = read_class_names(path) or default_class_names(model.output_shape[-1])
         return _described(keras_predictor(model, batch_size), names, model.input_shape[1:])
     if os.path.isfile(os.path.join(path, "saved_model.pb")):
         return _saved_model_predictor(path, batch_size)
     from nfnet_keras import runtimes
 
     if runtimes.format_of(path)[0] is not None:
-        return _described(runtimes.load_runtime(path, batch_size=batch_size), CLASS_NAMES, IMAGE_SHAPE)
+        return runtimes.load_runtime(path, batch_size=batch_size)  # its image_shape and class_names: the export's
     raise InputError(
         f"--model {path} is neither a .keras file, a SavedModel directory (a folder with saved_model.pb, e.g. "
         "saved_models/nfnet/1) nor an exported .onnx, .tflite or OpenVINO .xml model."
@@ -165,11 +162,7 @@ def _saved_model_predictor(path, batch_size):
         raise InputError(f"--model {path} has no {SIGNATURE} signature.")
     signature = loaded.signatures[SIGNATURE]
     image_shape = tuple(signature.structured_input_signature[1][INPUT].shape[1:])
-    names_path = os.path.join(path, "assets", CLASS_NAMES_ASSET)
-    names = None
-    if os.path.isfile(names_path):
-        with open(names_path, encoding="utf-8") as f:
-            names = tuple(f.read().splitlines())
+    names = read_class_names_file(os.path.join(path, "assets", CLASS_NAMES_ASSET))
 
     def predict(images):
         out = [signature(**{INPUT: tf.constant(images[i:i + batch_size])})[PROBABILITIES].numpy()
@@ -177,7 +170,7 @@ def _saved_model_predictor(path, batch_size):
         return np.concatenate(out) if out else np.zeros((0, len(predict.class_names)), np.float32)
 
     count = signature.structured_outputs[PROBABILITIES].shape[-1]
-    return _described(predict, names or _default_names(count), image_shape)
+    return _described(predict, names or default_class_names(count), image_shape)
 
 
 def read_images(path, flag="--images", image_shape=IMAGE_SHAPE):

@@ -4,7 +4,7 @@ The exported signature `serving_default` takes raw pixels and does the
 normalisation itself:
 
     inputs:  image          uint8   [batch, 32, 32, 3]  (a model trained on other images: their size)
-    outputs: probabilities  float32 [batch, 10]         (one per class)
+    outputs: probabilities  float32 [batch, 10]         (one per class: the model's number of classes)
              class_id       int64   [batch]
 
 The graph is the model's inference twin (`fold_for_inference`): plain convs
@@ -36,13 +36,13 @@ import tensorflow as tf
 from nfnet_keras import fileio
 from nfnet_keras.contract import (
     CLASS_ID,
-    CLASS_NAMES,
     CLASS_NAMES_ASSET,
     IMAGE_SHAPE,
     INPUT,
     PROBABILITIES,
     SIGNATURE,
     check_model_name,
+    default_class_names,
 )
 from nfnet_keras.data import preprocess
 from nfnet_keras.models.folding import fold_for_inference
@@ -113,24 +113,26 @@ def export_saved_model(
     name,
     version=None,
     base_dir="saved_models",
-    class_names=CLASS_NAMES,
+    class_names=None,
     verify=True,
     fold=True,
 ):
     """Exports `model` for TF Serving as `<base_dir>/<name>/<version>/`.
 
     Args:
-        model: keras.Model. Takes normalised float images `(batch, 32, 32, 3)`
-            (see `nfnet_keras.preprocess`) and returns logits, as
-            `nfnet_keras.build_model` does.
+        model: keras.Model. Takes normalised float images `(batch, height,
+            width, 3)` (see `nfnet_keras.preprocess`) and returns logits, as
+            `nfnet_keras.build_model` does; the export takes its image size.
         name: str. The model name TF Serving serves it under (letters, digits,
             `.`, `_`, `-`).
         version: int or None. A positive version number; `None` takes the next
             one. Defaults to `None`.
         base_dir: str. The folder TF Serving watches (one subfolder per model).
             Defaults to `"saved_models"`.
-        class_names: sequence of str. The class names, in class-id order, shipped
-            as the asset `class_names.txt`. Defaults to the CIFAR-10 names.
+        class_names: sequence of str or None. The class names, in class-id
+            order, shipped as the asset `class_names.txt`. Defaults to `None`:
+            `default_class_names` of the model's number of classes (CIFAR-10's
+            for 10, else the class ids).
         verify: bool. Before publishing, check the graph for XLA-compiled and
             non-standard ops, reload it and compare its probabilities with the
             Keras model's on a few images. Defaults to `True`.
@@ -156,7 +158,7 @@ def export_saved_model(
     '.../nfnet/1'
     """
     check_model_name(name)
-    _check_model(model, class_names)
+    class_names = _check_model(model, class_names)
     if keras.backend.backend() != "tensorflow":
         return _export_with_tensorflow(model, name, version, base_dir, class_names, verify, fold)
     model = float32_twin(model)
@@ -317,7 +319,8 @@ def image_shape_of(model):
     return tuple(s if s is not None else d for s, d in zip(tuple(model.input_shape)[1:], IMAGE_SHAPE))
 
 
-def _check_model(model, class_names):
+def _check_model(model, class_names=None):
+    """The class names of `model` (`class_names`, or `default_class_names` of its classes), or a ValueError."""
     if not isinstance(model, keras.Model):
         raise ValueError(f"Expected a keras.Model, got {type(model).__name__}.")
     try:
@@ -328,11 +331,15 @@ def _check_model(model, class_names):
     if len(in_shape) != 4 or in_shape[-1] != 3:
         raise ValueError(f"The model must take RGB images of shape (batch, height, width, 3), got input shape "
                          f"{in_shape}.")
-    if len(out_shape) != 2 or out_shape[-1] != len(class_names):
+    if class_names is None and len(out_shape) == 2 and out_shape[-1]:
+        class_names = default_class_names(out_shape[-1])
+    if class_names is None or len(out_shape) != 2 or out_shape[-1] != len(class_names):
+        expected = "classes" if class_names is None else len(class_names)
         raise ValueError(
-            f"The model must return (batch, {len(class_names)}) logits, one per class name, "
+            f"The model must return (batch, {expected}) logits, one per class name, "
             f"got output shape {out_shape}."
         )
+    return tuple(class_names)
 
 
 def _write_saved_model(model, path, class_names):

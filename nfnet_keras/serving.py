@@ -1,13 +1,17 @@
 """Clients for a model served by TF Serving, over REST (JSON) and gRPC.
 
 The model is the one `nfnet_keras.export` writes: signature `serving_default`,
-input `image` (uint8 `[batch, 32, 32, 3]`, raw pixels), outputs
-`probabilities` (float32 `[batch, 10]`) and `class_id` (int64 `[batch]`).
+input `image` (uint8 `[batch, height, width, 3]`, raw pixels: `[batch, 32, 32,
+3]` for CIFAR-10), outputs `probabilities` (float32 `[batch, classes]`) and
+`class_id` (int64 `[batch]`). The contract follows the model: the client sends
+images of `--image-size` (default 32) and names the classes with the export's
+`class_names.txt` (`--class-names`; without it, CIFAR-10's names for 10
+classes, else the class ids). TF Serving tells neither.
 
 REST, row format (`POST http://HOST:8501/v1/models/NAME:predict`):
 
     request:  {"signature_name": "serving_default",
-               "instances": [{"image": [[[r, g, b], ... 32], ... 32]}, ...]}
+               "instances": [{"image": [[[r, g, b], ... width], ... height]}, ...]}
     response: {"predictions": [{"probabilities": [p0, ..., p9], "class_id": 3}, ...]}
 
 gRPC (`HOST:8500`, `tensorflow.serving.PredictionService/Predict`): a
@@ -16,6 +20,7 @@ gRPC (`HOST:8500`, `tensorflow.serving.PredictionService/Predict`): a
 Usage:
     python -m nfnet_keras.serving --model-name nfnet [--protocol rest] cat.png ship.png
     python -m nfnet_keras.serving --model-name nfnet --cifar-test 8
+    python -m nfnet_keras.serving --model-name pets --image-size 64 --class-names saved_models/pets/1 cat.png
 """
 
 import argparse
@@ -35,11 +40,14 @@ from nfnet_keras.contract import (
     CLASS_ID,
     CLASS_NAMES,
     CLASS_NAMES_ASSET,
+    IMAGE_SHAPE,
     INPUT,
     PROBABILITIES,
     SIGNATURE,
     InputError,
     check_images,
+    default_class_names,
+    read_class_names_file,
 )
 
 REST_PORT = 8501
@@ -77,36 +85,65 @@ class Prediction:
     probabilities: np.ndarray
 
 
-def as_image_batch(images):
-    """Returns `images` as a uint8 `(batch, 32, 32, 3)` array; one image gets a batch axis.
+def as_image_batch(images, image_shape=IMAGE_SHAPE):
+    """Returns `images` as a uint8 `(batch, height, width, 3)` array; one image gets a batch axis.
+
+    Args:
+        images: array-like. Raw RGB pixels, 0-255.
+        image_shape: tuple. The served model's `(height, width, 3)`; a `None`
+            size takes any (the server checks it). Defaults to `IMAGE_SHAPE`
+            (CIFAR-10's 32 x 32).
 
     Raises:
         InputError (a ValueError): not uint8 (the server normalises raw 0-255
             pixels itself), or a wrong shape.
     """
-    return check_images(images, "images", allow_single=True)
+    return check_images(images, "images", allow_single=True, shape=image_shape)
 
 
 def _predictions(probabilities, class_ids, class_names):
     probabilities = np.asarray(probabilities, np.float32)
     class_ids = np.asarray(class_ids, np.int64).reshape(-1)
+    if class_names is None and probabilities.ndim == 2:
+        class_names = default_class_names(probabilities.shape[1])
     if probabilities.ndim != 2 or probabilities.shape[1] != len(class_names):
         raise ServingError(
-            f"expected probabilities of shape (batch, {len(class_names)}), got {probabilities.shape}; "
-            "is the model a 10-class nfnet_keras export?"
+            f"expected probabilities of shape (batch, {len(class_names)}), got {probabilities.shape}: one per "
+            f"class name; name the served model's classes with its export's {CLASS_NAMES_ASSET} (--class-names)."
         )
     if len(class_ids) != len(probabilities):
         raise ServingError(f"got {len(class_ids)} class ids for {len(probabilities)} images.")
+    if len(class_ids) and (class_ids.min() < 0 or class_ids.max() >= len(class_names)):
+        raise ServingError(f"got class ids {class_ids.tolist()} for {len(class_names)} classes.")
     return [
         Prediction(int(c), class_names[int(c)], float(p[int(c)]), p)
         for c, p in zip(class_ids, probabilities)
     ]
 
 
-def read_class_names(saved_model_dir):
-    """Reads the class names shipped with an export (`assets/class_names.txt`)."""
-    with open(os.path.join(saved_model_dir, "assets", CLASS_NAMES_ASSET), encoding="utf-8") as f:
-        return tuple(line.rstrip("\n") for line in f if line.strip())
+def read_class_names(path):
+    """Reads the class names shipped with an export, in class-id order.
+
+    Args:
+        path: str. The export's `class_names.txt`, or its version folder
+            (`assets/class_names.txt` of a SavedModel, `class_names.txt` of
+            the other formats).
+
+    Raises:
+        InputError: no such file, or it names no class.
+    """
+    candidates = ([os.path.join(path, "assets", CLASS_NAMES_ASSET), os.path.join(path, CLASS_NAMES_ASSET)]
+                  if os.path.isdir(path) else [path])
+    names = next((n for n in map(read_class_names_file, candidates) if n is not None), None)
+    if names is None:
+        problem = (f"holds neither assets/{CLASS_NAMES_ASSET} nor {CLASS_NAMES_ASSET}" if os.path.isdir(path)
+                   else "no such file")
+        raise InputError(f"--class-names {path}: {problem}; pass the export's {CLASS_NAMES_ASSET} or its version "
+                         "folder (e.g. saved_models/nfnet/1).")
+    names = tuple(name for name in names if name.strip())
+    if not names:
+        raise InputError(f"--class-names {path} names no class; it should hold one class name per line.")
+    return names
 
 
 # === REST ===
@@ -118,9 +155,9 @@ def rest_url(model_name, host="localhost", port=REST_PORT, version=None):
     return f"http://{host}:{port}/v1/models/{model_name}{version_part}:predict"
 
 
-def rest_request(images, signature_name=SIGNATURE):
-    """Returns the REST predict body (a dict; `json.dumps` it) in row format."""
-    images = as_image_batch(images)
+def rest_request(images, signature_name=SIGNATURE, image_shape=IMAGE_SHAPE):
+    """Returns the REST predict body (a dict; `json.dumps` it) in row format, for a model of `image_shape`."""
+    images = as_image_batch(images, image_shape)
     return {
         "signature_name": signature_name,
         "instances": [{INPUT: image.tolist()} for image in images],
@@ -131,7 +168,9 @@ def parse_rest_response(body, class_names=CLASS_NAMES):
     """Parses a REST predict response (str, bytes or dict) into `Prediction`s.
 
     Accepts the row format (`predictions`, the answer to `instances`) and the
-    columnar one (`outputs`, the answer to `inputs`).
+    columnar one (`outputs`, the answer to `inputs`). `class_names` must name
+    every class the model returns a probability for; `None` takes
+    `default_class_names` of their number.
 
     Raises:
         ServingError: the body is an error (`{"error": ...}`) or not a prediction.
@@ -164,9 +203,15 @@ def parse_rest_response(body, class_names=CLASS_NAMES):
     return _predictions(probabilities, class_ids, class_names)
 
 
-def predict_rest(url, images, signature_name=SIGNATURE, class_names=CLASS_NAMES, timeout=30.0):
-    """POSTs `images` to a REST predict `url` (see `rest_url`); returns `Prediction`s."""
-    data = json.dumps(rest_request(images, signature_name)).encode()
+def predict_rest(url, images, signature_name=SIGNATURE, class_names=CLASS_NAMES, timeout=30.0,
+                 image_shape=IMAGE_SHAPE):
+    """POSTs `images` to a REST predict `url` (see `rest_url`); returns `Prediction`s.
+
+    `class_names` name the served model's classes (`None`: `default_class_names`
+    of their number) and `image_shape` is its `(height, width, 3)`: the images
+    must have it.
+    """
+    data = json.dumps(rest_request(images, signature_name, image_shape)).encode()
     request = urllib.request.Request(
         url, data=data, headers={"Content-Type": "application/json"}, method="POST"
     )
@@ -182,18 +227,18 @@ def predict_rest(url, images, signature_name=SIGNATURE, class_names=CLASS_NAMES,
         raise ServingError(f"HTTP {e.code} from {url}: {reason}") from e
     except (urllib.error.URLError, OSError) as e:
         raise ServerUnreachable(f"cannot reach {url} ({getattr(e, 'reason', e)}); is the server up?") from e
-    return _one_per_image(parse_rest_response(body, class_names), images)
+    return _one_per_image(parse_rest_response(body, class_names), images, image_shape)
 
 
 # === gRPC ===
 
 
-def grpc_request(images, model_name, signature_name=SIGNATURE, version=None):
-    """Returns a `tensorflow.serving.PredictRequest` for `images`."""
+def grpc_request(images, model_name, signature_name=SIGNATURE, version=None, image_shape=IMAGE_SHAPE):
+    """Returns a `tensorflow.serving.PredictRequest` for `images`, for a model of `image_shape`."""
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2
 
-    images = as_image_batch(images)
+    images = as_image_batch(images, image_shape)
     request = predict_pb2.PredictRequest()
     request.model_spec.name = model_name
     request.model_spec.signature_name = signature_name
@@ -227,8 +272,11 @@ def predict_grpc(
     version=None,
     class_names=CLASS_NAMES,
     timeout=30.0,
+    image_shape=IMAGE_SHAPE,
 ):
     """Calls `PredictionService/Predict` at `target` (`"host:8500"`); returns `Prediction`s.
+
+    `class_names` and `image_shape` are the served model's, as `predict_rest`'s.
 
     Raises:
         ServingError: the call failed; the message holds the gRPC status and details.
@@ -236,7 +284,7 @@ def predict_grpc(
     """
     from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-    request = grpc_request(images, model_name, signature_name, version)
+    request = grpc_request(images, model_name, signature_name, version, image_shape)
     options = [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -248,11 +296,11 @@ def predict_grpc(
         except grpc.RpcError as e:
             error = ServerUnreachable if e.code() in _NO_ANSWER_CODES else ServingError
             raise error(f"{e.code().name} from {target}: {e.details()}") from e
-    return _one_per_image(parse_grpc_response(response, class_names), images)
+    return _one_per_image(parse_grpc_response(response, class_names), images, image_shape)
 
 
-def _one_per_image(predictions, images):
-    sent = len(as_image_batch(images))
+def _one_per_image(predictions, images, image_shape):
+    sent = len(as_image_batch(images, image_shape))
     if len(predictions) != sent:
         raise ServingError(f"the server returned {len(predictions)} predictions for {sent} images.")
     return predictions
@@ -261,22 +309,29 @@ def _one_per_image(predictions, images):
 # === Command line ===
 
 
-def read_inputs(paths):
+def read_inputs(paths, image_shape=IMAGE_SHAPE):
     """Reads the command line's image arguments: `.npy` arrays, image files, folders of images.
+
+    Args:
+        paths: list of str. The arguments.
+        image_shape: tuple. The served model's `(height, width, 3)`: image
+            files are resized to it, arrays must have it. Defaults to
+            `IMAGE_SHAPE` (CIFAR-10's 32 x 32).
 
     Returns:
         `(labels, images)`: one label per image, in order (`file.npy[i]` for
         row i of an array, the path of an image file, `folder/name` for a file
-        of a folder) and a uint8 array N x 32 x 32 x 3.
+        of a folder) and a uint8 array N x height x width x 3.
 
     Raises:
-        InputError: a path that cannot be read, or an array with no images.
+        InputError: a path that cannot be read, an array of another image
+            size, or an array with no images.
     """
     from nfnet_keras.inference import read_images
 
     labels, batches = [], []
     for path in paths:
-        names, images = read_images(path, flag="")
+        names, images = read_images(path, flag="", image_shape=image_shape)
         if len(images) == 0:
             raise InputError(f"{path} holds no images (an empty array); give at least one.")
         if path.endswith(".npy"):
@@ -287,6 +342,31 @@ def read_inputs(paths):
             labels += [path]
         batches.append(images)
     return labels, np.concatenate(batches)
+
+
+def _labelled_images(parser, args, image_shape):
+    """`(labels, images)` of the command line: `--cifar-test N` or the image arguments; a bad one exits with 2."""
+    if args.cifar_test is None:
+        missing = [p for p in args.images if not os.path.exists(p)]
+        if missing:
+            parser.error(f"no such image file(s): {', '.join(missing)}.")
+        try:
+            return read_inputs(args.images, image_shape)
+        except InputError as e:
+            parser.error(str(e))
+    if args.cifar_test < 1:
+        parser.error(f"--cifar-test must be >= 1, got {args.cifar_test}.")
+    if image_shape != IMAGE_SHAPE:
+        parser.error(f"--cifar-test sends CIFAR-10's 32 x 32 test images, not --image-size {args.image_size}; "
+                     "send image files instead (resized to the model's size).")
+    from nfnet_keras.data import DataError, load_cifar10
+
+    try:
+        (_, _), (x_test, y_test) = load_cifar10(test_only=True)
+    except DataError as e:
+        parser.error(str(e))
+    labels = [f"test[{i}] ({CLASS_NAMES[y]})" for i, y in enumerate(y_test[: args.cifar_test])]
+    return labels, x_test[: args.cifar_test]
 
 
 def main(argv=None):
@@ -304,9 +384,16 @@ def main(argv=None):
         "3 no answer from the server (nothing listens there, or it timed out).",
     )
     parser.add_argument("images", nargs="*",
-                        help="image files (resized to 32x32 if needed), folders of them, or .npy uint8 arrays "
-                        "N x 32 x 32 x 3")
-    parser.add_argument("--cifar-test", type=int, metavar="N", help="send the first N CIFAR-10 test images")
+                        help="image files (resized to --image-size if needed), folders of them, or .npy uint8 "
+                        "arrays N x S x S x 3 of that size")
+    parser.add_argument("--cifar-test", type=int, metavar="N",
+                        help="send the first N CIFAR-10 test images (a 32 x 32 model)")
+    parser.add_argument("--image-size", type=int, default=IMAGE_SHAPE[0], metavar="S",
+                        help="the served model's image size S x S, as fit's --image-size (default: %(default)s, "
+                        "CIFAR-10's)")
+    parser.add_argument("--class-names", metavar="PATH",
+                        help="the served export's class_names.txt, or its version folder (saved_models/NAME/VERSION)"
+                        " (default: CIFAR-10's names for 10 classes, else the class ids)")
     parser.add_argument("--model-name", required=True, help="the name the model is served under")
     parser.add_argument("--version", type=int, help="a model version (default: the latest)")
     parser.add_argument("--host", default="localhost", help="the TF Serving host (default: localhost)")
@@ -316,32 +403,24 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if bool(args.images) == (args.cifar_test is not None):
         parser.error("pass image files or --cifar-test N (one of them).")
-    if args.cifar_test is not None:
-        if args.cifar_test < 1:
-            parser.error(f"--cifar-test must be >= 1, got {args.cifar_test}.")
-        from nfnet_keras.data import DataError, load_cifar10
-
+    if args.image_size < 1:
+        parser.error(f"--image-size must be >= 1 (pixels), got {args.image_size}.")
+    image_shape = (args.image_size, args.image_size, 3)
+    class_names = None
+    if args.class_names is not None:
         try:
-            (_, _), (x_test, y_test) = load_cifar10(test_only=True)
-        except DataError as e:
-            parser.error(str(e))
-        images = x_test[: args.cifar_test]
-        labels = [f"test[{i}] ({CLASS_NAMES[y]})" for i, y in enumerate(y_test[: args.cifar_test])]
-    else:
-        missing = [p for p in args.images if not os.path.exists(p)]
-        if missing:
-            parser.error(f"no such image file(s): {', '.join(missing)}.")
-        try:
-            labels, images = read_inputs(args.images)
+            class_names = read_class_names(args.class_names)
         except InputError as e:
             parser.error(str(e))
+    labels, images = _labelled_images(parser, args, image_shape)
     try:
         if args.protocol == "rest":
             url = rest_url(args.model_name, args.host, args.port or REST_PORT, args.version)
-            predictions = predict_rest(url, images)
+            predictions = predict_rest(url, images, class_names=class_names, image_shape=image_shape)
         else:
             target = f"{args.host}:{args.port or GRPC_PORT}"
-            predictions = predict_grpc(target, images, args.model_name, version=args.version)
+            predictions = predict_grpc(target, images, args.model_name, version=args.version,
+                                       class_names=class_names, image_shape=image_shape)
     except ServerUnreachable as e:
         print(f"error: {e}", file=sys.stderr)
         return exits.NO_ANSWER

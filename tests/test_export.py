@@ -158,7 +158,12 @@ def test_bad_arguments(models, tmp_path, kwargs, match):
 def test_model_must_output_one_logit_per_class(tmp_path):
     model = nfnet_keras.build_model("tiny", num_classes=5)
     with pytest.raises(ValueError, match=r"\(batch, 10\) logits.*got output shape \(None, 5\)"):
-        export.export_saved_model(model, "five", base_dir=str(tmp_path))
+        export.export_saved_model(model, "five", base_dir=str(tmp_path), class_names=CLASS_NAMES)
+    assert not os.path.exists(tmp_path / "five")
+    # Without class names, a model of other than 10 classes names them by id, as predict does.
+    path = export.export_saved_model(model, "five", base_dir=str(tmp_path), verify=False)
+    with open(os.path.join(path, "assets", "class_names.txt"), encoding="utf-8") as f:
+        assert f.read() == "0\n1\n2\n3\n4\n"
 
 
 # === The graph ===

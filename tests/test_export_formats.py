@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from nfnet_keras import export, export_formats, predict, runtimes
-from nfnet_keras.contract import CLASS_NAMES, InputError
+from nfnet_keras.contract import CLASS_NAMES, InputError, write_class_names
 from nfnet_keras.data import load_cifar10, preprocess
 from nfnet_keras.inference import load_predictor
 from nfnet_keras.layers.wsconv import WSConv2D
@@ -32,7 +32,7 @@ def random_weights(model, seed=0, negative_bn=False):
     `negative_bn` gives half of the BatchNorm scales a negative sign.
     """
     rng = np.random.default_rng(seed)
-    adapt_model(model, rng.normal(size=(16, 32, 32, 3)).cumsum(axis=2).astype("float32"))
+    adapt_model(model, rng.normal(size=(16,) + tuple(model.input_shape[1:])).cumsum(axis=2).astype("float32"))
     for v in model.weights:
         path = v.path
         if path.endswith("skip_gain"):
@@ -272,7 +272,8 @@ def test_failed_verification_publishes_nothing(speed_model, tmp_path, monkeypatc
     write = export_formats._WRITERS["onnx"]
     monkeypatch.setitem(export_formats._WRITERS, "onnx", lambda serving, path: write(other, path))
     with pytest.raises(export.ExportError, match=r"^The exported onnx model's probabilities in onnxruntime differ "
-                       r"from the Keras model's by \S+ \(> 0\.0001\) on 128 CIFAR-10 test images, \d+ class ids "
+                       r"from the Keras model's by \S+ \(> 0\.0001\) on 128 (CIFAR-10 test images|random images \(no "
+                       r"CIFAR-10\)), \d+ class ids "
                        r"differ; not published\.$"):
         export_formats.export_model(speed_model, "speed", "onnx", base_dir=str(tmp_path))
     assert os.listdir(tmp_path / "speed") == ["1"]  # no version 2, no temporary
@@ -417,7 +418,8 @@ def test_int8_failed_verification_and_missing_data_publish_nothing(speed_model, 
                         lambda serving, path, calibration: export_formats._write_onnx(other, path))
     images = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
     with pytest.raises(export.ExportError, match=r"^The exported int8 onnx model gives the Keras model's class id in "
-                       r"onnxruntime on \d+\.\d% of \d+ (CIFAR-10 test|random) images where Keras' top two "
+                       r"onnxruntime on \d+\.\d% of \d+ (CIFAR-10 test images|random images \(no CIFAR-10\)) where "
+                       r"Keras' top two "
                        r"probabilities differ by more than 0\.05 \(\d+ images\) \(< 95%\); not published\.$"):
         export_formats.export_model(speed_model, "speed", "onnx", base_dir=str(tmp_path), quantize="int8",
                                     calibration=images)
@@ -428,3 +430,135 @@ def test_int8_failed_verification_and_missing_data_publish_nothing(speed_model, 
                        r"the folder holding cifar-10-batches-py/\.$"):
         export_formats.export_model(speed_model, "speed2", "onnx", base_dir=str(tmp_path), quantize="int8")
     assert not os.path.exists(tmp_path / "speed2")
+
+
+# === A model of other images and classes: 48 x 48, three classes ===
+
+OWN_NAMES = ("cat", "dog", "fox")
+OWN_SHAPE = (48, 48, 3)
+
+
+def input_dims(fmt, model_file):
+    """The exported graph's input dimensions, read with the format's own library (-1 or None: dynamic)."""
+    if fmt == "onnx":
+        import onnx
+
+        dims = onnx.load(model_file).graph.input[0].type.tensor_type.shape.dim
+        return [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    if fmt == "litert":
+        from ai_edge_litert.interpreter import Interpreter
+
+        return [int(d) if d >= 0 else None for d in Interpreter(model_path=model_file).get_input_details()[0][
+            "shape_signature"]]
+    import openvino
+
+    return [d.get_length() if d.is_static else None
+            for d in openvino.Core().read_model(model_file).input(0).get_partial_shape()]
+
+
+@pytest.fixture(scope="module")
+def own_images():
+    return np.random.default_rng(1).integers(0, 256, (12,) + OWN_SHAPE, dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def own_model(own_images, tmp_path_factory):
+    """`(model, path)`: tiny_speed for 48 x 48 images of three classes, saved with their names as fit saves it.
+
+    Random weights give one class to every image (the max-pooled features are positive, and one class's
+    kernel column sums highest): the classifier's kernel is centred on `own_images`' mean features, so that
+    they get different classes and comparing class ids means something.
+    """
+    keras.utils.set_random_seed(0)
+    model = random_weights(build_model("tiny_speed", num_classes=len(OWN_NAMES), input_shape=OWN_SHAPE))
+    features = keras.Model(model.inputs, model.get_layer("pool").output)(preprocess(own_images)).numpy()
+    mean, classifier = features.mean(0), model.get_layer("classifier")
+    kernel = classifier.kernel.numpy()
+    classifier.kernel.assign(kernel - np.outer(mean, mean @ kernel) / (mean @ mean))
+    path = str(tmp_path_factory.mktemp("own") / "model.keras")
+    model.save(path)
+    write_class_names(path, OWN_NAMES)
+    return model, path
+
+
+@pytest.fixture(scope="module")
+def own_exported(own_model, tmp_path_factory):
+    """`get(fmt)`: `(version folder, nfnet-export's output)` of the own model's .keras file, once per format."""
+    base, cache = str(tmp_path_factory.mktemp("own_models")), {}
+
+    def get(fmt, capsys):
+        need(fmt)
+        if fmt not in cache:
+            capsys.readouterr()
+            assert export.main(["--model", own_model[1], "--name", "own", "--base-dir", base, "--format", fmt]) == 0
+            out = capsys.readouterr().out
+            cache[fmt] = (out.strip().splitlines()[-1].rsplit(" to ", 1)[1], out)
+        return cache[fmt]
+
+    return get
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "litert", "openvino"])
+def test_an_export_takes_its_models_image_size_and_class_names(own_exported, own_model, own_images, fmt, tmp_path,
+                                                               capsys):
+    path, out = own_exported(fmt, capsys)
+    model, _ = own_model
+    assert f"Verified {fmt} in {runtimes.RUNTIMES[fmt][2]} on 128 random images (48 x 48, not a CIFAR-10 model)" in out
+    model_file = os.path.join(path, FORMAT_FILES[fmt][-1])
+    assert input_dims(fmt, model_file)[1:] == [48, 48, 3]
+    with open(os.path.join(path, "class_names.txt"), encoding="utf-8") as f:
+        assert f.read() == "cat\ndog\nfox\n"
+    # nfnet-predict on the export: the model's class names and the Keras model's class ids.
+    expected = keras_probabilities(model, own_images)
+    assert len(set(expected.argmax(-1))) > 1  # the images do not all get one class
+    images, csv_out, npy_out = str(tmp_path / "images.npy"), str(tmp_path / "p.csv"), str(tmp_path / "p.npy")
+    np.save(images, own_images)
+    assert predict.main(["--model", model_file, "--images", images, "--out", csv_out]) == 0
+    with open(csv_out, encoding="utf-8") as f:
+        rows = f.read().splitlines()[1:]
+    assert [row.split(",")[1] for row in rows] == [OWN_NAMES[c] for c in expected.argmax(-1)]
+    assert predict.main(["--model", path, "--images", images, "--out", npy_out]) == 0  # the version folder
+    np.testing.assert_allclose(np.load(npy_out), expected, atol=RUNTIME_ATOL)
+
+
+def test_an_export_refuses_images_of_another_size_in_one_line(own_exported, tmp_path, capsys):
+    path, _ = own_exported("onnx", capsys)
+    cifar_sized = np.zeros((2, 32, 32, 3), np.uint8)
+    np.save(tmp_path / "small.npy", cifar_sized)
+    out = tmp_path / "p.csv"
+    assert predict.main(["--model", path, "--images", str(tmp_path / "small.npy"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'small.npy'}: expected shape N x 48 x 48 x 3, got (2, 32, 32, 3).\n")
+    assert not out.exists()
+    predictor = load_predictor(path)
+    assert (predictor.image_shape, predictor.class_names) == (OWN_SHAPE, OWN_NAMES)
+    with pytest.raises(InputError, match=r"^images: expected shape N x 48 x 48 x 3, got \(2, 32, 32, 3\)\.$"):
+        predictor(cifar_sized)
+
+
+def test_an_export_with_a_class_names_file_of_another_model_is_refused(own_exported, tmp_path, capsys):
+    path, _ = own_exported("onnx", capsys)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "model.onnx").write_bytes(open(os.path.join(path, "model.onnx"), "rb").read())
+    (copy / "class_names.txt").write_text("".join(f"{n}\n" for n in CLASS_NAMES))
+    with pytest.raises(InputError, match=rf"^--model {copy} returns 3 class probabilities but "
+                                         rf"{copy / 'class_names.txt'} names 10 classes: it is not the "
+                                         r"class_names\.txt of this export\.$"):
+        load_predictor(str(copy))
+    (copy / "class_names.txt").unlink()  # no names: the class ids
+    assert load_predictor(str(copy)).class_names == ("0", "1", "2")
+
+
+def test_int8_onnx_of_a_model_of_other_images_is_refused_in_one_line(own_model, tmp_path, capsys):
+    need("onnx")
+    base = tmp_path / "repo"
+    with pytest.raises(SystemExit) as exit_info:
+        export.main(["--model", own_model[1], "--name", "own", "--base-dir", str(base), "--format", "onnx",
+                     "--quantize", "int8"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "error: --quantize int8 --format onnx calibrates on CIFAR-10 training images, and this model takes 48 x 48 "
+        "images, 3 classes (cat, dog, fox): export it as float32 (drop --quantize), or as --format litert "
+        "--quantize int8 (dynamic range: no calibration images).")
+    assert not base.exists()

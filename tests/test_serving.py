@@ -650,6 +650,76 @@ def test_cli_exit_status_tells_a_server_error_from_no_server(grpc_target, images
     assert err.endswith("; is the server up?\n") and err.count("\n") == 1
 
 
+def test_cli_follows_the_served_models_image_size_and_class_names(scripted_grpc, scripted_rest, tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "pets" / "1" / "assets").mkdir(parents=True)  # the served export's version folder
+    (tmp_path / "pets" / "1" / "assets" / "class_names.txt").write_text("cat\ndog\nfox\n")
+    image = str(tmp_path / "a.png")
+    Image.new("RGB", (64, 40), (9, 99, 199)).save(image)  # resized to 48 x 48: a uniform colour stays uniform
+    p = np.array([[0.1, 0.2, 0.7]], np.float32)
+    scripted_grpc.answer(_response(probabilities=p, class_id=np.array([2], np.int64)))
+    host, port = scripted_grpc.target.split(":")
+    argv = ["--model-name", "m", "--host", host, "--port", port, "--image-size", "48"]
+    assert serving.main(argv + ["--class-names", str(tmp_path / "pets" / "1"), image]) == 0
+    sent = tf.make_ndarray(scripted_grpc.requests[-1].inputs["image"])
+    assert sent.shape == (1, 48, 48, 3) and (sent == np.array([9, 99, 199], np.uint8)).all()
+    assert capsys.readouterr().out == f"{image}: fox (p=0.700)\n"
+    # REST sends the same 48 x 48 image; the class_names.txt file itself names the classes too.
+    scripted_rest.answer(200, {"predictions": [{"probabilities": p[0].tolist(), "class_id": 1}]})
+    port = scripted_rest.url.split(":")[2].split("/")[0]
+    rest = ["--model-name", "m", "--protocol", "rest", "--host", "127.0.0.1", "--port", port, "--image-size", "48"]
+    names = str(tmp_path / "pets" / "1" / "assets" / "class_names.txt")
+    assert serving.main(rest + ["--class-names", names, image]) == 0
+    body = json.loads(scripted_rest.requests[-1]["body"])
+    np.testing.assert_array_equal(np.asarray([i["image"] for i in body["instances"]], np.uint8), sent)
+    assert capsys.readouterr().out == f"{image}: dog (p=0.200)\n"
+    # Without --class-names, a model of other than 10 classes names them by id.
+    assert serving.main(argv + [image]) == 0
+    assert capsys.readouterr().out == f"{image}: 2 (p=0.700)\n"
+    # Names of another model (CIFAR-10's ten): one line, exit 1.
+    (tmp_path / "ten.txt").write_text("".join(f"{n}\n" for n in CLASS_NAMES))
+    assert serving.main(argv + ["--class-names", str(tmp_path / "ten.txt"), image]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: expected probabilities of shape (batch, 10), got (1, 3): one per class name;")
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--image-size", "48", "{tmp}/small.npy"], "error: {tmp}/small.npy: expected shape N x 48 x 48 x 3, got "
+                                                    "(2, 32, 32, 3)."),
+        (["{tmp}/big.npy"], "error: {tmp}/big.npy: expected shape N x 32 x 32 x 3, got (2, 48, 48, 3)."),
+        (["--image-size", "0", "{tmp}/small.npy"], "error: --image-size must be >= 1 (pixels), got 0."),
+        (["--image-size", "48", "--cifar-test", "2"], "error: --cifar-test sends CIFAR-10's 32 x 32 test images, not "
+                                                      "--image-size 48; send image files instead (resized to the "
+                                                      "model's size)."),
+        (["--class-names", "{tmp}/absent", "{tmp}/small.npy"], "error: --class-names {tmp}/absent: no such file; "
+                                                               "pass the export's class_names.txt or its version "
+                                                               "folder (e.g. saved_models/nfnet/1)."),
+        (["--class-names", "{tmp}", "{tmp}/small.npy"], "error: --class-names {tmp}: holds neither "
+                                                        "assets/class_names.txt nor class_names.txt; pass the "
+                                                        "export's class_names.txt or its version folder (e.g. "
+                                                        "saved_models/nfnet/1)."),
+    ],
+    ids=["array_smaller_than_the_model", "array_larger_than_cifar", "bad_size", "cifar_test_of_another_size",
+         "no_class_names_file", "no_class_names_in_the_folder"],
+)
+def test_cli_refuses_images_of_another_size_in_one_line_before_sending(scripted_grpc, tmp_path, capsys, args,
+                                                                       message):
+    np.save(tmp_path / "small.npy", np.zeros((2, 32, 32, 3), np.uint8))
+    np.save(tmp_path / "big.npy", np.zeros((2, 48, 48, 3), np.uint8))
+    sent = len(scripted_grpc.requests)
+    host, port = scripted_grpc.target.split(":")
+    with pytest.raises(SystemExit) as exit_info:
+        serving.main(["--model-name", "m", "--host", host, "--port", port]
+                     + [a.format(tmp=tmp_path) for a in args])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(message.format(tmp=tmp_path))
+    assert len(scripted_grpc.requests) == sent  # nothing was sent
+
+
 def test_cli_names_a_wrong_input_without_a_flag_it_does_not_have(tmp_path, capsys):
     (tmp_path / "list.txt").write_text("cat.png\n")
     with pytest.raises(SystemExit) as exit_:
