@@ -13,7 +13,6 @@ import os
 import pickle
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -596,45 +595,6 @@ def test_cli_grid_runs_under_another_backend(backend, tmp_path, tiny_cifar):
     for trial_id in trials:
         tags = _tensorboard_tags(str(logs / trial_id / "execution0"))
         assert {"epoch_loss", "epoch_accuracy", "_hparams_/session_start_info"} <= tags
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_distributed_chief_and_two_workers_on_loopback(tmp_path, tiny_cifar):
-    args = [*TINY, "--lrs", "0.01,0.02", "--data-dir", tiny_cifar, "--directory", str(tmp_path),
-            "--project-name", "grid"]
-    net = dict(KERASTUNER_ORACLE_IP="127.0.0.1", KERASTUNER_ORACLE_PORT=str(_free_port()))
-    processes = {}
-    try:
-        processes["chief"] = _start(args, tmp_path / "chief.log", KERASTUNER_TUNER_ID="chief", **net)
-        for name in ("tuner0", "tuner1"):
-            processes[name] = _start(args, tmp_path / f"{name}.log", KERASTUNER_TUNER_ID=name, **net)
-        deadline = time.time() + TIMEOUT
-        for name, process in processes.items():
-            code = process.wait(timeout=max(1.0, deadline - time.time()))
-            assert code == 0, f"{name} exited {code}:\n" + _read(tmp_path / f"{name}.log")
-    finally:
-        for process in processes.values():
-            _kill(process)
-    runs = [pair for name in ("tuner0", "tuner1") for pair in _started(_read(tmp_path / f"{name}.log"))]
-    trial_ids = [trial_id for _, trial_id in runs]
-    assert sorted(trial_ids) == ["0", "1", "2", "3"]  # every trial ran exactly once, on some worker
-    # (Which worker ran how many depends on start-up timing; both usually get work.)
-    for name in ("tuner0", "tuner1"):
-        assert f"[{name}] no trials left; done." in _read(tmp_path / f"{name}.log")
-    trials = _trials(str(tmp_path / "grid"))
-    values = sorted((t["hyperparameters"]["values"]["lr"], t["hyperparameters"]["values"]["batch_size"])
-                    for t in trials.values())
-    assert values == [(0.01, 32), (0.01, 64), (0.02, 32), (0.02, 64)]
-    assert all(t["status"] == "COMPLETED" for t in trials.values())
-    chief = _read(tmp_path / "chief.log")
-    assert "4 of 4 trials finished (0 diverged, 0 failed)." in chief
-    assert os.path.exists(tmp_path / "grid_results.md")
 
 
 @pytest.mark.parametrize("where", ["file", "under_file"])
