@@ -1,6 +1,6 @@
 # Two commands do everything, each setting itself up on a fresh machine:
 #   make train   train the report's model on CIFAR-10 with the default settings
-#   make test    lint (ruff) and run the test suite
+#   make test    lint (ruff) and run the test suite (2 worker processes, a test file per worker at a time)
 # Both create .venv and install the package into it in editable mode with its test
 # extra (pyproject.toml); editing pyproject.toml makes the next command reinstall.
 # CIFAR-10 is read from $NFNET_DATA_DIR (a folder holding cifar-10-batches-py/)
@@ -28,7 +28,7 @@ train: $(STAMP)
 	$(BIN)/python -m nfnet_keras.fit $(ARGS)
 
 test: lint
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadfile $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -222,6 +222,11 @@ def _initialize_processes(environ):
     # Every process must run its collectives in the same order: no program runs behind the Python code (a step
     # still running when a callback's collective starts would pair Gloo's messages wrongly across processes).
     jax.config.update("jax_cpu_enable_async_dispatch", False)
+    # The run stops on SIGTERM through its own callback (every process at the same step). JAX's preemption
+    # service would install a second SIGTERM handler, and when process 0 (which hosts the coordination
+    # service) is gone, its barrier clean-up aborts the surviving process (std::bad_cast in jax 0.10.2)
+    # before the missed-heartbeat callback can end it with one line.
+    jax.config.update("jax_enable_preemption_service", False)
     with _runtime_timeouts(peer_timeout, join_timeout):
         try:
             keras.distribution.initialize(address, processes, process_id)
@@ -235,20 +240,22 @@ def _initialize_processes(environ):
 
 @contextlib.contextmanager
 def _runtime_timeouts(peer_timeout, join_timeout):
-    """While joining, JAX's coordination service and client use these timeouts, and a lost peer calls `leave`.
+    """While joining, JAX's coordination service and client use the run's heartbeat and join timeouts.
 
     `keras.distribution.initialize` calls `jax.distributed.initialize` with
-    JAX's defaults (a 100 s heartbeat timeout; on a lost peer the client
-    aborts the process with a stack trace). JAX creates both through
+    JAX's defaults (a 100 s heartbeat timeout). JAX creates both through
     `jax._src.distributed._jax`: for the duration of the join that name points
-    to a copy whose two factories add the timeouts and the callback.
+    to a copy whose two factories add the timeouts. JAX's `missed_heartbeat_callback`
+    is left alone: in jax 0.10.2 a Python callback cannot receive the error
+    (the process aborts on `std::bad_cast`), while JAX's own ends the process
+    with one fatal log line and status 1.
     """
     from jax._src import distributed as jax_distributed
 
     real = jax_distributed._jax
 
     def client(*args, **kwargs):
-        kwargs.update(heartbeat_timeout=peer_timeout, init_timeout=join_timeout, missed_heartbeat_callback=_lost)
+        kwargs.update(heartbeat_timeout=peer_timeout, init_timeout=join_timeout)
         return real.get_distributed_runtime_client(*args, **kwargs)
 
     def service(*args, **kwargs):
@@ -271,13 +278,6 @@ class _Overlay:
 
     def __getattr__(self, name):
         return self._replaced[name] if name in self._replaced else getattr(self._module, name)
-
-
-def _lost(status, *_):
-    """JAX's callback when the coordination service reports a lost process (or is lost itself)."""
-    text = str(status).strip().splitlines()[0] if str(status).strip() else "no heartbeat"
-    leave(f"process {_state['index']} of {_state['processes']}: another process of the run stopped answering "
-          f"({text[:200]}); rerun every process with the same command to resume from the last checkpoint.")
 
 
 def peer_failure(error):

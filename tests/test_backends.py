@@ -24,8 +24,10 @@ BACKENDS = [
                                                    reason="torch not installed")),
 ]
 
-# Builds tiny_grouped, moves every weight off its initial value, runs one AGC-clipped SGD step with a
-# fixed large gradient, and prints what the other backends must reproduce.
+# "save PATH": builds tiny_grouped, moves every weight off its initial value and saves it; "load PATH ...":
+# loads each file. For each model (the one saved, or each one loaded) it prints, in one JSON list, the logits,
+# the state after one AGC-clipped SGD step with a fixed large gradient, and the signal-propagation statistics:
+# what every other backend must reproduce.
 SCRIPT = r"""
 import json, sys
 import numpy as np
@@ -40,41 +42,65 @@ for v in model.weights:
     v.assign(np.asarray(v) + 0.1 * rng.normal(size=v.shape).astype("float32"))
 if sys.argv[1] == "save":
     model.save(sys.argv[2])
+    models = [model]
 else:
-    model = keras.saving.load_model(sys.argv[2])
+    models = [keras.saving.load_model(path) for path in sys.argv[2:]]
 x = rng.normal(size=(4, 32, 32, 3)).astype("float32")
-logits = np.asarray(keras.ops.convert_to_numpy(model(x, training=False)))
-optimizer = nk.with_agc(keras.optimizers.SGD(0.5), clipping=0.01)
-optimizer.build(model.trainable_variables)
-grads = [keras.ops.convert_to_tensor(10.0 * np.ones(v.shape, "float32")) for v in model.trainable_variables]
-optimizer.apply_gradients(zip(grads, model.trainable_variables))
-after = {v.path: float(np.abs(keras.ops.convert_to_numpy(v)).sum()) for v in model.trainable_variables}
-stats = nk.signal_propagation(model, x)
-print(json.dumps(dict(backend=keras.backend.backend(), tensorflow_loaded=core_loads_tensorflow,
-                      logits=logits.tolist(), after=after, macs=nk.count_macs(model),
-                      avg_var=[s["avg_var"] for s in stats])))
+reports = []
+for model in models:
+    logits = np.asarray(keras.ops.convert_to_numpy(model(x, training=False)))
+    optimizer = nk.with_agc(keras.optimizers.SGD(0.5), clipping=0.01)
+    optimizer.build(model.trainable_variables)
+    grads = [keras.ops.convert_to_tensor(10.0 * np.ones(v.shape, "float32")) for v in model.trainable_variables]
+    optimizer.apply_gradients(zip(grads, model.trainable_variables))
+    after = {v.path: float(np.abs(keras.ops.convert_to_numpy(v)).sum()) for v in model.trainable_variables}
+    stats = nk.signal_propagation(model, x)
+    reports.append(dict(backend=keras.backend.backend(), tensorflow_loaded=core_loads_tensorflow,
+                        logits=logits.tolist(), after=after, macs=nk.count_macs(model),
+                        avg_var=[s["avg_var"] for s in stats]))
+print(json.dumps(reports))
 """
 
 
-def _run(backend, mode, path):
+def _available(backend):
+    return backend == "tensorflow" or importlib.util.find_spec(backend) is not None
+
+
+def _run(backend, mode, *paths):
     env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-c", SCRIPT, mode, str(path)], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", SCRIPT, mode, *map(str, paths)], capture_output=True, text=True,
                             env=env, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
-def tensorflow_run(tmp_path_factory):
-    path = tmp_path_factory.mktemp("backends") / "tiny_grouped.keras"
-    return path, _run("tensorflow", "save", path)
+def saved(tmp_path_factory):
+    """{backend: (.keras path, its report)} for TensorFlow and each other installed backend."""
+    root = tmp_path_factory.mktemp("backends")
+    files = {}
+    for backend in ("tensorflow", "jax", "torch"):
+        if _available(backend):
+            path = root / f"from_{backend}.keras"
+            [report] = _run(backend, "save", path)
+            files[backend] = path, report
+    return files
+
+
+@pytest.fixture(scope="module")
+def loaded(saved):
+    """{loader: {saver: report}}: each installed backend loads every other backend's file, in one process."""
+    reports = {}
+    for loader in saved:
+        savers = [backend for backend in saved if backend != loader]
+        reports[loader] = dict(zip(savers, _run(loader, "load", *(saved[b][0] for b in savers))))
+    return reports
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_keras_file_saved_under_tensorflow_gives_the_same_logits_agc_step_and_stats(backend, tensorflow_run):
-    path, reference = tensorflow_run
-    other = _run(backend, "load", path)
+def test_a_keras_file_saved_under_tensorflow_gives_the_same_logits_agc_step_and_stats(backend, saved, loaded):
+    reference, other = saved["tensorflow"][1], loaded[backend]["tensorflow"]
     assert other["backend"] == backend
     assert other["tensorflow_loaded"] is False  # importing, building and calling the core load no TensorFlow
     np.testing.assert_allclose(other["logits"], reference["logits"], atol=1e-5)
@@ -84,6 +110,18 @@ def test_a_keras_file_saved_under_tensorflow_gives_the_same_logits_agc_step_and_
     assert set(other["after"]) == set(reference["after"])
     for key, value in reference["after"].items():
         assert other["after"][key] == pytest.approx(value, rel=1e-5), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("saver, loader", [("jax", "tensorflow"), ("jax", "torch"), ("torch", "tensorflow"),
+                                           ("torch", "jax")])
+def test_a_keras_file_saved_under_each_backend_loads_under_the_others(saver, loader, saved, loaded):
+    if not (_available(saver) and _available(loader)):
+        pytest.skip(f"{saver} or {loader} not installed")
+    reference, other = saved[saver][1], loaded[loader][saver]
+    assert (reference["backend"], other["backend"]) == (saver, loader)
+    np.testing.assert_allclose(other["logits"], reference["logits"], atol=1e-5)
+    np.testing.assert_allclose(other["avg_var"], reference["avg_var"], rtol=1e-4)
 
 
 # === python -m nfnet_keras.fit under JAX and PyTorch ===
@@ -135,19 +173,3 @@ def test_fit_under_another_backend_checkpoints_resumes_logs_evaluates_and_export
     assert served[CLASS_ID].numpy().tolist() == expected.argmax(1).tolist()
 
 
-def _available(backend):
-    return backend == "tensorflow" or importlib.util.find_spec(backend) is not None
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("saver, loader", [("jax", "tensorflow"), ("jax", "torch"), ("torch", "tensorflow"),
-                                           ("torch", "jax")])
-def test_a_keras_file_saved_under_each_backend_loads_under_the_others(saver, loader, tmp_path):
-    if not (_available(saver) and _available(loader)):
-        pytest.skip(f"{saver} or {loader} not installed")
-    path = tmp_path / f"from_{saver}.keras"
-    saved = _run(saver, "save", path)
-    loaded = _run(loader, "load", path)
-    assert (saved["backend"], loaded["backend"]) == (saver, loader)
-    np.testing.assert_allclose(loaded["logits"], saved["logits"], atol=1e-5)
-    np.testing.assert_allclose(loaded["avg_var"], saved["avg_var"], rtol=1e-4)

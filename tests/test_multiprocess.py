@@ -23,6 +23,7 @@ needs_jax = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="
 PEER_TIMEOUT = 10  # NFNET_PEER_TIMEOUT of the slow tests' processes
 # A process that loses its peer exits within the peer timeout; the margin covers a loaded machine.
 EXIT_BOUND_S = PEER_TIMEOUT + 50
+JAX_COORDINATOR_LOST = "Terminating process because the JAX distributed service detected fatal errors"
 
 # A few SGD steps (momentum, weight decay, AGC) of the tiny net on batches of 32 from the CIFAR-10 pipeline
 # of nfnet-fit, from the weights in argv[2] (written by the first run, read by the later ones); saves every
@@ -171,10 +172,18 @@ def test_process_zero_writes_the_run_a_lost_process_ends_the_other_and_a_rerun_r
     finally:
         _kill_all(procs)
     log = procs[1][1]
-    assert status == exits.PEER_LOST, log.read_text()[-3000:]
     assert waited <= EXIT_BOUND_S
-    [error] = _errors(log)
-    assert error.startswith("error: process 1 of 2: ")
+    # Process 0 hosts JAX's coordination service. Its loss reaches process 1 twice: as a failed collective
+    # (the package's line and PEER_LOST) and through the coordination client's error poll, which in jax 0.10.2
+    # ends the process with its own fatal log line and status 1 (a Python callback cannot take that error: it
+    # aborts on std::bad_cast). Whichever comes first ends the process, at once and without a traceback.
+    if status == 1:
+        assert JAX_COORDINATOR_LOST in log.read_text(), log.read_text()[-3000:]
+    else:
+        assert status == exits.PEER_LOST, log.read_text()[-3000:]
+        [error] = _errors(log)
+        assert error.startswith("error: process 1 of 2: ")
+    assert "Traceback" not in log.read_text()
     assert "Received process 0's checkpoints" in log.read_text()
 
     # 3. The launcher reruns both: they resume from epoch 1 and finish.
@@ -190,7 +199,7 @@ def test_process_zero_writes_the_run_a_lost_process_ends_the_other_and_a_rerun_r
     # Only process 0 wrote the run; the others' temporary folders are gone (the killed ones' too).
     assert sorted(os.listdir(run_dir)) == [".lock", "checkpoints", "config.json", "history.csv", "logs",
                                            "metrics.json", "model.keras"]
-    assert os.listdir(tmp_path / "tmp") == []
+    assert [name for name in os.listdir(tmp_path / "tmp") if name.startswith("nfnet-")] == []
 
 
 # === Settings and the launcher ===
@@ -313,7 +322,7 @@ def test_jax_still_creates_its_coordination_client_through_the_name_the_join_ove
     from jax._src import distributed as jax_distributed
 
     real = jax_distributed._jax
-    for argument in ("heartbeat_timeout", "init_timeout", "missed_heartbeat_callback"):
+    for argument in ("heartbeat_timeout", "init_timeout"):
         assert f"{argument}:" in real.get_distributed_runtime_client.__doc__, argument
     assert "heartbeat_timeout:" in real.get_distributed_runtime_service.__doc__
     with distribution._runtime_timeouts(7, 9):
