@@ -66,19 +66,7 @@ def measure(spec):
     model = common.compile_for_benchmark(nk.build_model(spec["preset"]), jit)
     x, y = common.synthetic_batch(spec["batch_size"])
 
-    def run(steps):
-        with common.Stopwatch() as sw:
-            for _ in range(steps):
-                loss = model.train_on_batch(x, y)  # a Python float: waits for the step
-        return sw, float(loss)
-
-    first, first_loss = run(1)
-    if spec["warmup"]:
-        run(spec["warmup"])
-    windows, last_loss = [], None
-    for _ in range(spec["repeats"]):
-        sw, last_loss = run(spec["steps"])
-        windows.append(sw)
+    first, first_loss, windows, last_loss = common.train_on_batch_windows(model, x, y, spec)
     step_ms = [1000 * sw.seconds / spec["steps"] for sw in windows]
     samples = [sw.sample(spec["steps"] * spec["batch_size"]) for sw in windows]
     return {

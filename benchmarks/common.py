@@ -181,6 +181,27 @@ def synthetic_batch(batch_size, input_shape=(32, 32, 3), num_classes=10, seed=0)
     return x, y
 
 
+def train_on_batch_windows(model, x, y, spec):
+    """Times `model.train_on_batch(x, y)`: the first (compiling) step, `spec["warmup"]` untimed steps, then
+    `spec["repeats"]` windows of `spec["steps"]` steps. Returns (first Stopwatch, its loss, [window
+    Stopwatches], the last loss)."""
+
+    def run(steps):
+        with Stopwatch() as sw:
+            for _ in range(steps):
+                loss = model.train_on_batch(x, y)  # a Python float: waits for the step
+        return sw, float(loss)
+
+    first, first_loss = run(1)
+    if spec["warmup"]:
+        run(spec["warmup"])
+    windows, last_loss = [], None
+    for _ in range(spec["repeats"]):
+        sw, last_loss = run(spec["steps"])
+        windows.append(sw)
+    return first, first_loss, windows, last_loss
+
+
 def repeated_batch_dataset(x, y):
     """One pre-materialised batch, repeated forever, without re-doing any work.
 

@@ -90,6 +90,18 @@ class Runner:
         return batch_size * calls / (time.perf_counter() - start)
 
 
+def measure_runners(args, runners):
+    """Interleaved rounds of each runner's batch-1 latency (`<name>/latency`) and throughput at each of
+    `args.batch_sizes` (`<name>/<batch>`); returns `common.interleave`'s values."""
+    measures = {}
+    for name, runner in runners.items():
+        measures[f"{name}/latency"] = lambda r=runner: r.latency(args.latency_calls)
+        for b in args.batch_sizes:
+            measures[f"{name}/{b}"] = lambda r=runner, b=b: r.images_per_second(b, args.steps)
+    common.log(args, f"measuring {len(runners)} variants, {args.repeats} interleaved rounds ...")
+    return common.interleave(measures, args.repeats, warmup_rounds=args.warmup)
+
+
 def main(argv=None):
     parser = common.base_parser(__doc__)
     parser.add_argument("--latency-calls", type=int, help="batch-1 calls per round (default 100)")
@@ -130,13 +142,7 @@ def main(argv=None):
                         predict = load_runtime(path, threads=args.threads, batch_size=max(args.batch_sizes))
                     errors[name] = float(np.max(np.abs(predict(images) - expected)))
                     runners[name] = Runner(predict, images)
-            measures = {}
-            for name, runner in runners.items():
-                measures[f"{name}/latency"] = lambda r=runner: r.latency(args.latency_calls)
-                for b in args.batch_sizes:
-                    measures[f"{name}/{b}"] = lambda r=runner, b=b: r.images_per_second(b, args.steps)
-            common.log(args, f"measuring {len(runners)} variants, {args.repeats} interleaved rounds ...")
-            values = common.interleave(measures, args.repeats, warmup_rounds=args.warmup)
+            values = measure_runners(args, runners)
 
         results = {}
         for name in runners:

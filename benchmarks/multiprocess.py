@@ -51,19 +51,7 @@ def measure(spec):
     index = jax.process_index()
     x, y = x[index * rows:(index + 1) * rows], y[index * rows:(index + 1) * rows]  # this process's share
 
-    def run(steps):
-        with common.Stopwatch() as sw:
-            for _ in range(steps):
-                loss = model.train_on_batch(x, y)  # a Python float: waits for the step
-        return sw, float(loss)
-
-    first, first_loss = run(1)
-    if spec["warmup"]:
-        run(spec["warmup"])
-    windows, last_loss = [], None
-    for _ in range(spec["repeats"]):
-        sw, last_loss = run(spec["steps"])
-        windows.append(sw)
+    first, first_loss, windows, last_loss = common.train_on_batch_windows(model, x, y, spec)
     samples = [sw.sample(spec["steps"] * spec["batch_size"]) for sw in windows]
     result = {
         "processes": processes,

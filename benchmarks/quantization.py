@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from benchmarks.export_formats import Runner, _saved_model_runner  # noqa: E402
+from benchmarks.export_formats import Runner, _saved_model_runner, measure_runners  # noqa: E402
 from nfnet_keras.data import preprocess  # noqa: E402
 from nfnet_keras.export_formats import export_model, missing_packages  # noqa: E402
 from nfnet_keras.runtimes import load_runtime  # noqa: E402
@@ -128,13 +128,7 @@ def main(argv=None):
                                  "accuracy_seconds": round(time.perf_counter() - start, 1),
                                  "export_seconds": export_seconds[name]}
                 runners[name] = Runner(predict, x_test)
-            measures = {}
-            for name, runner in runners.items():
-                measures[f"{name}/latency"] = lambda r=runner: r.latency(args.latency_calls)
-                for b in args.batch_sizes:
-                    measures[f"{name}/{b}"] = lambda r=runner, b=b: r.images_per_second(b, args.steps)
-            common.log(args, f"measuring {len(runners)} variants, {args.repeats} interleaved rounds ...")
-            values = common.interleave(measures, args.repeats, warmup_rounds=args.warmup)
+            values = measure_runners(args, runners)
         for name in runners:
             latencies = values[f"{name}/latency"]
             results[name].update(
