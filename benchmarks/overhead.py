@@ -57,10 +57,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from nfnet_keras import (
-    contract,  # noqa: E402
-    training,  # noqa: E402
-)
+from nfnet_keras import contract, training  # noqa: E402
 from nfnet_keras import data as data_lib  # noqa: E402
 from nfnet_keras.config import RECIPES, TrainConfig  # noqa: E402
 from nfnet_keras.optimization import make_loss, make_optimizer  # noqa: E402

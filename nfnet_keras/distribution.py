@@ -224,8 +224,7 @@ def _initialize_processes(environ):
     jax.config.update("jax_cpu_enable_async_dispatch", False)
     # The run stops on SIGTERM through its own callback (every process at the same step). JAX's preemption
     # service would install a second SIGTERM handler, and when process 0 (which hosts the coordination
-    # service) is gone, its barrier clean-up aborts the surviving process (std::bad_cast in jax 0.10.2)
-    # before the missed-heartbeat callback can end it with one line.
+    # service) is gone, its barrier clean-up aborts the surviving process (std::bad_cast in jax 0.10.2).
     jax.config.update("jax_enable_preemption_service", False)
     with _runtime_timeouts(peer_timeout, join_timeout):
         try:
