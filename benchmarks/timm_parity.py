@@ -37,26 +37,62 @@ RESOLUTIONS = {
     "nfnet_f4": (384, 512), "nfnet_f5": (416, 544), "nfnet_f6": (448, 576),
 }
 NAME = "timm_parity"
+# torch.library definitions live as long as their Library object.
+_TORCHVISION_SCHEMAS = []
+
+
+def import_timm():
+    """timm, importable beside the CPU build of torch that the test extra pins.
+
+    timm imports torchvision. PyPI's x86_64 torchvision is a CUDA build: its `_C`
+    ops library does not load beside a CPU torch, and `import torchvision` then
+    fails registering a fake kernel for the undefined `torchvision::nms`
+    (pytorch/pytorch#122494). timm's NFNets use none of torchvision's ops, so on
+    that error the two schemas it registers against are declared, without a
+    kernel, and the import is retried. With a matching torch and torchvision the
+    first import succeeds and nothing is declared.
+    """
+    try:
+        import timm
+    except RuntimeError as e:
+        if "torchvision::nms" not in str(e):
+            raise
+        import torch
+
+        for name in [n for n in sys.modules if n.split(".")[0] in ("torchvision", "timm")]:
+            del sys.modules[name]
+        library = torch.library.Library("torchvision", "DEF")
+        for op in ("nms", "qnms"):
+            library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _TORCHVISION_SCHEMAS.append(library)
+        import timm
+    return timm
 
 
 def perturbed_timm_model(variant, seed=0, num_classes=1000):
     """timm's `dm_<variant>` in eval mode, random, with every parameter moved off its initial value.
 
-    Gains (conv gains, skip gains) are drawn from U(0.5, 1.5); biases and the
-    Squeeze-Excite weights get N(0, 0.2^2) added; kernels keep timm's random
-    initialisation. With timm's own init the skip gains are 0 and every block
-    would be the identity on its shortcut.
+    Conv gains are drawn from U(0.8, 1.2) and skip gains from U(0.2, 0.6) (timm
+    starts them at 1 and 0: with zero skip gains every block would be the
+    identity on its shortcut); biases and the Squeeze-Excite weights get
+    N(0, 0.2^2) added; kernels keep timm's random initialisation. Gains near
+    those of a trained network keep the logits of order 1 at every depth; gains
+    up to 1.5 on every conv and skip would grow the activations block after
+    block, and float32 rounding with them (F4: timm's own float32 logits 1e-2
+    from its float64 ones, against 4e-7 here).
     """
-    import timm
     import torch
 
+    timm = import_timm()
     torch.manual_seed(seed)
     model = timm.create_model(f"dm_{variant}", num_classes=num_classes).eval()
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("gain"):
-                p.copy_(0.5 + torch.rand(p.shape, generator=generator))
+            if name.endswith("skipinit_gain"):
+                p.copy_(0.2 + 0.4 * torch.rand(p.shape, generator=generator))
+            elif name.endswith("gain"):
+                p.copy_(0.8 + 0.4 * torch.rand(p.shape, generator=generator))
             elif name.endswith("bias") or ".attn_last." in name:
                 p.add_(0.2 * torch.randn(p.shape, generator=generator))
     return model
@@ -128,8 +164,9 @@ def main(argv=None):
     if unknown:
         parser.error(f"--variants: unknown {', '.join(unknown)}; use nfnet_f0 ... nfnet_f6.")
     try:
-        import timm
         import torch
+
+        timm = import_timm()
     except ImportError as e:
         parser.error(f"needs timm and torch ({e}); see docs/model.md, 'NFNet-F parity with DeepMind's models'.")
     log = lambda text: print(text, file=sys.stderr, flush=True)

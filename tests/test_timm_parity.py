@@ -27,8 +27,6 @@ from nfnet_keras.models.nf_resnet.presets import PRESETS, NFResNetConfig
 from nfnet_keras.models.registry import build_model, load_weights_into
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HAS_TIMM = importlib.util.find_spec("timm") is not None
-needs_timm = pytest.mark.skipif(not HAS_TIMM, reason="timm is not installed (pip install -e '.[timm]')")
 TOLERANCE = 1e-4
 
 
@@ -37,7 +35,10 @@ TOLERANCE = 1e-4
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """Per variant: (timm model, its .pth, the .keras file the converter wrote), made once."""
+    """Per variant, made once: timm's model, its .pth, the .keras file the converter wrote, and that file
+    loaded by `build_model(variant, weights=...)` (1000 classes, any image size)."""
+    import types
+
     import torch
 
     from benchmarks.timm_parity import perturbed_timm_model
@@ -52,7 +53,8 @@ def converted(tmp_path_factory):
             torch.save(reference.state_dict(), checkpoint)
             out = folder / f"{variant}.keras"
             convert_timm_state_dict(str(checkpoint), variant, str(out))
-            made[variant] = (reference, checkpoint, out)
+            model = build_model(variant, num_classes=1000, input_shape=(None, None, 3), weights=out)
+            made[variant] = types.SimpleNamespace(reference=reference, checkpoint=checkpoint, out=out, model=model)
         return made[variant]
 
     return get
@@ -67,32 +69,27 @@ def max_logit_diff(reference, model, size, seed=0):
     return float(np.abs(keras_logits(model, images) - ref).max())
 
 
-@needs_timm
 @pytest.mark.parametrize("variant", ["nfnet_f0", "nfnet_f1"])
 def test_converted_model_computes_timm_logits(converted, variant):
-    reference, _, out = converted(variant)
-    model = build_model(variant, num_classes=1000, input_shape=(None, None, 3), weights=out)
+    made = converted(variant)
     # 64: even sizes everywhere; 72: the shortcut pools and strided convs see odd sizes (9, 5).
     for size in (64, 72):
-        assert max_logit_diff(reference, model, size) <= TOLERANCE
+        assert max_logit_diff(made.reference, made.model, size) <= TOLERANCE
 
 
-@needs_timm
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["nfnet_f0", "nfnet_f1"])
 def test_converted_model_computes_timm_logits_at_train_resolution(converted, variant):
     from benchmarks.timm_parity import RESOLUTIONS
 
-    reference, _, out = converted(variant)
-    model = build_model(variant, num_classes=1000, input_shape=(None, None, 3), weights=out)
-    assert max_logit_diff(reference, model, RESOLUTIONS[variant][0]) <= TOLERANCE
+    made = converted(variant)
+    assert max_logit_diff(made.reference, made.model, RESOLUTIONS[variant][0]) <= TOLERANCE
 
 
-@needs_timm
 def test_safetensors_checkpoint_converts_to_the_same_model(converted, tmp_path):
     from safetensors.torch import save_file
 
-    reference, _, _ = converted("nfnet_f0")
+    reference = converted("nfnet_f0").reference
     path = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
     assert convert_main([str(path), "-o", str(tmp_path / "f0.keras")]) == 0  # the variant found by depth
@@ -100,31 +97,29 @@ def test_safetensors_checkpoint_converts_to_the_same_model(converted, tmp_path):
     assert max_logit_diff(reference, model, 64) <= TOLERANCE
 
 
-@needs_timm
 def test_every_timm_tensor_is_used_once(converted):
-    reference, _, _ = converted("nfnet_f0")
-    model = build_model("nfnet_f0", num_classes=1000, input_shape=(None, None, 3))
+    made = converted("nfnet_f0")
+    model = made.model
     rows = tensor_mapping(model, PRESETS["nfnet_f0"])
     names = [name for _, name, _, _ in rows]
-    assert sorted(names) == sorted(reference.state_dict())
+    assert sorted(names) == sorted(made.reference.state_dict())
     assert len({id(v) for v, _, _, _ in rows}) == len(model.weights) == len(rows)
 
 
-@needs_timm
 def test_timm_folds_are_needed(converted):
     # Each difference the converter folds changes the logits far beyond the tolerance
     # when left out: the weight-standardization eps and the Squeeze-Excite's ReLU gamma.
     import nfnet_keras.models.nf_resnet.convert as convert
 
-    reference, checkpoint, _ = converted("nfnet_f0")
+    made = converted("nfnet_f0")
     for attribute, value in (("TIMM_STD_CONV_EPS", 0.0), ("GAMMAS", {"relu": 1.0})):
         saved = getattr(convert, attribute)
         setattr(convert, attribute, value)
         try:
-            model = keras_model_from_timm(str(checkpoint), "nfnet_f0")
+            model = keras_model_from_timm(str(made.checkpoint), "nfnet_f0")
         finally:
             setattr(convert, attribute, saved)
-        assert max_logit_diff(reference, model, 64) > 100 * TOLERANCE
+        assert max_logit_diff(made.reference, model, 64) > 100 * TOLERANCE
 
 
 BACKEND_SCRIPT = r"""
@@ -139,22 +134,39 @@ print(json.dumps(dict(backend=keras.backend.backend(),
 """
 
 
-@needs_timm
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_converted_file_gives_timm_logits_on_other_backends(converted, backend):
     if importlib.util.find_spec(backend) is None:
         pytest.skip(f"{backend} is not installed")
     from benchmarks.timm_parity import random_images, timm_logits
 
-    reference, _, out = converted("nfnet_f0")
+    made = converted("nfnet_f0")
     env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", BACKEND_SCRIPT, str(out)], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", BACKEND_SCRIPT, str(made.out)], env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["backend"] == backend
-    ref = timm_logits(reference, random_images(64, batch=2, seed=0))
+    ref = timm_logits(made.reference, random_images(64, batch=2, seed=0))
     assert np.abs(np.asarray(result["logits"]) - ref).max() <= TOLERANCE
+
+
+def test_timm_imports_beside_the_test_extras_torch():
+    # The workaround in import_timm applies exactly when a plain `import timm` hits pytorch/pytorch#122494.
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    plain = subprocess.run([sys.executable, "-c", "import timm"], env=env, capture_output=True, text=True, timeout=300)
+    code = ("from benchmarks.timm_parity import _TORCHVISION_SCHEMAS, import_timm\n"
+            "model = import_timm().create_model('dm_nfnet_f0', num_classes=3)\n"
+            "print(len(_TORCHVISION_SCHEMAS), type(model).__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    declared, name = proc.stdout.split()
+    assert name == "NormFreeNet"
+    if plain.returncode == 0:
+        assert declared == "0"
+    else:
+        assert "operator torchvision::nms does not exist" in plain.stderr
+        assert declared == "1"
 
 
 # === Bad checkpoints: one-line errors, nothing written (no timm needed) ===
@@ -249,10 +261,16 @@ def test_pth_that_is_not_a_state_dict_is_refused(tmp_path):
                    f"Checkpoint {str(path)!r} holds a list, not a state dict (save model.state_dict()).")
 
 
-def test_converter_fills_every_weight_and_the_file_loads_into_build_model(tmp_path, f0_state):
-    out = tmp_path / "f0.keras"
+@pytest.fixture(scope="module")
+def f0_file(tmp_path_factory, f0_state):
+    """`f0_state` converted to a .keras file."""
+    out = tmp_path_factory.mktemp("f0_state") / "f0.keras"
     convert_timm_state_dict(f0_state, "nfnet_f0", out)
-    model = build_model("nfnet_f0", num_classes=10, input_shape=(None, None, 3), weights=out)
+    return out
+
+
+def test_converter_fills_every_weight_and_the_file_loads_into_build_model(f0_file, f0_state):
+    model = build_model("nfnet_f0", num_classes=10, input_shape=(None, None, 3), weights=f0_file)
     block = model.get_layer("stage2_block1")
     np.testing.assert_array_equal(np.asarray(block.skip_gain), f0_state["stages.1.0.skipinit_gain"])
     np.testing.assert_array_equal(np.asarray(block.conv1.kernel),
@@ -263,9 +281,8 @@ def test_converter_fills_every_weight_and_the_file_loads_into_build_model(tmp_pa
                                f0_state["stages.1.0.attn_last.fc2.weight"][:, :, 0, 0].T, rtol=1e-6)
 
 
-def test_weights_of_another_network_are_refused_by_build_model(tmp_path, f0_state):
-    out = tmp_path / "f0.keras"
-    convert_timm_state_dict(f0_state, "nfnet_f0", out)
+def test_weights_of_another_network_are_refused_by_build_model(tmp_path, f0_file):
+    out = f0_file
     with pytest.raises(ValueError, match=r"^Weights file '.*f0\.keras' does not fit model 'nfnet_f0': "):
         build_model("nfnet_f0", num_classes=1000, input_shape=(None, None, 3), weights=out)
     model = build_model("tiny")
