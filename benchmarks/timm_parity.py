@@ -7,12 +7,11 @@ saved (`torch.save`), converted by `nfnet_keras.models.nf_resnet.convert` to a
 networks' float32 logits are compared on the same random images at the
 variant's train and test resolutions (Brock et al. 2021, 2102.06171, Table 3).
 For scale, each row also gives how far timm's own float32 logits are from the
-same timm model run in float64: float32 rounding, which grows with depth on
-these random networks (F2 and up pass 1e-4).
+same timm model run in float64: the float32 rounding both sides carry.
 
     PYTHONPATH=$PWD python -m benchmarks.timm_parity --variants nfnet_f0,nfnet_f1
 
-Needs timm (see docs/model.md). Writes `benchmarks/results/timm_parity.json`,
+Needs timm (in the test extra; see docs/model.md). Writes `benchmarks/results/timm_parity.json`,
 keeping the entries of variants not measured in this run (the big ones are run
 one at a time).
 """
