@@ -435,10 +435,15 @@ def ctrl_c_enabled():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def checkout_env(**variables):
+    """This process's environment for a child Python that imports the checkout (`benchmarks`, `tuner`, the
+    package), with `variables` set."""
+    return dict(os.environ, PYTHONPATH=_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **variables)
+
+
 def run_fit_under(backend, args, extra_env=None, timeout=420, wait=True):
     """`python -m nfnet_keras.fit ARGS` under `KERAS_BACKEND=backend`; a `CompletedProcess`, or the `Popen`."""
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONPATH=_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra_env or {}))
+    env = checkout_env(KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2", **(extra_env or {}))
     command = [sys.executable, "-m", "nfnet_keras.fit", *args]
     if wait:
         return subprocess.run(command, cwd=_ROOT, env=env, capture_output=True, text=True, timeout=timeout)

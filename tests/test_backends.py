@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import interrupt_after_first_epoch, run_fit_under
+from conftest import checkout_env, interrupt_after_first_epoch, run_fit_under
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKENDS = [
@@ -67,7 +67,7 @@ def _available(backend):
 
 
 def _run(backend, mode, *paths):
-    env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = checkout_env(KERAS_BACKEND=backend)
     result = subprocess.run([sys.executable, "-c", SCRIPT, mode, *map(str, paths)], capture_output=True, text=True,
                             env=env, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]

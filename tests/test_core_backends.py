@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from conftest import checkout_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORE_TESTS = ["tests/test_activations.py", "tests/test_wsconv.py", "tests/test_blocks.py"]
 INNER_RUN = "NFNET_CORE_BACKEND_RUN"  # set in the subprocess, so this test never runs inside its own run
@@ -26,8 +28,7 @@ def _installed(backend):
 @pytest.mark.skipif(bool(os.environ.get(INNER_RUN)), reason="already inside a core-backend run")
 @pytest.mark.parametrize("backend", [pytest.param(b, marks=_installed(b)) for b in ("jax", "torch")])
 def test_core_unit_tests_pass_under_another_backend(backend):
-    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2", **{INNER_RUN: backend},
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = checkout_env(KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="2", **{INNER_RUN: backend})
     command = [sys.executable, "-m", "pytest", *CORE_TESTS, "-q", "-p", "no:cacheprovider", "-m", "not tensorflow_only"]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     output = result.stdout + result.stderr

@@ -15,7 +15,7 @@ import pytest
 
 from nfnet_keras import distribution, exits, fit
 
-from conftest import interrupt_after_first_epoch, run_fit_under
+from conftest import checkout_env, interrupt_after_first_epoch, run_fit_under
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWO_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
@@ -79,8 +79,7 @@ print(json.dumps(dict(
 @pytest.mark.slow
 @needs_jax
 def test_a_data_parallel_step_on_two_devices_equals_one_device_on_the_global_batch(tmp_path):
-    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="2",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **TWO_DEVICES)
+    env = checkout_env(KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="2", **TWO_DEVICES)
     result = subprocess.run([sys.executable, "-c", STEP_SCRIPT, str(tmp_path / "start.weights.h5")], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]

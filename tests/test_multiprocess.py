@@ -18,6 +18,8 @@ import pytest
 
 from nfnet_keras import distribution, exits, launch
 
+from conftest import checkout_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_jax = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax not installed")
 PEER_TIMEOUT = 10  # NFNET_PEER_TIMEOUT of the slow tests' processes
@@ -63,9 +65,8 @@ FIT_ARGS = ["--preset", "tiny", "--epochs", "2", "--batch-size", "32", "--train-
 def _env(tmp_path, **extra):
     tmp = tmp_path / "tmp"
     tmp.mkdir(exist_ok=True)
-    return dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="2", TMPDIR=str(tmp),
-                NFNET_PEER_TIMEOUT=str(PEER_TIMEOUT),
-                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
+    return checkout_env(KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="2", TMPDIR=str(tmp),
+                        NFNET_PEER_TIMEOUT=str(PEER_TIMEOUT), **extra)
 
 
 def _start(command, tmp_path, processes, name, extra_env=None):

@@ -21,7 +21,7 @@ import pytest
 from nfnet_keras import data, exits
 from nfnet_keras.preemption import Preempted, StepCheckpoint, StopSignals
 
-from conftest import ctrl_c_enabled
+from conftest import checkout_env, ctrl_c_enabled
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 320 training images in batches of 16: 20 steps per epoch.
@@ -33,7 +33,7 @@ HINT = re.compile(r"Interrupted( by SIGTERM)? after epoch (\d) of 3(?: and step 
 
 
 def _env():
-    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return checkout_env(TF_CPP_MIN_LOG_LEVEL="2")
 
 
 def _fit(args):

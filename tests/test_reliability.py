@@ -18,7 +18,7 @@ from nfnet_keras.config import TrainConfig
 from nfnet_keras.export import stale_exports
 from nfnet_keras.preemption import StepCheckpoint
 
-from conftest import ctrl_c_enabled
+from conftest import checkout_env, ctrl_c_enabled
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--preset", "tiny", "--val-size", "64", "--quiet", "--no-export"]
@@ -346,8 +346,7 @@ def test_same_flags_with_the_data_elsewhere_resume_the_same_run(tmp_path, synthe
     shutil.copytree(synthetic_cifar_dir, moved)
     runs = tmp_path / "runs"
     base = [*TINY, "--epochs", "2", "--batch-size", "64"]
-    env = dict(os.environ, NFNET_DATA_DIR=synthetic_cifar_dir,
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = checkout_env(NFNET_DATA_DIR=synthetic_cifar_dir)
     # A first process trains epoch 1 of 2, then "crashes" (a finished run has metrics.json: remove it and
     # the last checkpoint to leave an unfinished run behind).
     first = subprocess.run([sys.executable, "-m", "nfnet_keras.fit", *base], cwd=str(tmp_path), env=env,

@@ -26,6 +26,8 @@ from nfnet_keras.models.nf_resnet.convert import (
 from nfnet_keras.models.nf_resnet.presets import PRESETS, NFResNetConfig
 from nfnet_keras.models.registry import build_model, load_weights_into
 
+from conftest import checkout_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 1e-4
 
@@ -141,7 +143,7 @@ def test_converted_file_gives_timm_logits_on_other_backends(converted, backend):
     from benchmarks.timm_parity import random_images, timm_logits
 
     made = converted("nfnet_f0")
-    env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = checkout_env(KERAS_BACKEND=backend)
     proc = subprocess.run([sys.executable, "-c", BACKEND_SCRIPT, str(made.out)], env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -153,7 +155,7 @@ def test_converted_file_gives_timm_logits_on_other_backends(converted, backend):
 
 def test_timm_imports_beside_the_test_extras_torch():
     # The workaround in import_timm applies exactly when a plain `import timm` hits pytorch/pytorch#122494.
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = checkout_env()
     plain = subprocess.run([sys.executable, "-c", "import timm"], env=env, capture_output=True, text=True, timeout=300)
     code = ("from benchmarks.timm_parity import _TORCHVISION_SCHEMAS, import_timm\n"
             "model = import_timm().create_model('dm_nfnet_f0', num_classes=3)\n"
