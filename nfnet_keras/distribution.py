@@ -247,7 +247,7 @@ def _runtime_timeouts(peer_timeout, join_timeout):
     to a copy whose two factories add the timeouts. JAX's `missed_heartbeat_callback`
     is left alone: in jax 0.10.2 a Python callback cannot receive the error
     (the process aborts on `std::bad_cast`), while JAX's own ends the process
-    with one fatal log line and status 1.
+    with one fatal log line, by status 1 or SIGABRT.
     """
     from jax._src import distributed as jax_distributed
 
