@@ -22,12 +22,15 @@ as the speed recipe's step without its AGC and EMA (Nesterov SGD, momentum
 tensor. Both use batch 512 and the same random images. Windows of `--steps`
 steps alternate (Keras, PyTorch, PyTorch, Keras, ...) `--repeats` times after an
 untimed round. Reported: images/s of each (per wall second and per CPU-second
-of the process), and Keras / PyTorch (target: >= 1.2).
+of the process), and Keras / PyTorch (target: >= 1.2). `--ablate` adds the
+Keras network traced without each of the package's CPU fast paths
+(`FAST_PATHS`) to the interleaved windows, to say what each one buys.
 
 Usage:
-    python -m benchmarks.airbench_torch [--steps 10] [--repeats 5] [--batch-size 512] [--quick]
+    python -m benchmarks.airbench_torch [--steps 10] [--repeats 5] [--batch-size 512] [--ablate] [--quick]
 """
 
+import contextlib
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -136,8 +139,35 @@ class TorchStepper:
 # === Keras ===
 
 
+# The package's two CPU fast paths of the step, and how to build a model without each, for `--ablate`
+# (both are chosen when the train step is traced, which `KerasFit` does at once).
+FAST_PATHS = {
+    "fused_gelu": "the tanh GELU and its gradient as two XLA-compiled loops (layers.activations.fused_gelu)",
+    "tap_matmul": "small-map conv filter gradients as tap matmuls (layers.wsconv.conv2d)",
+}
+
+
+@contextlib.contextmanager
+def without(fast_path):
+    """Inside: models traced without `fast_path` (a key of `FAST_PATHS`; None: with both)."""
+    from nfnet_keras.layers import activations, wsconv
+
+    saved = activations.fused_gelu, wsconv.TAP_MATMUL_MAX_POSITIONS
+    if fast_path == "fused_gelu":  # the plain ops, as in inference
+        activations.fused_gelu = lambda x, scale=1.0: activations.activate("gelu", x, scale)
+    elif fast_path == "tap_matmul":
+        wsconv.TAP_MATMUL_MAX_POSITIONS = 0
+    try:
+        yield
+    finally:
+        activations.fused_gelu, wsconv.TAP_MATMUL_MAX_POSITIONS = saved
+
+
 class KerasFit:
-    """The package's network trained by `model.fit` on one batch repeated from memory (one fit call a window)."""
+    """The package's network trained by `model.fit` on one batch repeated from memory (one fit call a window).
+
+    The step is traced when the side is made (`without` applies then).
+    """
 
     def __init__(self, preset, x, y):
         from nfnet_keras import training
@@ -152,6 +182,7 @@ class KerasFit:
         )
         self.dataset = common.repeated_batch_dataset(x, keras.utils.to_categorical(y, 10))
         self.batch_size = len(x)
+        self.measure(1)
 
     def measure(self, steps):
         with common.Stopwatch() as sw:
@@ -167,6 +198,8 @@ def main(argv=None):
     parser = common.base_parser(__doc__)
     parser.add_argument("--quick", dest="smoke", action="store_true", help="the same as --smoke")
     parser.add_argument("--batch-size", type=int, help="images per step (default 512)")
+    parser.add_argument("--ablate", action="store_true",
+                        help="also time the Keras network without each of its CPU fast paths (FAST_PATHS)")
     parser.add_argument("--threads", type=int, default=0,
                         help="PyTorch intra-op threads (default 0: PyTorch's own choice, one per core)")
     args = common.resolve_args(parser.parse_args(argv), DEFAULTS, SMOKE)
@@ -184,7 +217,11 @@ def main(argv=None):
     x, y = common.synthetic_batch(args.batch_size)
     with common.benchmark_run("airbench_torch", args) as payload:
         common.log(args, f"building {args.preset} (Keras) and airbench94's network (PyTorch {torch.__version__}) ...")
-        sides = {"keras": KerasFit(args.preset, x, y), "torch": TorchStepper(x, y, args.widths)}
+        sides = {"keras": KerasFit(args.preset, x, y)}
+        for fast_path in FAST_PATHS if args.ablate else ():
+            with without(fast_path):
+                sides[f"keras_without_{fast_path}"] = KerasFit(args.preset, x, y)
+        sides["torch"] = TorchStepper(x, y, args.widths)
         common.log(args, f"{args.repeats} interleaved rounds of {args.steps} steps, batch {args.batch_size} ...")
         samples = common.interleave({k: (lambda s=s: s.measure(args.steps)) for k, s in sides.items()}, args.repeats)
         results = {side: dict(images_per_s=common.summarize(common.rates(samples[side])),
@@ -192,18 +229,22 @@ def main(argv=None):
                               cores_used=common.summarize(common.rates(samples[side], "cores"), 2),
                               last_loss=float(sides[side].last_loss)) for side in sides}
         ratio = common.paired_ratios(common.rates(samples["keras"]), common.rates(samples["torch"]))
+        ablation = {side: dict(
+            over_torch=common.paired_ratios(common.rates(samples[side]), common.rates(samples["torch"])),
+            keras_over_this=common.paired_ratios(common.rates(samples["keras"]), common.rates(samples[side])))
+            for side in sides if side.startswith("keras_without_")}
         payload.update(
             command="python -m benchmarks.airbench_torch " + " ".join(sys.argv[1:] if argv is None else argv),
             preset=args.preset, torch=torch.__version__, torch_threads=torch.get_num_threads(),
             precision={"keras": "mixed_bfloat16", "torch": "bfloat16 autocast, channels_last"},
-            results=results, ratio=ratio,
+            fast_paths=FAST_PATHS, results=results, ratio=ratio, ablation=ablation,
             ratio_per_cpu_s=common.paired_ratios(common.rates(samples["keras"], "cpu_rate"),
                                                  common.rates(samples["torch"], "cpu_rate")),
             target={"keras_over_torch": TARGET_RATIO}, target_met=ratio["median"] >= TARGET_RATIO)
     print(f"Training images/s, batch {args.batch_size}, {args.repeats} interleaved windows of {args.steps} steps, "
           f"one process:")
     print(common.format_table([dict(
-        side=f"{args.preset} (Keras fit, mixed_bfloat16)" if side == "keras" else "airbench94 (PyTorch eager, bf16)",
+        side=_side_label(side, args.preset),
         min=r["images_per_s"]["min"], med=r["images_per_s"]["median"], max=r["images_per_s"]["max"],
         cpu=r["images_per_cpu_s"]["median"], cores=r["cores_used"]["median"]) for side, r in results.items()],
         [("side", "network"), ("min", "img/s min"), ("med", "img/s median"), ("max", "img/s max"),
@@ -211,9 +252,19 @@ def main(argv=None):
     print(f"Keras / PyTorch: median {ratio['median']:.3f} (min {ratio['min']:.3f}, max {ratio['max']:.3f}), per "
           f"CPU-second {payload['ratio_per_cpu_s']['median']:.3f}; target >= {TARGET_RATIO}: "
           f"{'met' if payload['target_met'] else 'not met'}")
+    for side, r in ablation.items():
+        print(f"{_side_label(side, args.preset)} / PyTorch: {r['over_torch']['median']:.3f}; the full Keras step is "
+              f"{r['keras_over_this']['median']:.3f}x as fast")
     print("Machine: " + common.describe_machine(payload["machine"]))
     print(f"JSON: {payload['json_path']}")
     return payload
+
+
+def _side_label(side, preset):
+    if side == "torch":
+        return "airbench94 (PyTorch eager, bf16)"
+    label = f"{preset} (Keras fit, mixed_bfloat16)"
+    return label if side == "keras" else f"{label} without {side.removeprefix('keras_without_')}"
 
 
 if __name__ == "__main__":

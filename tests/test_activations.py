@@ -5,12 +5,13 @@ import math
 import keras
 import numpy as np
 import pytest
+from keras import ops
 from scipy import integrate, special
 
 from nfnet_keras import GAMMAS, ScaledActivation
 from nfnet_keras.layers.activations import ACTIVATIONS
 
-from conftest import keras_roundtrip, run_layer_test
+from conftest import keras_roundtrip, run_layer_test, value_and_grad
 
 
 def to_np(x):
@@ -226,3 +227,50 @@ def test_scaled_activation_config_and_keras_roundtrip(tmp_path):
     x = np.random.default_rng(3).standard_normal((2, 3, 3, 4)).astype("float32")
     assert reloaded.activation == "gelu"
     np.testing.assert_array_equal(to_np(reloaded(x)), to_np(layer(x)))
+
+
+# === The fused tanh GELU of the train step ===
+
+
+@pytest.mark.parametrize("dtype, tol", [("float32", 1e-5), ("bfloat16", 2e-2)])
+def test_fused_gelu_matches_gelu_times_scale_values_and_gradients(dtype, tol):
+    from nfnet_keras.layers.activations import fused_gelu
+
+    x = np.linspace(-6, 6, 97).astype("float32").reshape(1, 97)
+    upstream = np.random.default_rng(0).standard_normal((1, 97)).astype("float32")
+
+    def loss(activation):
+        def f(x):
+            y = activation(ops.cast(x, dtype))
+            return ops.sum(ops.cast(y, "float32") * upstream), ops.cast(y, "float32")
+
+        return value_and_grad(f, [], [x])
+
+    (_, ours), (grad_ours,) = loss(lambda x: fused_gelu(x, 1.7))
+    (_, plain), (grad_plain,) = loss(lambda x: ops.gelu(ops.cast(x, "float32"), approximate=True) * 1.7)
+    np.testing.assert_allclose(ours, plain, rtol=tol, atol=tol)
+    np.testing.assert_allclose(grad_ours, grad_plain, rtol=tol, atol=tol)
+
+
+def test_scaled_gelu_is_the_same_function_in_training_and_inference():
+    layer = ScaledActivation("gelu")
+    x = ops.convert_to_tensor(np.linspace(-4, 4, 33).astype("float32"))
+    np.testing.assert_allclose(to_np(layer(x, training=True)), to_np(layer(x, training=False)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(to_np(layer.unscaled(x, training=True)), to_np(layer.unscaled(x)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.tensorflow_only(reason="the fused GELU's two halves are XLA-compiled TensorFlow functions")
+def test_scaled_gelu_compiles_with_xla_in_training_only():
+    # Inference graphs (and so every export, which TF Serving must run without XLA) keep the plain ops.
+    import tensorflow as tf
+
+    layer = ScaledActivation("gelu")
+    x = tf.constant(np.linspace(-4, 4, 33).astype("float32"))
+
+    def xla_calls(training):
+        graph = tf.function(lambda x: layer(x, training=training)).get_concrete_function(x).graph
+        return [op for op in graph.get_operations()
+                if op.node_def.attr["_XlaMustCompile"].b or "_XlaMustCompile" in str(op.node_def)]
+
+    assert xla_calls(training=False) == []
+    assert len(xla_calls(training=True)) == 1

@@ -421,8 +421,14 @@ def test_airbench_torch_smoke(tmp_path, capsys):
     pytest.importorskip("torch")
     from benchmarks import airbench_torch
 
-    saved = _run(airbench_torch, tmp_path)
+    saved = _run(airbench_torch, tmp_path, "--ablate")
     repeats = saved["settings"]["repeats"]
+    sides = {f"keras_without_{path}" for path in airbench_torch.FAST_PATHS}
+    assert set(saved["results"]) == {"keras", "torch"} | sides and set(saved["ablation"]) == sides
+    for side, r in saved["ablation"].items():
+        ips = {name: saved["results"][name]["images_per_s"] for name in ("keras", side, "torch")}
+        assert r["over_torch"]["values"] == pytest.approx(_quotients(ips[side], ips["torch"]), rel=1e-3)
+        assert r["keras_over_this"]["values"] == pytest.approx(_quotients(ips["keras"], ips[side]), rel=1e-3)
     for side in ("keras", "torch"):
         r = saved["results"][side]
         _check_summary(r["images_per_s"], repeats)
@@ -434,4 +440,38 @@ def test_airbench_torch_smoke(tmp_path, capsys):
     assert saved["command"].startswith("python -m benchmarks.airbench_torch")
     printed = _table(capsys.readouterr().out, "network")
     assert [float(row["img/s median"]) for row in printed] == pytest.approx(
-        [ips["keras"]["median"], ips["torch"]["median"]], rel=0.01, abs=0.01)
+        [saved["results"][side]["images_per_s"]["median"] for side in saved["results"]], rel=0.01, abs=0.01)
+
+
+@pytest.mark.tensorflow_only(reason="the fast paths it switches off are TensorFlow's")
+def test_airbench_without_switches_one_fast_path_off_and_restores_it():
+    import tensorflow as tf
+
+    from benchmarks import airbench_torch
+    from nfnet_keras.layers import activations, wsconv
+
+    x = tf.constant(np.linspace(-3, 3, 8), tf.bfloat16)
+    fused = activations.fused_gelu
+    with airbench_torch.without("tap_matmul"):
+        assert not wsconv.uses_tap_matmul((2, 7, 7, 256), (3, 3, 256, 256), "bfloat16")
+        assert activations.fused_gelu is fused
+    assert wsconv.uses_tap_matmul((2, 7, 7, 256), (3, 3, 256, 256), "bfloat16")
+    with airbench_torch.without("fused_gelu"):
+        assert activations.fused_gelu is not fused
+        np.testing.assert_allclose(activations.fused_gelu(x, 2.0).numpy().astype("float32"),
+                                   (activations.ACTIVATIONS["gelu"](x) * 2).numpy().astype("float32"))
+    assert activations.fused_gelu is fused
+
+
+@pytest.mark.tensorflow_only(reason="it times TensorFlow's conv filter gradient against the tap matmuls")
+def test_conv_grad_smoke(tmp_path, capsys):
+    from benchmarks import conv_grad
+
+    saved = _run(conv_grad, tmp_path)
+    rows = saved["rows"]
+    assert [(r["positions"], r["c_in"], r["rule_takes_taps"]) for r in rows] == [("4x4", 128, True), ("6x6", 8, False)]
+    for r in rows:
+        _check_summary(r["tensorflow_ms"], saved["settings"]["repeats"])
+        assert r["rule_picks_faster"] == (r["rule_takes_taps"] == (r["tap_time_over_tensorflow"]["median"] < 1))
+    printed = _table(capsys.readouterr().out, "dtype")
+    assert [row["uses_tap_matmul takes"] for row in printed] == ["taps", "tensorflow"]

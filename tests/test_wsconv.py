@@ -377,3 +377,72 @@ def test_fit_with_xla():
     history = model.fit(x, rng.integers(0, 2, 8), epochs=2, batch_size=4, verbose=0)
     assert np.isfinite(history.history["loss"]).all()
     assert not np.allclose(to_np(model.layers[0].gain), 1.0)
+
+
+# === The tap-matmul filter gradient (a CPU fast path of TensorFlow's bfloat16 convs) ===
+
+
+@pytest.mark.tensorflow_only(reason="the tap-matmul gradient is TensorFlow code; compared with TensorFlow's own op")
+@pytest.mark.parametrize("padding", ["same", "valid"])
+@pytest.mark.parametrize("kernel_size", [1, 2, 3])
+def test_tap_matmul_filter_gradient_equals_tensorflows(padding, kernel_size):
+    import tensorflow as tf
+
+    from nfnet_keras.layers.wsconv import tap_matmul_filter_gradient
+
+    rng = np.random.default_rng(kernel_size)
+    x = tf.constant(rng.standard_normal((3, 7, 6, 5)), tf.float32)
+    shape = (kernel_size, kernel_size, 5, 4)
+    out_shape = tf.nn.conv2d(x, tf.zeros(shape), 1, padding.upper()).shape
+    upstream = tf.constant(rng.standard_normal(out_shape), tf.float32)
+    expected = tf.raw_ops.Conv2DBackpropFilter(input=x, filter_sizes=shape, out_backprop=upstream,
+                                               strides=[1, 1, 1, 1], padding=padding.upper())
+    np.testing.assert_allclose(to_np(tap_matmul_filter_gradient(x, upstream, shape, padding)), to_np(expected),
+                               rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.tensorflow_only(reason="which convs take the path is decided for TensorFlow only")
+def test_tap_matmul_applies_to_low_precision_small_maps_with_many_channels():
+    from nfnet_keras.layers.wsconv import uses_tap_matmul
+
+    small = ((None, 7, 7, 256), (3, 3, 256, 256))
+    assert uses_tap_matmul(*small, "bfloat16") and uses_tap_matmul(*small, "float16")
+    assert uses_tap_matmul((None, 11, 11, 128), (3, 3, 128, 128), "bfloat16")
+    assert not uses_tap_matmul(*small, "float32")  # oneDNN's float32 gradient was faster at every size
+    assert not uses_tap_matmul((None, 15, 15, 256), (3, 3, 256, 256), "bfloat16")  # > 121 positions
+    assert not uses_tap_matmul((None, 7, 7, 64), (3, 3, 64, 256), "bfloat16")  # too few channels
+    assert not uses_tap_matmul((None, None, None, 256), (3, 3, 256, 256), "bfloat16")  # unknown map size
+    assert not uses_tap_matmul(*small, "bfloat16", strides=(2, 2))
+    assert not uses_tap_matmul(*small, "bfloat16", dilation_rate=(2, 2))
+
+
+@pytest.mark.tensorflow_only(reason="the tap-matmul gradient is TensorFlow code, taken in a traced train step")
+def test_wsconv_on_the_tap_matmul_path_has_the_same_gradients(monkeypatch):
+    import tensorflow as tf
+
+    from nfnet_keras.layers import wsconv
+
+    rng = np.random.default_rng(7)
+    x = tf.constant(rng.standard_normal((2, 4, 4, 128)), tf.bfloat16)
+    upstream = tf.constant(rng.standard_normal((2, 4, 4, 128)), tf.float32)
+    conv = WSConv2D(128, 3, padding="same", dtype="mixed_bfloat16")
+    conv.build(x.shape)
+
+    def gradients():
+        @tf.function
+        def step(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(tf.cast(conv(x), tf.float32) * upstream)
+            return tape.gradient(loss, [x, conv.kernel, conv.bias, conv.gain])
+
+        ops_used = {op.type for op in step.get_concrete_function(x).graph.get_operations()}
+        return [to_np(tf.cast(g, tf.float32)) for g in step(x)], ops_used
+
+    taps, taps_ops = gradients()
+    monkeypatch.setattr(wsconv, "TAP_MATMUL_MAX_POSITIONS", 0)
+    reference, reference_ops = gradients()
+    assert "Conv2DBackpropFilter" in reference_ops and "Conv2DBackpropFilter" not in taps_ops
+    for ours, expected in zip(taps, reference):  # both bfloat16 sums, in other orders
+        scale = np.abs(expected).max()
+        np.testing.assert_allclose(ours / scale, expected / scale, atol=2e-2)

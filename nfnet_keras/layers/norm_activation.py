@@ -2,7 +2,7 @@
 
 import keras
 
-from nfnet_keras.layers.activations import ACTIVATIONS, check_activation
+from nfnet_keras.layers.activations import activate, check_activation
 from nfnet_keras.layers.layer_classes import layer_class_name, resolve_layer_class
 
 
@@ -31,14 +31,13 @@ class NormActivation(keras.layers.Layer):
         super().__init__(**kwargs)
         self.norm_layer = resolve_layer_class(norm_layer, keras.layers.Layer, "norm_layer")
         self.activation = check_activation(activation)
-        self._fn = ACTIVATIONS[self.activation]
 
     def build(self, input_shape):
         self.norm = self.norm_layer(name="norm")
         self.norm.build(tuple(input_shape))
 
     def call(self, inputs, training=None):
-        return self._fn(self.norm(inputs, training=training))
+        return activate(self.activation, self.norm(inputs, training=training), training=training)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)

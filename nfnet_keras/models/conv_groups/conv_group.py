@@ -92,8 +92,8 @@ class ConvGroup(SignalBlock):
 
     def call(self, inputs, training=None):
         # gamma of the first activation is folded into the second conv's kernel where it can be.
-        x = scaled_conv(self.conv2, self.act1.unscaled(self._pooled(inputs)), input_scale=self.act1.gamma)
-        return self.act2(x)
+        x = scaled_conv(self.conv2, self.act1.unscaled(self._pooled(inputs), training), input_scale=self.act1.gamma)
+        return self.act2(x, training=training)
 
     def residual_branch(self, inputs):
         """The group's output in inference mode (the group has no skip path)."""

@@ -310,7 +310,7 @@ class NFBlock(Bottleneck):
             a = self.pool(a)  # linear: pooling then scaling is scaling then pooling
         return scaled_conv(self.shortcut_conv, a, input_scale=self._input_scale())
 
-    def _branch(self, a, output_scale=None):
+    def _branch(self, a, output_scale=None, training=None):
         """`f(a * gamma / beta) * output_scale` from the activated input `a` (before its scale).
 
         Every scalar of the block (each activation's gamma, `1 / beta`, and the
@@ -319,8 +319,8 @@ class NFBlock(Bottleneck):
         """
         out = scaled_conv(self.conv0, a, input_scale=self._input_scale())
         for act, conv in ((self.act1, self.conv1), (self.act2, self.conv1b)):
-            out = scaled_conv(conv, act.unscaled(out), input_scale=act.gamma)
-        out = scaled_conv(self.conv2, self.act3.unscaled(out), input_scale=self.act3.gamma,
+            out = scaled_conv(conv, act.unscaled(out, training), input_scale=act.gamma)
+        out = scaled_conv(self.conv2, self.act3.unscaled(out, training), input_scale=self.act3.gamma,
                           output_scale=output_scale)
         if self.se is not None:
             out = self.se(out)
@@ -331,13 +331,13 @@ class NFBlock(Bottleneck):
         return self._branch(self.act0.unscaled(inputs))
 
     def call(self, inputs, training=None):
-        a = self.act0.unscaled(inputs)
+        a = self.act0.unscaled(inputs, training)
         shortcut = self._shortcut(inputs, a)
         scale = self.skip_gain * self.alpha
         if self.se is None:  # f is linear in its last conv: scale that conv instead
-            out = self.drop_path(self._branch(a, output_scale=scale), training=training)
+            out = self.drop_path(self._branch(a, output_scale=scale, training=training), training=training)
         else:  # the SE gate sees f's scale: scale after it
-            out = self.drop_path(self._branch(a), training=training)
+            out = self.drop_path(self._branch(a, training=training), training=training)
             out = out * ops.cast(scale, out.dtype)
         return shortcut + out
 
