@@ -24,10 +24,13 @@ steps alternate (Keras, PyTorch, PyTorch, Keras, ...) `--repeats` times after an
 untimed round. Reported: images/s of each (per wall second and per CPU-second
 of the process), and Keras / PyTorch (target: >= 1.2). `--ablate` adds the
 Keras network traced without each of the package's CPU fast paths
-(`FAST_PATHS`) to the interleaved windows, to say what each one buys.
+(`FAST_PATHS`) to the interleaved windows, to say what each one buys;
+`--profile-steps N` then profiles N steps of each network (the TF profiler's
+op time by op type, `torch.profiler`'s CPU time by op).
 
 Usage:
-    python -m benchmarks.airbench_torch [--steps 10] [--repeats 5] [--batch-size 512] [--ablate] [--quick]
+    python -m benchmarks.airbench_torch [--steps 10] [--repeats 5] [--batch-size 512] [--ablate]
+        [--profile-steps 5] [--quick]
 """
 
 import contextlib
@@ -135,6 +138,21 @@ class TorchStepper:
             self.last_loss = float(loss.detach())
         return sw.sample(steps * self.batch_size)
 
+    def profile(self, steps, top=10):
+        """`steps` steps under `torch.profiler`: the ops that took the most CPU time of their own."""
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof, common.Stopwatch() as sw:
+            for _ in range(steps):
+                self.step()
+        ranked = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in ranked)
+        return dict(steps=steps, wall_ms_per_step=round(1e3 * sw.seconds / steps, 2),
+                    cpu_ms_per_step=round(total / 1e3 / steps, 2),
+                    top_ops=[dict(op=e.key, ms_per_step=round(e.self_cpu_time_total / 1e3 / steps, 2),
+                                  share=round(e.self_cpu_time_total / total, 4), calls_per_step=e.count / steps)
+                             for e in ranked[:top]])
+
 
 # === Keras ===
 
@@ -190,6 +208,10 @@ class KerasFit:
         self.last_loss = history.history["loss"][-1]
         return sw.sample(steps * self.batch_size)
 
+    def run(self, steps):
+        """`steps` steps; their wall seconds (what `benchmarks.peak.profile_steps` times)."""
+        return steps * self.batch_size / self.measure(steps)["rate"]
+
 
 # === Report ===
 
@@ -200,6 +222,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, help="images per step (default 512)")
     parser.add_argument("--ablate", action="store_true",
                         help="also time the Keras network without each of its CPU fast paths (FAST_PATHS)")
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="then profile this many steps of each network (TF profiler, torch.profiler; 0: none)")
     parser.add_argument("--threads", type=int, default=0,
                         help="PyTorch intra-op threads (default 0: PyTorch's own choice, one per core)")
     args = common.resolve_args(parser.parse_args(argv), DEFAULTS, SMOKE)
@@ -241,6 +265,12 @@ def main(argv=None):
             ratio_per_cpu_s=common.paired_ratios(common.rates(samples["keras"], "cpu_rate"),
                                                  common.rates(samples["torch"], "cpu_rate")),
             target={"keras_over_torch": TARGET_RATIO}, target_met=ratio["median"] >= TARGET_RATIO)
+        if args.profile_steps:
+            from benchmarks import peak
+
+            common.log(args, f"profiling {args.profile_steps} steps of each ...")
+            payload["profile"] = {"keras": peak.profile_steps(sides["keras"], args.profile_steps),
+                                  "torch": sides["torch"].profile(args.profile_steps)}
     print(f"Training images/s, batch {args.batch_size}, {args.repeats} interleaved windows of {args.steps} steps, "
           f"one process:")
     print(common.format_table([dict(
@@ -252,6 +282,10 @@ def main(argv=None):
     print(f"Keras / PyTorch: median {ratio['median']:.3f} (min {ratio['min']:.3f}, max {ratio['max']:.3f}), per "
           f"CPU-second {payload['ratio_per_cpu_s']['median']:.3f}; target >= {TARGET_RATIO}: "
           f"{'met' if payload['target_met'] else 'not met'}")
+    for side, prof in payload.get("profile", {}).items():
+        ops = prof["top_op_types"] if side == "keras" else prof["top_ops"]
+        print(f"Profile, {_side_label(side, args.preset)}: " + ", ".join(
+            f"{op.get('op_type', op.get('op'))} {100 * op['share']:.0f}%" for op in ops[:6]))
     for side, r in ablation.items():
         print(f"{_side_label(side, args.preset)} / PyTorch: {r['over_torch']['median']:.3f}; the full Keras step is "
               f"{r['keras_over_this']['median']:.3f}x as fast")

@@ -188,6 +188,7 @@ def profile_steps(stepper, steps):
 
 _VARIABLE_OPS = {"ReadVariableOp", "AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp",
                  "VarHandleOp", "ResourceApplyKerasMomentum", "ResourceApplyMomentum"}
+_XLA_RUN = "CpuExecutable::ExecuteAsyncOnStream"  # the profiler's event for running an XLA:CPU executable
 _UNIQUIFIED = re.compile(r"_\d+$")  # TF appends _1, _2, ... to a repeated scope name
 
 
@@ -219,6 +220,8 @@ def _in_scope(scopes, names):
 
 def _part(name, op_type, parts):
     """Which part of the model an op (`scope/.../name:Type`) belongs to; `parts` from `model_scopes`."""
+    if op_type == "XLA-compiled function":
+        return "XLA-compiled functions (the fused GELU)"
     scopes = name.split("/")
     if "Conv2D" in op_type or op_type in ("BiasAdd", "BiasAddGrad", "_MklNativeFusedMatMul", "_MklMatMul"):
         return "conv / dense kernels (fwd + bwd)"
@@ -261,9 +264,12 @@ def op_time_breakdown(xplane_path, steps, scopes, top=12):
                 continue
             for event in line.events:
                 name = plane.event_metadata[event.metadata_id].name
-                if ":" not in name or "::" in name:
+                if name == _XLA_RUN:  # an XLA-compiled function (e.g. the fused GELU) run inside the graph
+                    op_name, op_type = "", "XLA-compiled function"
+                elif ":" not in name or "::" in name:
                     continue
-                op_name, op_type = name.rsplit(":", 1)
+                else:
+                    op_name, op_type = name.rsplit(":", 1)
                 by_type[op_type][0] += event.duration_ps
                 by_type[op_type][1] += 1
                 by_part[_part(op_name, op_type, scopes)] += event.duration_ps

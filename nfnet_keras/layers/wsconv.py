@@ -49,8 +49,9 @@ def add_channel_bias(outputs, bias):
 # When `conv2d` takes the filter gradient as one matmul per kernel tap (see its docstring): a
 # low-precision conv, stride and dilation 1, maps of at most this many positions, and both
 # channel counts at least `TAP_MATMUL_MIN_CHANNELS`. `python -m benchmarks.conv_grad` measures the
-# crossover; on a 2-core AVX-512/AMX Xeon, bfloat16, batch 512: 7x7 and 3x3 maps with 256 channels
-# took 0.28-0.44x oneDNN's time, 11x11 0.83x, while 15x15 maps, or 8x8 with 64 channels, took longer.
+# crossover (benchmarks/results/conv_grad.json; a 2-core AVX-512/AMX Xeon, bfloat16, batch 512): the
+# taps took 0.12-0.82x TensorFlow's time on maps of 3x3 to 11x11 with 256-384 channels, and
+# 1.3-2.7x with 24-64 channels at every size. In float32 TensorFlow's op won at all but one shape.
 TAP_MATMUL_MAX_POSITIONS = 121
 TAP_MATMUL_MIN_CHANNELS = 128
 
@@ -101,8 +102,8 @@ def conv2d(inputs, kernel, strides=(1, 1), padding="valid", dilation_rate=(1, 1)
     """An NHWC convolution (`keras.ops.conv`), its filter gradient by tap matmuls where that is faster.
 
     On CPUs, TensorFlow's oneDNN filter gradient of a bfloat16 conv with many
-    channels on small maps runs far below the matmul rate (e.g. 7x7 maps, 256
-    channels: 2.3x the time of the same sums done as `tap_matmul_filter_gradient`).
+    channels on small maps runs far below the matmul rate (7x7 maps with 384
+    channels: 2.6x the time of the same sums done as `tap_matmul_filter_gradient`).
     Where `uses_tap_matmul` says so, the conv gets a custom gradient: the input
     gradient from TensorFlow's own op, the filter gradient from the tap matmuls.
     Same values and gradients (up to rounding) everywhere else.
