@@ -75,7 +75,7 @@ def main(argv=None):
                         "tap_matmul": FilterGradient(True, x, upstream, kernel_shape)}
                 samples = common.interleave({k: (lambda w=w: w.measure(args.steps)) for k, w in ways.items()},
                                             args.repeats)
-                ms = {k: common.summarize([1e3 / r for r in common.rates(samples[k])], 2) for k in ways}
+                ms = {k: common.summarize([1e3 / r for r in common.rates(samples[k])], 4) for k in ways}
                 ratio = common.paired_ratios(common.rates(samples["tensorflow"]), common.rates(samples["tap_matmul"]))
                 chosen = uses_tap_matmul((None, side, side, c_in), kernel_shape, dtype)
                 rows.append(dict(dtype=dtype, positions=f"{side}x{side}", c_in=c_in, c_out=c_out,

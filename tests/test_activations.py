@@ -252,6 +252,7 @@ def test_fused_gelu_matches_gelu_times_scale_values_and_gradients(dtype, tol):
     np.testing.assert_allclose(grad_ours, grad_plain, rtol=tol, atol=tol)
 
 
+@pytest.mark.tensorflow_only(reason="training and inference differ in the GELU's implementation on TensorFlow only")
 def test_scaled_gelu_is_the_same_function_in_training_and_inference():
     layer = ScaledActivation("gelu")
     x = ops.convert_to_tensor(np.linspace(-4, 4, 33).astype("float32"))
@@ -260,10 +261,13 @@ def test_scaled_gelu_is_the_same_function_in_training_and_inference():
 
 
 @pytest.mark.tensorflow_only(reason="the fused GELU's two halves are XLA-compiled TensorFlow functions")
-def test_scaled_gelu_compiles_with_xla_in_training_only():
+def test_scaled_gelu_compiles_with_xla_in_training_only(monkeypatch):
     # Inference graphs (and so every export, which TF Serving must run without XLA) keep the plain ops.
     import tensorflow as tf
 
+    from nfnet_keras.layers import activations
+
+    monkeypatch.setattr(activations, "tensorflow_on_cpu_only", lambda: True)  # the path under test, even beside a GPU
     layer = ScaledActivation("gelu")
     x = tf.constant(np.linspace(-4, 4, 33).astype("float32"))
 
@@ -274,3 +278,8 @@ def test_scaled_gelu_compiles_with_xla_in_training_only():
 
     assert xla_calls(training=False) == []
     assert len(xla_calls(training=True)) == 1
+    float64 = tf.function(lambda x: activations.activate("gelu", x, training=True))
+    graph = float64.get_concrete_function(tf.cast(x, "float64")).graph
+    assert not any("_XlaMustCompile" in str(op.node_def) for op in graph.get_operations())  # XLA's is float32
+    monkeypatch.setattr(activations, "tensorflow_on_cpu_only", lambda: False)  # a GPU: the plain ops
+    assert xla_calls(training=True) == []

@@ -402,18 +402,23 @@ def test_tap_matmul_filter_gradient_equals_tensorflows(padding, kernel_size):
 
 
 @pytest.mark.tensorflow_only(reason="which convs take the path is decided for TensorFlow only")
-def test_tap_matmul_applies_to_low_precision_small_maps_with_many_channels():
+def test_tap_matmul_applies_to_bfloat16_small_maps_with_many_channels(monkeypatch):
+    from nfnet_keras.layers import wsconv
     from nfnet_keras.layers.wsconv import uses_tap_matmul
 
+    monkeypatch.setattr(wsconv, "tensorflow_on_cpu_only", lambda: True)
     small = ((None, 7, 7, 256), (3, 3, 256, 256))
-    assert uses_tap_matmul(*small, "bfloat16") and uses_tap_matmul(*small, "float16")
+    assert uses_tap_matmul(*small, "bfloat16")
     assert uses_tap_matmul((None, 11, 11, 128), (3, 3, 128, 128), "bfloat16")
-    assert not uses_tap_matmul(*small, "float32")  # oneDNN's float32 gradient was faster at every size
+    assert not uses_tap_matmul(*small, "float32")  # TensorFlow's float32 gradient won at all but one shape
+    assert not uses_tap_matmul(*small, "float16")  # not measured
     assert not uses_tap_matmul((None, 15, 15, 256), (3, 3, 256, 256), "bfloat16")  # > 121 positions
     assert not uses_tap_matmul((None, 7, 7, 64), (3, 3, 64, 256), "bfloat16")  # too few channels
     assert not uses_tap_matmul((None, None, None, 256), (3, 3, 256, 256), "bfloat16")  # unknown map size
     assert not uses_tap_matmul(*small, "bfloat16", strides=(2, 2))
     assert not uses_tap_matmul(*small, "bfloat16", dilation_rate=(2, 2))
+    monkeypatch.setattr(wsconv, "tensorflow_on_cpu_only", lambda: False)  # a GPU, or another backend
+    assert not uses_tap_matmul(*small, "bfloat16")
 
 
 @pytest.mark.tensorflow_only(reason="the tap-matmul gradient is TensorFlow code, taken in a traced train step")
@@ -422,6 +427,7 @@ def test_wsconv_on_the_tap_matmul_path_has_the_same_gradients(monkeypatch):
 
     from nfnet_keras.layers import wsconv
 
+    monkeypatch.setattr(wsconv, "tensorflow_on_cpu_only", lambda: True)  # the path under test, even beside a GPU
     rng = np.random.default_rng(7)
     x = tf.constant(rng.standard_normal((2, 4, 4, 128)), tf.bfloat16)
     upstream = tf.constant(rng.standard_normal((2, 4, 4, 128)), tf.float32)

@@ -89,7 +89,8 @@ def fused_gelu(x, scale=1.0):
     written with separate ops, the tanh GELU and its gradient took about 15%
     of a `cifar_speed` train step's op time on a CPU (`mixed_bfloat16`), in
     some twenty passes over each feature map. The layers use it in training
-    only (`training=True`); inference, and so every export, keeps the plain
+    only (`training=True`), on TensorFlow without a GPU, in float32, bfloat16
+    or float16 (`activate`); inference, and so every export, keeps the plain
     ops, which need no XLA. Other backends compute `ops.gelu(x) * scale`
     (JAX's jit fuses it already).
     """
@@ -98,9 +99,20 @@ def fused_gelu(x, scale=1.0):
     return ops.gelu(x, approximate=True) * ops.cast(scale, x.dtype)
 
 
+@functools.cache
+def tensorflow_on_cpu_only():
+    """Whether Keras runs on TensorFlow with no GPU visible: where the layers' CPU fast paths apply."""
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    return not tf.config.list_physical_devices("GPU")
+
+
 def activate(activation, x, scale=None, training=None):
-    """`ACTIVATIONS[activation](x) * scale` (no scale: None), the tanh GELU fused while training."""
-    if activation == "gelu" and training is True:
+    """`ACTIVATIONS[activation](x) * scale` (no scale: None), the tanh GELU fused while training on a CPU."""
+    if (activation == "gelu" and training is True and tensorflow_on_cpu_only()
+            and keras.backend.standardize_dtype(x.dtype) in ("float32", "bfloat16", "float16")):
         return fused_gelu(x, 1.0 if scale is None else scale)
     y = ACTIVATIONS[activation](x)
     return y if scale is None else y * ops.cast(scale, x.dtype)

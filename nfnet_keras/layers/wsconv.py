@@ -6,6 +6,8 @@ import inspect
 import keras
 from keras import ops
 
+from nfnet_keras.layers.activations import tensorflow_on_cpu_only
+
 
 def add_channel_bias(outputs, bias):
     """`outputs + bias` over the last axis, with the bias gradient as its own reduction.
@@ -47,34 +49,26 @@ def add_channel_bias(outputs, bias):
 
 
 # When `conv2d` takes the filter gradient as one matmul per kernel tap (see its docstring): a
-# low-precision conv, stride and dilation 1, maps of at most this many positions, and both
-# channel counts at least `TAP_MATMUL_MIN_CHANNELS`. `python -m benchmarks.conv_grad` measures the
-# crossover (benchmarks/results/conv_grad.json; a 2-core AVX-512/AMX Xeon, bfloat16, batch 512): the
-# taps took 0.12-0.82x TensorFlow's time on maps of 3x3 to 11x11 with 256-384 channels, and
-# 1.3-2.7x with 24-64 channels at every size. In float32 TensorFlow's op won at all but one shape.
+# bfloat16 conv on TensorFlow without a GPU, stride and dilation 1, maps of at most this many
+# positions, and both channel counts at least `TAP_MATMUL_MIN_CHANNELS`. `python -m
+# benchmarks.conv_grad` measures the crossover (benchmarks/results/conv_grad.json; a 2-core
+# AVX-512/AMX Xeon, batch 512): in bfloat16 the taps took 0.12-0.82x TensorFlow's time on maps of
+# 3x3 to 11x11 with 256-384 channels, and 1.3-2.7x with 24-64 channels at every size; in float32
+# TensorFlow's op won at all but one shape. float16 was not measured.
 TAP_MATMUL_MAX_POSITIONS = 121
 TAP_MATMUL_MIN_CHANNELS = 128
 
 
-@functools.cache
-def _has_gpu():
-    import tensorflow as tf
-
-    return bool(tf.config.list_physical_devices("GPU"))
-
-
 def uses_tap_matmul(input_shape, kernel_shape, dtype, strides=(1, 1), dilation_rate=(1, 1)):
     """Whether `conv2d` computes this convolution's filter gradient by tap matmuls."""
-    if keras.backend.backend() != "tensorflow" or keras.backend.standardize_dtype(dtype) not in ("bfloat16", "float16"):
+    if keras.backend.standardize_dtype(dtype) != "bfloat16" or not tensorflow_on_cpu_only():
         return False
     if tuple(strides) != (1, 1) or tuple(dilation_rate) != (1, 1):
         return False
     h, w = input_shape[1], input_shape[2]
     if h is None or w is None or h * w > TAP_MATMUL_MAX_POSITIONS:
         return False
-    if min(kernel_shape[2], kernel_shape[3]) < TAP_MATMUL_MIN_CHANNELS:
-        return False
-    return not _has_gpu()
+    return min(kernel_shape[2], kernel_shape[3]) >= TAP_MATMUL_MIN_CHANNELS
 
 
 def tap_matmul_filter_gradient(inputs, upstream, kernel_shape, padding):
@@ -88,10 +82,10 @@ def tap_matmul_filter_gradient(inputs, upstream, kernel_shape, padding):
     import tensorflow as tf
 
     kh, kw, c_in, c_out = kernel_shape
-    h, w = upstream.shape[1], upstream.shape[2]
     if padding == "same":
         top, left = (kh - 1) // 2, (kw - 1) // 2
         inputs = tf.pad(inputs, [[0, 0], [top, kh - 1 - top], [left, kw - 1 - left], [0, 0]])
+    h, w = inputs.shape[1] - kh + 1, inputs.shape[2] - kw + 1  # the output's size (static, as the rule asks)
     flat_upstream = tf.reshape(upstream, [-1, c_out])
     taps = [tf.matmul(tf.reshape(inputs[:, i:i + h, j:j + w, :], [-1, c_in]), flat_upstream, transpose_a=True)
             for i in range(kh) for j in range(kw)]
