@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 
+from nfnet_keras import hardware
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -317,15 +319,8 @@ def _cpu_model():
 
 def _cpu_flags():
     wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return [flag for flag in wanted if flag in have]
-    except OSError:
-        pass
-    return []
+    have = hardware.cpu_flags() or frozenset()
+    return [flag for flag in wanted if flag in have]
 
 
 def _memory_gb():

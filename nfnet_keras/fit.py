@@ -28,6 +28,7 @@ from nfnet_keras import cli, exits, rundir
 from nfnet_keras.config import CONFIG_FIELDS, RECIPES, TrainConfig, field_type_problem
 from nfnet_keras.console import prog
 from nfnet_keras.contract import check_model_name
+from nfnet_keras.hardware import precision_for_machine
 
 # Keys of a --hparams JSON file (e.g. the tuner's best_hparams.json) -> flags.
 HPARAM_KEYS = CONFIG_FIELDS - {"recipe"}
@@ -72,6 +73,7 @@ def parse_config(argv=None):
     recipe = dict(RECIPES[args.recipe])
     file_overrides = recipe.pop("overrides", {})
     parser.set_defaults(**recipe)
+    chosen = set()  # config fields the user set (flags, --hparams), not the recipe
     if args.hparams:
         try:
             with open(args.hparams) as f:
@@ -94,9 +96,16 @@ def parse_config(argv=None):
             parser.error(f"--hparams {args.hparams}: \"overrides\" must be an object of preset keys")
         file_overrides = {**file_overrides, **more}
         parser.set_defaults(**hparams)
+        chosen |= set(hparams)
     args = parser.parse_args(argv)
     values = cli.config_values(args)
     values["overrides"] = {**file_overrides, **values["overrides"]}
+    parser.set_defaults(precision=None)
+    if parser.parse_args(argv).precision is not None:
+        chosen.add("precision")
+    # A recipe's mixed_bfloat16 becomes float32 on a machine that has no kernels for it (nfnet_keras.hardware).
+    values["precision"], args.precision_message = precision_for_machine(values["precision"],
+                                                                        explicit="precision" in chosen)
     config = TrainConfig(**values)  # with the --recipe it started from
     try:
         config.validate()
@@ -132,6 +141,8 @@ def main(argv=None):
 
 def _main(argv=None):
     config, args = parse_config(argv)
+    if args.precision_message:
+        print(args.precision_message, file=sys.stderr)
     run_dir = args.run_dir or rundir.default_run_dir(config)
     problem = output_problem(run_dir, args)
     if problem:  # before hours of training, and before anything is written

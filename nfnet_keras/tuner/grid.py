@@ -30,6 +30,7 @@ import sys
 from nfnet_keras import cli, exits, fileio, rundir
 from nfnet_keras.config import LOCATION_FIELDS, TrainConfig, with_defaults
 from nfnet_keras.console import prog
+from nfnet_keras.hardware import precision_for_machine
 from nfnet_keras.tuner import launch
 
 DEFAULT_LRS = (0.001, 0.01, 0.1)
@@ -130,6 +131,9 @@ def parse_config(argv=None):
             raise ValueError(f"--chief-timeout must be a positive number of seconds, got {args.chief_timeout:g}.")
     except ValueError as e:
         parser.error(str(e))
+    _, warning = precision_for_machine(config.precision, explicit=True)
+    if warning:
+        print(warning, file=sys.stderr)
     return config, args
 
 
