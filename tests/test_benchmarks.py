@@ -482,3 +482,27 @@ def test_conv_grad_smoke(tmp_path, capsys, monkeypatch):
             assert taps["min"] / tensorflow["max"] * 0.99 <= ratio <= taps["max"] / tensorflow["min"] * 1.01
     printed = _table(capsys.readouterr().out, "dtype")
     assert [row["uses_tap_matmul takes"] for row in printed] == ["taps", "tensorflow"]
+
+
+@pytest.mark.slow
+def test_speed_start_measures_each_variant_every_k_steps(tmp_path, capsys):
+    from benchmarks import speed_start
+
+    data_dir = write_synthetic_cifar(tmp_path / "data", per_batch=100, test=10)
+    fit_flags = ["--preset", "tiny_speed", "--batch-size", "32", "--val-size", "64", "--data-dir", data_dir,
+                 "--precision", "float32"]
+    with pytest.raises(SystemExit) as bad:
+        speed_start.main(["--steps", "3", "--every", "2", "--", *fit_flags])
+    assert bad.value.code == 2 and "--every must divide --steps" in capsys.readouterr().err
+    assert speed_start.main(["--variants", "muon,sgd", "--steps", "2", "--every", "1", "--out-dir", str(tmp_path),
+                             "--tag", "t", "--", *fit_flags]) == 0
+    with open(tmp_path / "speed_start_t.json") as f:
+        saved = json.load(f)
+    assert saved["fit_flags"][:4] == ["--recipe", "speed", "--epochs", "5"] and saved["fit_flags"][-len(fit_flags):] == fit_flags
+    assert [run["variant"] for run in saved["runs"]] == ["muon", "sgd"]
+    assert saved["runs"][1]["flags"] == ["--optimizer", "sgd"]
+    for run in saved["runs"]:
+        assert [p["step"] for p in run["points"]] == [1, 2]
+        for point in run["points"]:
+            assert 0.0 <= point["val_accuracy"] <= 1.0 and np.isfinite(point["train_loss"])
+            assert len(point["var"]) == len(point["sq_mean"]) == 3 and min(point["var"]) > 0
