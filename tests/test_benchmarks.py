@@ -498,7 +498,8 @@ def test_speed_start_measures_each_variant_every_k_steps(tmp_path, capsys):
                              "--tag", "t", "--", *fit_flags]) == 0
     with open(tmp_path / "speed_start_t.json") as f:
         saved = json.load(f)
-    assert saved["fit_flags"][:4] == ["--recipe", "speed", "--epochs", "5"] and saved["fit_flags"][-len(fit_flags):] == fit_flags
+    assert saved["fit_flags"][:4] == ["--recipe", "speed", "--epochs", "5"]
+    assert saved["fit_flags"][-len(fit_flags):] == fit_flags
     assert [run["variant"] for run in saved["runs"]] == ["muon", "sgd"]
     assert saved["runs"][1]["flags"] == ["--optimizer", "sgd"]
     for run in saved["runs"]:
