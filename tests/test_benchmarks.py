@@ -451,6 +451,7 @@ def test_airbench_without_switches_one_fast_path_off_and_restores_it(monkeypatch
     from nfnet_keras.layers import activations, wsconv
 
     monkeypatch.setattr(wsconv, "tensorflow_on_cpu_only", lambda: True)  # the rule as on a CPU
+    monkeypatch.setattr(wsconv, "_cpu_lacks_bfloat16", lambda: False)  # with bfloat16 kernels
     x = tf.constant(np.linspace(-3, 3, 8), tf.bfloat16)
     fused = activations.fused_gelu
     with airbench_torch.without("tap_matmul"):
@@ -470,6 +471,7 @@ def test_conv_grad_smoke(tmp_path, capsys, monkeypatch):
     from nfnet_keras.layers import wsconv
 
     monkeypatch.setattr(wsconv, "tensorflow_on_cpu_only", lambda: True)  # the rule as on a CPU
+    monkeypatch.setattr(wsconv, "_cpu_lacks_bfloat16", lambda: False)  # with bfloat16 kernels
     saved = _run(conv_grad, tmp_path)
     rows = saved["rows"]
     assert [(r["positions"], r["c_in"], r["rule_takes_taps"]) for r in rows] == [("4x4", 128, True), ("6x6", 8, False)]

@@ -218,16 +218,22 @@ def test_every_steps_must_be_a_count():
 
 
 def test_a_first_signal_sets_the_flag_a_second_ctrl_c_interrupts_and_the_handlers_come_back():
-    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
-    with StopSignals() as stop:
-        assert stop.received is None
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.1)  # the handler runs at the next bytecode
-        assert stop.received == signal.SIGTERM
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)
-    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    # A test run started in the background by a non-interactive shell inherits SIGINT ignored, which
+    # StopSignals leaves alone: give this process Python's own Ctrl-C handler for the test.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+        with StopSignals() as stop:
+            assert stop.received is None
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)  # the handler runs at the next bytecode
+            assert stop.received == signal.SIGTERM
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+        assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_preempted_names_the_signal_and_where():

@@ -407,6 +407,7 @@ def test_tap_matmul_applies_to_bfloat16_small_maps_with_many_channels(monkeypatc
     from nfnet_keras.layers.wsconv import uses_tap_matmul
 
     monkeypatch.setattr(wsconv, "tensorflow_on_cpu_only", lambda: True)
+    monkeypatch.setattr(wsconv, "_cpu_lacks_bfloat16", lambda: False)  # with bfloat16 kernels
     small = ((None, 7, 7, 256), (3, 3, 256, 256))
     assert uses_tap_matmul(*small, "bfloat16")
     assert uses_tap_matmul((None, 11, 11, 128), (3, 3, 128, 128), "bfloat16")
@@ -417,8 +418,10 @@ def test_tap_matmul_applies_to_bfloat16_small_maps_with_many_channels(monkeypatc
     assert not uses_tap_matmul((None, None, None, 256), (3, 3, 256, 256), "bfloat16")  # unknown map size
     assert not uses_tap_matmul(*small, "bfloat16", strides=(2, 2))
     assert not uses_tap_matmul(*small, "bfloat16", dilation_rate=(2, 2))
+    monkeypatch.setattr(wsconv, "_cpu_lacks_bfloat16", lambda: True)  # an AVX2-only CPU: reference bfloat16 kernels
+    assert wsconv.emulated_bfloat16() and not uses_tap_matmul(*small, "bfloat16")
     monkeypatch.setattr(wsconv, "tensorflow_on_cpu_only", lambda: False)  # a GPU, or another backend
-    assert not uses_tap_matmul(*small, "bfloat16")
+    assert not wsconv.emulated_bfloat16() and not uses_tap_matmul(*small, "bfloat16")
 
 
 @pytest.mark.tensorflow_only(reason="the tap-matmul gradient is TensorFlow code, taken in a traced train step")
@@ -428,6 +431,7 @@ def test_wsconv_on_the_tap_matmul_path_has_the_same_gradients(monkeypatch):
     from nfnet_keras.layers import wsconv
 
     monkeypatch.setattr(wsconv, "tensorflow_on_cpu_only", lambda: True)  # the path under test, even beside a GPU
+    monkeypatch.setattr(wsconv, "_cpu_lacks_bfloat16", lambda: False)  # with bfloat16 kernels
     rng = np.random.default_rng(7)
     x = tf.constant(rng.standard_normal((2, 4, 4, 128)), tf.bfloat16)
     upstream = tf.constant(rng.standard_normal((2, 4, 4, 128)), tf.float32)
@@ -452,3 +456,29 @@ def test_wsconv_on_the_tap_matmul_path_has_the_same_gradients(monkeypatch):
     for ours, expected in zip(taps, reference):  # both bfloat16 sums, in other orders
         scale = np.abs(expected).max()
         np.testing.assert_allclose(ours / scale, expected / scale, atol=2e-2)
+
+
+@pytest.mark.tensorflow_only(reason="the bias add's custom gradient exists only under TensorFlow")
+@pytest.mark.parametrize("emulated", [False, True])
+def test_bfloat16_bias_gradient_is_a_matmul_only_where_bfloat16_has_kernels(monkeypatch, emulated):
+    # On reference bfloat16 kernels (an AVX2-only CPU) a bfloat16 matmul does not accumulate in float32.
+    import tensorflow as tf
+
+    from nfnet_keras.layers import wsconv
+
+    monkeypatch.setattr(wsconv, "emulated_bfloat16", lambda: emulated)
+    rng = np.random.default_rng(5)
+    x = tf.constant(rng.standard_normal((8, 6, 6, 4)), tf.bfloat16)
+    upstream = tf.constant(rng.standard_normal((8, 6, 6, 4)), tf.bfloat16)
+    bias = tf.Variable(np.zeros(4, "float32"))
+
+    @tf.function
+    def bias_gradient(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(tf.cast(wsconv.add_channel_bias(x, bias) * upstream, tf.float32))
+        return tape.gradient(loss, bias)
+
+    ops_used = {op.type for op in bias_gradient.get_concrete_function(x).graph.get_operations()}
+    assert ("MatMul" in ops_used) is (not emulated)
+    expected = to_np(tf.cast(upstream, tf.float32)).sum(axis=(0, 1, 2))
+    np.testing.assert_allclose(to_np(bias_gradient(x)), expected, rtol=1e-2, atol=0.1)

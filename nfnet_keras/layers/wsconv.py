@@ -6,7 +6,23 @@ import inspect
 import keras
 from keras import ops
 
+from nfnet_keras import hardware
 from nfnet_keras.layers.activations import tensorflow_on_cpu_only
+
+
+@functools.cache
+def _cpu_lacks_bfloat16():
+    return hardware.cpu_has_fast_bfloat16() is False
+
+
+def emulated_bfloat16():
+    """Whether bfloat16 runs on TensorFlow's reference kernels here: a CPU with no bfloat16 kernels, no GPU.
+
+    There a bfloat16 matmul neither runs fast nor accumulates in float32, so the bfloat16 paths
+    below that rely on both (the bias gradient's matrix-vector sum, the tap-matmul filter gradient)
+    are not taken.
+    """
+    return tensorflow_on_cpu_only() and _cpu_lacks_bfloat16()
 
 
 def add_channel_bias(outputs, bias):
@@ -33,7 +49,7 @@ def add_channel_bias(outputs, bias):
     def add(x, b):
         def grad(g):
             flat = tf.reshape(g, [-1, tf.shape(g)[-1]])
-            if flat.dtype == tf.bfloat16:
+            if flat.dtype == tf.bfloat16 and not emulated_bfloat16():
                 # ones @ flat: a bfloat16 matrix-vector product accumulates in float32 and reads the
                 # gradient once; casting it to float32 to sum wrote and read a float32 copy, and took
                 # 4-9x longer on the speed network's feature maps (same sums, rounded once).
@@ -62,6 +78,8 @@ TAP_MATMUL_MIN_CHANNELS = 128
 def uses_tap_matmul(input_shape, kernel_shape, dtype, strides=(1, 1), dilation_rate=(1, 1)):
     """Whether `conv2d` computes this convolution's filter gradient by tap matmuls."""
     if keras.backend.standardize_dtype(dtype) != "bfloat16" or not tensorflow_on_cpu_only():
+        return False
+    if emulated_bfloat16():
         return False
     if tuple(strides) != (1, 1) or tuple(dilation_rate) != (1, 1):
         return False
