@@ -52,13 +52,14 @@ def main(argv=None):
     if not (0 < args.every <= args.steps and args.steps % args.every == 0):
         p.error(f"--every must divide --steps, got --every {args.every} --steps {args.steps}")
 
-    from nfnet_keras import load_framework
+    from nfnet_keras import fit, load_framework
 
     load_framework()
+    from nfnet_keras import training
+
     base = ["--recipe", "speed", "--epochs", str(args.epochs), "--seed", str(args.seed), "--no-export", *extra]
-    rows, splits = [], {}
-    for name in args.variants:
-        rows.append(run_variant(name, base + VARIANTS[name], args, splits))
+    train, val, _ = training.load_splits(fit.parse_config(base)[0])  # the same images for every variant
+    rows = [run_variant(name, base + VARIANTS[name], args, train, val) for name in args.variants]
     out = "speed_start" + (f"_{args.tag}" if args.tag else "")
     path = common.write_json(out, dict(benchmark="speed_start", command=command, fit_flags=base, steps=args.steps,
                                        every=args.every, machine=common.machine_info(), runs=rows), args.out_dir)
@@ -66,16 +67,14 @@ def main(argv=None):
     return 0
 
 
-def run_variant(name, flags, args, splits):
-    """Trains the variant `name` (fit `flags`) for `args.steps` steps, measuring every `args.every`; its row."""
+def run_variant(name, flags, args, train, val):
+    """Trains the variant `name` (fit `flags`) on `train` for `args.steps` steps, measuring on `val` every
+    `args.every`; its row."""
     from nfnet_keras import fit, training
     from nfnet_keras.data import preprocess
     from nfnet_keras.models.signal import signal_propagation
 
     config, _ = fit.parse_config(flags)
-    if not splits:  # the data once for every variant
-        splits["train"], splits["val"], _ = training.load_splits(config)
-    train, val = splits["train"], splits["val"]
     training.setup_runtime(config)
     model = training.build_for(config)
     training.compile_model(model, config, steps_per_epoch=math.ceil(len(train[0]) / config.batch_size))

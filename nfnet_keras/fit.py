@@ -73,7 +73,7 @@ def parse_config(argv=None):
     recipe = dict(RECIPES[args.recipe])
     file_overrides = recipe.pop("overrides", {})
     parser.set_defaults(**recipe)
-    chosen = set()  # config fields the user set (flags, --hparams), not the recipe
+    precision_chosen = False  # by the user (a flag or --hparams), not the recipe
     if args.hparams:
         try:
             with open(args.hparams) as f:
@@ -96,16 +96,15 @@ def parse_config(argv=None):
             parser.error(f"--hparams {args.hparams}: \"overrides\" must be an object of preset keys")
         file_overrides = {**file_overrides, **more}
         parser.set_defaults(**hparams)
-        chosen |= set(hparams)
+        precision_chosen = "precision" in hparams
     args = parser.parse_args(argv)
     values = cli.config_values(args)
     values["overrides"] = {**file_overrides, **values["overrides"]}
-    parser.set_defaults(precision=None)
-    if parser.parse_args(argv).precision is not None:
-        chosen.add("precision")
+    parser.set_defaults(precision=None)  # a flag's value survives this; a recipe's does not
+    precision_chosen = precision_chosen or parser.parse_args(argv).precision is not None
     # A recipe's mixed_bfloat16 becomes float32 on a machine that has no kernels for it (nfnet_keras.hardware).
     values["precision"], args.precision_message = precision_for_machine(values["precision"],
-                                                                        explicit="precision" in chosen)
+                                                                        explicit=precision_chosen)
     config = TrainConfig(**values)  # with the --recipe it started from
     try:
         config.validate()

@@ -77,9 +77,7 @@ TAP_MATMUL_MIN_CHANNELS = 128
 
 def uses_tap_matmul(input_shape, kernel_shape, dtype, strides=(1, 1), dilation_rate=(1, 1)):
     """Whether `conv2d` computes this convolution's filter gradient by tap matmuls."""
-    if keras.backend.standardize_dtype(dtype) != "bfloat16" or not tensorflow_on_cpu_only():
-        return False
-    if emulated_bfloat16():
+    if keras.backend.standardize_dtype(dtype) != "bfloat16" or not tensorflow_on_cpu_only() or emulated_bfloat16():
         return False
     if tuple(strides) != (1, 1) or tuple(dilation_rate) != (1, 1):
         return False
