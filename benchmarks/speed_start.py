@@ -31,6 +31,7 @@ VARIANTS = {
     # faster WS gains, free to restore the variance that Muon's steps take from the NF groups
     "muon_gain8": ["--gain-lr-mult", "8"],
     "muon_gain32": ["--gain-lr-mult", "32"],
+    "muon_gain0": ["--gain-lr-mult", "0"],  # frozen WS gains, as airbench's frozen BatchNorm scale
     "muon_twin": ["--norm", "batch"],
 }
 
@@ -62,10 +63,12 @@ def main(argv=None):
 
     base = ["--recipe", "speed", "--epochs", str(args.epochs), "--seed", str(args.seed), "--no-export", *extra]
     train, val, _ = training.load_splits(fit.parse_config(base)[0])  # the same images for every variant
-    rows = [run_variant(name, base + VARIANTS[name], args, train, val) for name in args.variants]
-    out = "speed_start" + (f"_{args.tag}" if args.tag else "")
-    path = common.write_json(out, dict(benchmark="speed_start", command=command, fit_flags=base, steps=args.steps,
-                                       every=args.every, machine=common.machine_info(), runs=rows), args.out_dir)
+    out, rows = "speed_start" + (f"_{args.tag}" if args.tag else ""), []
+    for name in args.variants:  # the JSON is rewritten after each variant: a stopped run keeps those done
+        rows.append(run_variant(name, base + VARIANTS[name], args, train, val))
+        path = common.write_json(out, dict(benchmark="speed_start", command=command, fit_flags=base,
+                                           steps=args.steps, every=args.every, machine=common.machine_info(),
+                                           runs=rows), args.out_dir)
     print(f"JSON: {path}")
     return 0
 

@@ -161,7 +161,8 @@ class TrainConfig:
         hparam="decoupled, or coupled (L2 through momentum)")
     bias_lr_mult: float = option(1.0, "learning-rate multiplier of biases", group=_OPT, metavar="M",
                                  hparam="learning-rate multiplier of the biases")
-    gain_lr_mult: float = option(1.0, "learning-rate multiplier of WS gains and skip gains", group=_OPT, metavar="M",
+    gain_lr_mult: float = option(1.0, "learning-rate multiplier of WS gains and skip gains (0 freezes them)",
+                                 group=_OPT, metavar="M",
                                  hparam="learning-rate multiplier of the gains")
     head_lr_mult: float = option(1.0, "learning-rate multiplier of the classifier's kernel and bias", group=_OPT,
                                  metavar="M", hparam="learning-rate multiplier of the classifier")
@@ -263,9 +264,9 @@ class TrainConfig:
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}."),
             (self.agc >= 0, f"--agc must be >= 0 (0 disables it), got {self.agc}."),
             (0 <= self.ema < 1, f"--ema must be in [0, 1) (0 disables it), got {self.ema}."),
-            (self.bias_lr_mult > 0, f"--bias-lr-mult must be a positive number, got {self.bias_lr_mult}."),
-            (self.gain_lr_mult > 0, f"--gain-lr-mult must be a positive number, got {self.gain_lr_mult}."),
-            (self.head_lr_mult > 0, f"--head-lr-mult must be a positive number, got {self.head_lr_mult}."),
+            (self.bias_lr_mult >= 0, f"--bias-lr-mult must be >= 0 (0 freezes the group), got {self.bias_lr_mult}."),
+            (self.gain_lr_mult >= 0, f"--gain-lr-mult must be >= 0 (0 freezes the group), got {self.gain_lr_mult}."),
+            (self.head_lr_mult >= 0, f"--head-lr-mult must be >= 0 (0 freezes the group), got {self.head_lr_mult}."),
             (self.lookahead >= 0,
              f"--lookahead must be >= 0 (steps between syncs; 0 disables it), got {self.lookahead}."),
             (0 < self.lookahead_alpha <= 1, f"--lookahead-alpha must be in (0, 1], got {self.lookahead_alpha}."),

@@ -105,6 +105,25 @@ def test_group_multipliers_and_decay_mode_match_a_hand_computed_momentum_step(ti
         np.testing.assert_allclose(got[path], expected[path], rtol=1e-6, atol=1e-6, err_msg=path)
 
 
+def test_a_zero_multiplier_freezes_its_group_and_the_others_step_as_by_hand(tiny):
+    variables = tiny.trainable_variables
+    start = _randomize(variables)
+    mults = dict(MULTS, gain=0.0)
+    optimizer = GroupSGD(LR, momentum=0.9, nesterov=True, weight_decay=WD, weight_decay_mode="coupled",
+                         lr_multipliers=mults)
+    got = _steps(optimizer, variables, 2)
+    expected = _hand_sgd(start, [_grads(variables, 1), _grads(variables, 2)], variables, mults, WD, "coupled", 0.9,
+                         True)
+    gains = [v.path for v in variables if param_group(v) == "gain"]
+    assert gains
+    for path in expected:
+        if path in gains:
+            np.testing.assert_array_equal(got[path], start[path], err_msg=path)
+        else:
+            assert np.abs(got[path] - start[path]).max() > 1e-4, path
+            np.testing.assert_allclose(got[path], expected[path], rtol=1e-6, atol=1e-6, err_msg=path)
+
+
 def test_coupled_decay_passes_through_momentum_and_decoupled_does_not(tiny):
     # With a zero gradient: coupled decay builds momentum (-lr*wd*w each step); decoupled shrinks w only.
     kernel = tiny.get_layer("classifier").kernel
@@ -183,8 +202,9 @@ def test_group_sgd_rejects_bad_arguments():
         GroupSGD(weight_decay_mode="l2")
     with pytest.raises(ValueError, match="Unknown parameter group"):
         GroupSGD(lr_multipliers={"norm": 2.0})
-    with pytest.raises(ValueError, match="lr multiplier of group 'bias' must be a positive number"):
-        GroupSGD(lr_multipliers={"bias": 0})
+    with pytest.raises(ValueError, match=r"lr multiplier of group 'bias' must be a number >= 0 \(0 freezes the "
+                                         r"group\), got -1"):
+        GroupSGD(lr_multipliers={"bias": -1})
 
 
 def test_no_decay_names_are_those_of_make_optimizer():

@@ -60,14 +60,18 @@ def decays(variable):
 
 
 def check_multipliers(lr_multipliers):
-    """`lr_multipliers` as a dict over all `GROUPS` (missing ones 1.0); ValueError on a bad key or value."""
+    """`lr_multipliers` as a dict over all `GROUPS` (missing ones 1.0); ValueError on a bad key or value.
+
+    A multiplier of 0 freezes its group: those variables keep their values (as a frozen BatchNorm scale).
+    """
     lr_multipliers = dict(lr_multipliers or {})
     unknown = sorted(set(lr_multipliers) - set(GROUPS))
     if unknown:
         raise ValueError(f"Unknown parameter group(s) {', '.join(map(repr, unknown))}; groups: {', '.join(GROUPS)}.")
     for group, value in lr_multipliers.items():
-        if not (isinstance(value, (int, float)) and value > 0):
-            raise ValueError(f"The lr multiplier of group {group!r} must be a positive number, got {value!r}.")
+        if not (isinstance(value, (int, float)) and value >= 0):
+            raise ValueError(f"The lr multiplier of group {group!r} must be a number >= 0 (0 freezes the group), "
+                             f"got {value!r}.")
     return {group: float(lr_multipliers.get(group, 1.0)) for group in GROUPS}
 
 
@@ -86,7 +90,7 @@ class GroupSGD(keras.optimizers.SGD):
             update) or `coupled` (`g += wd * w` before the momentum update).
             Defaults to `"decoupled"`.
         lr_multipliers: dict. `{group: multiplier}` for groups in `GROUPS`;
-            missing groups get 1. Defaults to `None` (all 1).
+            missing groups get 1; 0 freezes a group. Defaults to `None` (all 1).
         **kwargs: the other `keras.optimizers.Optimizer` arguments (`use_ema`,
             `clipnorm`, `loss_scale_factor`, ...).
 
@@ -123,6 +127,8 @@ class GroupSGD(keras.optimizers.SGD):
     def update_step(self, gradient, variable, learning_rate):
         index = self._get_variable_index(variable)
         multiplier = self._step_multipliers[index]
+        if multiplier == 0.0:  # a frozen group: no decay, no momentum step
+            return
         if multiplier != 1.0:
             learning_rate = ops.multiply(learning_rate, multiplier)
         if self._step_decays[index]:
