@@ -124,6 +124,13 @@ class TrainConfig:
                              hparam="preset keys changed (none: the preset as is)")
     norm: str = option("none", "none: Normalizer-Free; batch: the BatchNorm twin of the same network", group=_MODEL,
                        choices=NORMS, hparam="normalization: none (NF) or batch (the BatchNorm twin)", shown=True)
+    bn_momentum: float | None = option(
+        None, "with --norm batch: the momentum of BatchNorm's moving statistics, Keras' convention (stat = m * stat "
+        "+ (1 - m) * batch; airbench94's torch momentum 0.6 is 0.4 here); default: Keras' 0.99", group=_MODEL,
+        metavar="M", hparam="BatchNorm's moving-statistics momentum (unset: 0.99)")
+    bn_epsilon: float | None = option(
+        None, "with --norm batch: BatchNorm's epsilon; default: Keras' 1e-3", group=_MODEL, metavar="EPS",
+        hparam="BatchNorm's epsilon (unset: 1e-3)")
     conv_init: str = option("he_normal", "he_normal; or dirac: every conv but the stem starts with its first C_in "
                             "filters the identity (airbench94's init)", group=_MODEL, choices=CONV_INITS,
                             hparam="conv kernel initialization")
@@ -252,6 +259,11 @@ class TrainConfig:
         frozen = [] if self.freeze is None else check_stages(self.freeze, resolved.stage_names, "--freeze")
         checks = [
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}."),
+            (self.bn_momentum is None or 0 <= self.bn_momentum < 1,
+             f"--bn-momentum must be in [0, 1), got {self.bn_momentum}."),
+            (self.bn_epsilon is None or self.bn_epsilon > 0, f"--bn-epsilon must be > 0, got {self.bn_epsilon}."),
+            (self.norm == "batch" or (self.bn_momentum, self.bn_epsilon) == (None, None),
+             "--bn-momentum and --bn-epsilon set the BatchNorm twin's layers: add --norm batch, or drop them."),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}."),
             (self.lr > 0, f"--lr must be a positive number, got {self.lr}."),
             (0 <= self.momentum < 1, f"--momentum must be in [0, 1), got {self.momentum}."),

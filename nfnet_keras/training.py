@@ -105,6 +105,7 @@ def compile_model(model, config, steps_per_epoch):
 def build_for(config, num_classes=NUM_CLASSES, input_shape=IMAGE_SHAPE, resuming=False):
     """The model of `config`: its preset and overrides, or their BatchNorm twin (`norm="batch"`).
 
+    The twin's BatchNorms take `bn_momentum` and `bn_epsilon` where set.
     `num_classes` and `input_shape` come from the data (`load_data`). With
     `conv_init="dirac"` every conv but the stem starts with its first `C_in`
     filters the identity (`models.initialization.dirac_initialize`). With
@@ -112,7 +113,10 @@ def build_for(config, num_classes=NUM_CLASSES, input_shape=IMAGE_SHAPE, resuming
     unless `resuming` (the run's checkpoint then restores them). The stages
     named by `freeze` are made non-trainable (`models.transfer.freeze`).
     """
-    twin = BATCHNORM_TWIN if config.norm == "batch" else {}
+    twin = {}
+    if config.norm == "batch":
+        settings = dict(momentum=config.bn_momentum, epsilon=config.bn_epsilon)
+        twin = dict(BATCHNORM_TWIN, norm_config={k: v for k, v in settings.items() if v is not None} or None)
     model = build_model(config.preset, num_classes, input_shape, **{**twin, **config.overrides})
     if config.conv_init == "dirac":
         dirac_initialize(model)

@@ -160,6 +160,10 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(tmp_path, synthetic_cifar_
         (["--preset", "tiny_speed", "--whitening-bias-epochs", "-1"], "--whitening-bias-epochs must be >= 0"),
         (["--preset", "tiny", "--whitening-bias-epochs", "3"], "needs a network with a whitening stem"),
         (["--weight-decay-mode", "l2"], "invalid choice: 'l2'"),
+        (["--bn-momentum", "0.4"], "--bn-momentum and --bn-epsilon set the BatchNorm twin's layers: add --norm "
+                                   "batch, or drop them."),
+        (["--norm", "batch", "--bn-momentum", "1"], "--bn-momentum must be in [0, 1), got 1.0"),
+        (["--norm", "batch", "--bn-epsilon", "0"], "--bn-epsilon must be > 0, got 0.0"),
         (["--bias-lr-mult", "-0.5"], "--bias-lr-mult must be >= 0 (0 freezes the group), got -0.5"),
         (["--head-lr-mult", "-1"], "--head-lr-mult must be >= 0 (0 freezes the group), got -1.0"),
         (["--lookahead", "-1"], "--lookahead must be >= 0"),

@@ -712,6 +712,54 @@ def test_norm_activation_layer_harness(tmp_path):
     assert isinstance(layer.norm, keras.layers.BatchNormalization)
 
 
+def test_norm_config_sets_the_moving_statistics_by_hand():
+    layer = NormActivation("BatchNormalization", "relu", dict(momentum=0.4, epsilon=1e-5))
+    x = np.random.default_rng(13).normal(2.0, 3.0, (4, 3, 3, 5)).astype("float32")
+    layer(x, training=True)  # one update: stat = 0.4 * stat + 0.6 * batch statistic
+    mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+    np.testing.assert_allclose(to_np(layer.norm.moving_mean), 0.6 * mean, rtol=1e-5)
+    np.testing.assert_allclose(to_np(layer.norm.moving_variance), 0.4 + 0.6 * var, rtol=1e-5)
+    expected = np.maximum((x - 0.6 * mean) / np.sqrt(0.4 + 0.6 * var + 1e-5), 0.0)
+    np.testing.assert_allclose(to_np(layer(x, training=False)), expected, rtol=1e-5, atol=1e-6)
+    assert NormActivation.from_config(layer.get_config()).norm_config == dict(momentum=0.4, epsilon=1e-5)
+    assert "norm_config" not in NormActivation("BatchNormalization").get_config()  # as saved before
+
+
+@pytest.mark.parametrize("preset", ["tiny_grouped", "tiny_speed"])
+def test_norm_config_reaches_every_batchnorm_of_the_twin_and_is_saved_with_it(preset, tmp_path):
+    keras.utils.set_random_seed(14)
+    model = _bn_twin(preset, norm_config=dict(momentum=0.4, epsilon=1e-5))
+    x = np.random.default_rng(15).standard_normal((4, 32, 32, 3)).astype("float32")
+    model(x, training=True)
+    reloaded = keras_roundtrip(model, tmp_path)
+    for m in (model, reloaded):
+        norms = [layer for layer in m._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+        assert norms and all((n.momentum, n.epsilon) == (0.4, 1e-5) for n in norms), preset
+    assert_same_weights(model, reloaded)
+    np.testing.assert_array_equal(to_np(reloaded(x)), to_np(model(x)))
+
+
+def test_norm_config_needs_a_norm_layer_and_a_dict():
+    with pytest.raises(ValueError, match=r"norm_config \{'momentum': 0.4\} needs a norm_layer"):
+        build_model("tiny", norm_config={"momentum": 0.4})
+    with pytest.raises(ValueError, match="norm_config must be a dict of the norm layer's keyword arguments"):
+        build_model("tiny", **BATCHNORM_TWIN, norm_config=0.4)
+    with pytest.raises(ValueError, match="norm_config cannot set the norm layer's name"):
+        NormActivation("BatchNormalization", norm_config={"name": "bn"})
+
+
+def test_the_twins_batchnorm_flags_reach_its_layers():
+    from nfnet_keras.config import TrainConfig
+    from nfnet_keras.training import build_for
+
+    model = build_for(TrainConfig(preset="tiny_speed", norm="batch", bn_momentum=0.4, bn_epsilon=1e-5).validate())
+    norms = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    assert norms and all((n.momentum, n.epsilon) == (0.4, 1e-5) for n in norms)
+    default = build_for(TrainConfig(preset="tiny_speed", norm="batch").validate())
+    assert {(n.momentum, n.epsilon) for n in default._flatten_layers()
+            if isinstance(n, keras.layers.BatchNormalization)} == {(0.99, 1e-3)}
+
+
 def test_block_configs_name_their_layer_classes():
     block = PreActBottleneck(8, conv_layer="Conv2D", norm_layer=keras.layers.BatchNormalization)
     config = block.get_config()

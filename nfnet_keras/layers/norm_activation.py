@@ -15,10 +15,13 @@ class NormActivation(keras.layers.Layer):
     (`PreActBottleneck`, `NormConvGroup`) and stems are made of it.
 
     Args:
-        norm_layer: class or str. A `keras.layers.Layer` subclass built with a
-            `name` only, e.g. `keras.layers.BatchNormalization`, or its registered
-            name. Defaults to `"BatchNormalization"`.
+        norm_layer: class or str. A `keras.layers.Layer` subclass, e.g.
+            `keras.layers.BatchNormalization`, or its registered name. Defaults
+            to `"BatchNormalization"`.
         activation: str. A key of `nfnet_keras.GAMMAS`. Defaults to `"relu"`.
+        norm_config: dict or None. Keyword arguments of `norm_layer` (JSON
+            values, saved with the layer), e.g. `{"momentum": 0.4}`. Defaults to
+            `None` (its defaults).
 
     Example:
 
@@ -27,13 +30,14 @@ class NormActivation(keras.layers.Layer):
     (2, 4, 4, 8)
     """
 
-    def __init__(self, norm_layer="BatchNormalization", activation="relu", **kwargs):
+    def __init__(self, norm_layer="BatchNormalization", activation="relu", norm_config=None, **kwargs):
         super().__init__(**kwargs)
         self.norm_layer = resolve_layer_class(norm_layer, keras.layers.Layer, "norm_layer")
         self.activation = check_activation(activation)
+        self.norm_config = check_norm_config(norm_config)
 
     def build(self, input_shape):
-        self.norm = self.norm_layer(name="norm")
+        self.norm = self.norm_layer(name="norm", **self.norm_config)
         self.norm.build(tuple(input_shape))
 
     def call(self, inputs, training=None):
@@ -47,4 +51,17 @@ class NormActivation(keras.layers.Layer):
         config.update(
             norm_layer=layer_class_name(self.norm_layer, "norm_layer"), activation=self.activation
         )
+        if self.norm_config:
+            config.update(norm_config=dict(self.norm_config))
         return config
+
+
+def check_norm_config(norm_config):
+    """`norm_config` as a dict (None: empty); ValueError unless it is a dict of keyword arguments."""
+    if norm_config is None:
+        return {}
+    if not (isinstance(norm_config, dict) and all(isinstance(key, str) for key in norm_config)):
+        raise ValueError(f"norm_config must be a dict of the norm layer's keyword arguments, got {norm_config!r}.")
+    if "name" in norm_config:
+        raise ValueError("norm_config cannot set the norm layer's name: it is always 'norm'.")
+    return dict(norm_config)

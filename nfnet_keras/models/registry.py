@@ -11,7 +11,7 @@ import os
 
 import keras
 
-from nfnet_keras.layers import WSConv2D, resolve_layer_class
+from nfnet_keras.layers import WSConv2D, check_norm_config, resolve_layer_class
 from nfnet_keras.models.conv_groups import backbone as conv_groups_backbone
 from nfnet_keras.models.conv_groups.presets import ConvGroupsConfig
 from nfnet_keras.models.nf_resnet import backbone as nf_resnet_backbone
@@ -49,7 +49,8 @@ def load_weights_into(model, path):
 
 
 def build_model(preset="report_resnet", num_classes=10, input_shape=(32, 32, 3), *, conv_layer=WSConv2D,
-                norm_layer=None, name=None, weights=None, include_top=True, pooling="avg", **overrides):
+                norm_layer=None, norm_config=None, name=None, weights=None, include_top=True, pooling="avg",
+                **overrides):
     """Builds a network from a preset: an NF-ResNet (NFNets included) or the CIFAR speed network.
 
     The model takes normalised float images (see `nfnet_keras.preprocess`) and
@@ -73,6 +74,10 @@ def build_model(preset="report_resnet", num_classes=10, input_shape=(32, 32, 3),
         norm_layer: class, str or None. `None` for the Normalizer-Free network;
             a normalization layer class (or its registered name) for the
             normalized twin. Defaults to `None`.
+        norm_config: dict or None. Keyword arguments of `norm_layer`, saved with
+            the model, e.g. `{"momentum": 0.4, "epsilon": 1e-5}` for a BatchNorm
+            with faster moving statistics. Only with `norm_layer`. Defaults to
+            `None` (the layer's defaults).
         name: str or None. The model's name. Defaults to the preset name.
         weights: str, path or None. A `.keras` or `.weights.h5` file of the same
             network to load (see `load_weights_into`), e.g. one `nfnet-convert`
@@ -109,8 +114,12 @@ def build_model(preset="report_resnet", num_classes=10, input_shape=(32, 32, 3),
     conv_layer = resolve_layer_class(conv_layer, keras.layers.Conv2D, "conv_layer")
     if norm_layer is not None:
         norm_layer = resolve_layer_class(norm_layer, keras.layers.Layer, "norm_layer")
+    norm_config = check_norm_config(norm_config)
+    if norm_config and norm_layer is None:
+        raise ValueError(f"norm_config {norm_config!r} needs a norm_layer (e.g. **BATCHNORM_TWIN); the "
+                         "Normalizer-Free network has no normalization layer.")
     model = BUILDERS[type(config)](config, num_classes, input_shape, conv_layer=conv_layer, norm_layer=norm_layer,
-                                   name=preset if name is None else name)
+                                   norm_config=norm_config or None, name=preset if name is None else name)
     if include_top:
         return model if weights is None else load_weights_into(model, weights)
     features = backbone(model, pooling, name=model.name)

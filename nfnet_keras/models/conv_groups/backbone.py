@@ -17,11 +17,12 @@ from nfnet_keras.layers import PatchWhitening, ScaledActivation
 from nfnet_keras.models.conv_groups.conv_group import ConvGroup, NormConvGroup
 
 
-def parts(config, conv_layer, norm_layer=None):
-    """The group factory of a network of `config`: `ConvGroup`s, or a normalized twin's `NormConvGroup`s."""
+def parts(config, conv_layer, norm_layer=None, norm_config=None):
+    """The group factory of a network of `config`: `ConvGroup`s, or a normalized twin's `NormConvGroup`s
+    (`norm_config`: the keyword arguments of their `norm_layer`)."""
     if norm_layer is None:
         return functools.partial(ConvGroup, conv_layer=conv_layer)
-    return functools.partial(NormConvGroup, norm_layer=norm_layer, conv_layer=conv_layer)
+    return functools.partial(NormConvGroup, norm_layer=norm_layer, conv_layer=conv_layer, norm_config=norm_config)
 
 
 def conv_groups(config, num_classes, input_shape, *, make_group, name):
@@ -41,7 +42,7 @@ def conv_groups(config, num_classes, input_shape, *, make_group, name):
     return keras.Model(inputs, outputs, name=name)
 
 
-def build(config, num_classes, input_shape, *, conv_layer, norm_layer, name):
+def build(config, num_classes, input_shape, *, conv_layer, norm_layer, norm_config=None, name):
     """`conv_groups` with the groups `parts` chooses: the family's entry in the model registry."""
-    return conv_groups(config, num_classes, input_shape, make_group=parts(config, conv_layer, norm_layer),
-                       name=name)
+    return conv_groups(config, num_classes, input_shape,
+                       make_group=parts(config, conv_layer, norm_layer, norm_config), name=name)

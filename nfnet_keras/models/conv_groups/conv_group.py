@@ -7,6 +7,7 @@ from nfnet_keras.layers import (
     ScaledActivation,
     WSConv2D,
     check_activation,
+    check_norm_config,
     layer_class_name,
     resolve_layer_class,
     scaled_conv,
@@ -124,19 +125,22 @@ class NormConvGroup(ConvGroup):
         filters, activation, pool_size, use_bias, conv_layer: as `ConvGroup`'s.
             `conv_layer` defaults to a plain `keras.layers.Conv2D`.
         norm_layer: class or str. A normalization layer class (or its registered
-            name) built with a `name` only. Defaults to `"BatchNormalization"`.
+            name). Defaults to `"BatchNormalization"`.
+        norm_config: dict or None. Keyword arguments of `norm_layer` (see
+            `NormActivation`). Defaults to `None`.
     """
 
     expected_var = None
     expected_output_var = None
 
     def __init__(self, filters, activation="gelu", *, norm_layer="BatchNormalization", conv_layer="Conv2D",
-                 **kwargs):
+                 norm_config=None, **kwargs):
         super().__init__(filters, activation, conv_layer=conv_layer, **kwargs)
         self.norm_layer = resolve_layer_class(norm_layer, keras.layers.Layer, "norm_layer")
+        self.norm_config = check_norm_config(norm_config)
 
     def _make_activation(self, name):
-        return NormActivation(self.norm_layer, self.activation, name=name, dtype=self.dtype_policy)
+        return NormActivation(self.norm_layer, self.activation, self.norm_config, name=name, dtype=self.dtype_policy)
 
     def call(self, inputs, training=None):
         x = self.act1(self._pooled(inputs), training=training)
@@ -145,4 +149,6 @@ class NormConvGroup(ConvGroup):
     def get_config(self):
         config = super().get_config()
         config.update(norm_layer=layer_class_name(self.norm_layer, "norm_layer"))
+        if self.norm_config:
+            config.update(norm_config=dict(self.norm_config))
         return config

@@ -30,7 +30,7 @@ class _NFBlocks:
         return block
 
 
-def parts(config, conv_layer, norm_layer=None):
+def parts(config, conv_layer, norm_layer=None, norm_config=None):
     """The factories of a network of `config`: `(make_conv, make_activation, make_block)`.
 
     Args:
@@ -38,6 +38,7 @@ def parts(config, conv_layer, norm_layer=None):
         conv_layer: a `keras.layers.Conv2D` subclass for every convolution.
         norm_layer: None for the Normalizer-Free network, else the normalization
             layer class of its twin.
+        norm_config: dict or None. Keyword arguments of `norm_layer`.
     """
     c = config
 
@@ -47,8 +48,9 @@ def parts(config, conv_layer, norm_layer=None):
 
     if norm_layer is None:
         return make_conv, functools.partial(ScaledActivation, c.activation), _NFBlocks(c, conv_layer)
-    make_block = functools.partial(PreActBottleneck, norm_layer=norm_layer, conv_layer=conv_layer)
-    return make_conv, functools.partial(NormActivation, norm_layer, c.activation), make_block
+    make_block = functools.partial(PreActBottleneck, norm_layer=norm_layer, conv_layer=conv_layer,
+                                   norm_config=norm_config)
+    return make_conv, functools.partial(NormActivation, norm_layer, c.activation, norm_config), make_block
 
 
 def nf_resnet(config, num_classes, input_shape, *, make_conv, make_activation, make_block, name):
@@ -92,8 +94,8 @@ def nf_resnet(config, num_classes, input_shape, *, make_conv, make_activation, m
     return keras.Model(inputs, outputs, name=name)
 
 
-def build(config, num_classes, input_shape, *, conv_layer, norm_layer, name):
+def build(config, num_classes, input_shape, *, conv_layer, norm_layer, norm_config=None, name):
     """`nf_resnet` with the parts `parts` chooses: the family's entry in the model registry."""
-    make_conv, make_activation, make_block = parts(config, conv_layer, norm_layer)
+    make_conv, make_activation, make_block = parts(config, conv_layer, norm_layer, norm_config)
     return nf_resnet(config, num_classes, input_shape, make_conv=make_conv, make_activation=make_activation,
                      make_block=make_block, name=name)

@@ -21,6 +21,7 @@ from nfnet_keras.layers import (
     StochasticDepth,
     WSConv2D,
     check_activation,
+    check_norm_config,
     layer_class_name,
     resolve_layer_class,
     scaled_conv,
@@ -368,7 +369,9 @@ class PreActBottleneck(Bottleneck):
             se_ratio, stochastic_depth_rate, shortcut_pool, use_bias, conv_layer, se_activation:
             as `NFBlock`'s. `conv_layer` defaults to a plain `keras.layers.Conv2D`.
         norm_layer: class or str. A normalization layer class (or its registered
-            name) built with a `name` only. Defaults to `"BatchNormalization"`.
+            name). Defaults to `"BatchNormalization"`.
+        norm_config: dict or None. Keyword arguments of `norm_layer` (see
+            `NormActivation`). Defaults to `None`.
 
     Example:
 
@@ -377,12 +380,13 @@ class PreActBottleneck(Bottleneck):
     (1, 8, 8, 64)
     """
 
-    def __init__(self, filters, *, norm_layer="BatchNormalization", conv_layer="Conv2D", **kwargs):
+    def __init__(self, filters, *, norm_layer="BatchNormalization", conv_layer="Conv2D", norm_config=None, **kwargs):
         super().__init__(filters, conv_layer=conv_layer, **kwargs)
         self.norm_layer = resolve_layer_class(norm_layer, keras.layers.Layer, "norm_layer")
+        self.norm_config = check_norm_config(norm_config)
 
     def _make_activation(self, name):
-        return NormActivation(self.norm_layer, self.activation, name=name, dtype=self.dtype_policy)
+        return NormActivation(self.norm_layer, self.activation, self.norm_config, name=name, dtype=self.dtype_policy)
 
     def _branch(self, x, training=None):
         out = self.conv0(x)
@@ -404,4 +408,6 @@ class PreActBottleneck(Bottleneck):
     def get_config(self):
         config = super().get_config()
         config.update(norm_layer=layer_class_name(self.norm_layer, "norm_layer"))
+        if self.norm_config:
+            config.update(norm_config=dict(self.norm_config))
         return config
