@@ -33,6 +33,8 @@ VARIANTS = {
     "muon_gain32": ["--gain-lr-mult", "32"],
     "muon_gain0": ["--gain-lr-mult", "0"],  # frozen WS gains, as airbench's frozen BatchNorm scale
     "muon_twin": ["--norm", "batch"],
+    # the twin with airbench94's BatchNorms: fast moving statistics, tiny epsilon, frozen scale
+    "muon_twin_airbn": ["--norm", "batch", "--bn-momentum", "0.4", "--bn-epsilon", "1e-12", "--gain-lr-mult", "0"],
 }
 
 
