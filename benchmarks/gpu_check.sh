@@ -3,7 +3,7 @@
 # repository root. Results go to $OUT (default: gpu_check_out/); each step logs to its own file
 # and the script goes on after a failed step, so one run shows everything.
 #
-#   NFNET_DATA_DIR=/path/to/cifar10 bash benchmarks/gpu_check.sh [quick|grid40|speed]
+#   NFNET_DATA_DIR=/path/to/cifar10 bash benchmarks/gpu_check.sh [quick|grid40|speed|candidates]
 #
 # quick (default, ~10 min on one modern GPU):
 #   1. the GPU is visible to TensorFlow;
@@ -15,12 +15,15 @@
 # grid40: the report's study at its own 40 epochs per trial (12 trials), XLA on.
 # speed: `--recipe speed` for 3 seeds and its BatchNorm twin for 1, XLA on (speed_recipe_gpu.json),
 #   and the training throughput of cifar_speed and its twin in mixed_bfloat16, XLA on and off.
+# candidates: the speed recipe's next candidates over 3 seeds, XLA on: the NF network with Muon at kernel
+#   lr 0.08 (speed_recipe_gpu_klr0.08.json), and the twin with airbench94's BatchNorms
+#   (speed_recipe_gpu_twin_airbn.json).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE="${1:-quick}"
 case "$MODE" in
-  quick|grid40|speed) ;;
-  *) echo "usage: bash benchmarks/gpu_check.sh [quick|grid40|speed]" >&2; exit 2 ;;
+  quick|grid40|speed|candidates) ;;
+  *) echo "usage: bash benchmarks/gpu_check.sh [quick|grid40|speed|candidates]" >&2; exit 2 ;;
 esac
 OUT="${OUT:-gpu_check_out}"
 mkdir -p "$OUT"
@@ -61,6 +64,11 @@ elif [ "$MODE" = "speed" ]; then
     --out-dir "$OUT" --tag gpu -- --jit
   step speed_throughput "$PY" -m benchmarks.throughput --preset cifar_speed --batch-sizes 512 --xla on,off \
     --precision mixed_bfloat16 --out-dir "$OUT" --tag cifar_speed_gpu
+elif [ "$MODE" = "candidates" ]; then
+  step speed_klr "$PY" -m benchmarks.speed_runs --seeds 0,1,2 --bn-seeds "" --runs-dir "$OUT/speed_klr" \
+    --out-dir "$OUT" --tag gpu_klr0.08 -- --jit --kernel-lr 0.08
+  step speed_twin_airbn "$PY" -m benchmarks.speed_runs --seeds "" --bn-seeds 0,1,2 --runs-dir "$OUT/speed_twin" \
+    --out-dir "$OUT" --tag gpu_twin_airbn -- --jit --bn-momentum 0.4 --bn-epsilon 1e-12 --gain-lr-mult 0
 fi
 cat "$OUT/summary.txt"
 exit $status
