@@ -28,9 +28,7 @@ VARIANTS = {
     "muon": [],  # the recipe: Muon on the conv kernels (lr 0.24), SGD on the rest
     "sgd": ["--optimizer", "sgd"],  # SGD (lr 0.4) on the conv kernels too
     "muon_klr0.08": ["--kernel-lr", "0.08"],
-    # faster WS gains, free to restore the variance that Muon's steps take from the NF groups
-    "muon_gain8": ["--gain-lr-mult", "8"],
-    "muon_gain32": ["--gain-lr-mult", "32"],
+    "muon_gain8": ["--gain-lr-mult", "8"],  # WS gains 8x faster
     "muon_gain0": ["--gain-lr-mult", "0"],  # frozen WS gains, as airbench's frozen BatchNorm scale
     "muon_twin": ["--norm", "batch"],
     # the twin with airbench94's BatchNorms: fast moving statistics, tiny epsilon, frozen scale
