@@ -13,7 +13,7 @@ __getattr__, __dir__, __all__ = lazy.attach(__name__, {
     ".gammas": ["GAMMAS", "check_activation"],
     ".initializers": ["PartialDirac", "dirac_mask"],
     ".layer_classes": ["layer_class_name", "resolve_layer_class"],
-    ".norm_activation": ["NormActivation", "check_norm_config"],
+    ".norm_activation": ["NormActivation", "NormLayerMixin", "check_norm_config"],
     ".squeeze_excite": ["SqueezeExcite"],
     ".stochastic_depth": ["StochasticDepth"],
     ".whitening": ["PatchWhitening", "whitening_filters"],

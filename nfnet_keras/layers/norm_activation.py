@@ -1,4 +1,8 @@
-"""`NormActivation`: a normalization layer, then the plain activation (the normalized twins' pre-activation)."""
+"""`NormActivation`: a normalization layer, then the plain activation (the normalized twins' pre-activation).
+
+`NormLayerMixin`: the `norm_layer` and `norm_config` that `NormActivation` and the twins' blocks hold, checked,
+turned into `NormActivation`s and saved in one place.
+"""
 
 import keras
 
@@ -6,8 +10,33 @@ from nfnet_keras.layers.activations import activate, check_activation
 from nfnet_keras.layers.layer_classes import layer_class_name, resolve_layer_class
 
 
+class NormLayerMixin:
+    """The normalization layer of a layer that builds `NormActivation`s (the BatchNorm twins' blocks).
+
+    A layer mixing it in (before its `keras.layers.Layer` base) calls
+    `_set_norm(norm_layer, norm_config)` in its `__init__`, builds each
+    pre-activation with `_make_activation(name)` (a `NormActivation` of its
+    `activation`), and gets `norm_layer` and a non-empty `norm_config` saved by
+    `get_config`.
+    """
+
+    def _set_norm(self, norm_layer, norm_config):
+        self.norm_layer = resolve_layer_class(norm_layer, keras.layers.Layer, "norm_layer")
+        self.norm_config = check_norm_config(norm_config)
+
+    def _make_activation(self, name):
+        return NormActivation(self.norm_layer, self.activation, self.norm_config, name=name, dtype=self.dtype_policy)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(norm_layer=layer_class_name(self.norm_layer, "norm_layer"))
+        if self.norm_config:
+            config.update(norm_config=dict(self.norm_config))
+        return config
+
+
 @keras.saving.register_keras_serializable(package="nfnet_keras")
-class NormActivation(keras.layers.Layer):
+class NormActivation(NormLayerMixin, keras.layers.Layer):
     """A normalization layer followed by the plain activation (no gamma).
 
     The pre-activation of a normalized network, used where a Normalizer-Free
@@ -32,9 +61,8 @@ class NormActivation(keras.layers.Layer):
 
     def __init__(self, norm_layer="BatchNormalization", activation="relu", norm_config=None, **kwargs):
         super().__init__(**kwargs)
-        self.norm_layer = resolve_layer_class(norm_layer, keras.layers.Layer, "norm_layer")
+        self._set_norm(norm_layer, norm_config)
         self.activation = check_activation(activation)
-        self.norm_config = check_norm_config(norm_config)
 
     def build(self, input_shape):
         self.norm = self.norm_layer(name="norm", **self.norm_config)
@@ -48,11 +76,7 @@ class NormActivation(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            norm_layer=layer_class_name(self.norm_layer, "norm_layer"), activation=self.activation
-        )
-        if self.norm_config:
-            config.update(norm_config=dict(self.norm_config))
+        config.update(activation=self.activation)
         return config
 
 

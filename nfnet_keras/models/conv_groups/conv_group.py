@@ -3,11 +3,10 @@
 import keras
 
 from nfnet_keras.layers import (
-    NormActivation,
+    NormLayerMixin,
     ScaledActivation,
     WSConv2D,
     check_activation,
-    check_norm_config,
     layer_class_name,
     resolve_layer_class,
     scaled_conv,
@@ -118,7 +117,7 @@ class ConvGroup(SignalBlock):
 
 
 @keras.saving.register_keras_serializable(package="nfnet_keras")
-class NormConvGroup(ConvGroup):
+class NormConvGroup(NormLayerMixin, ConvGroup):
     """The BatchNorm twin of `ConvGroup`: `conv3x3 -> max-pool -> norm -> act -> conv3x3 -> norm -> act`.
 
     Args:
@@ -136,19 +135,8 @@ class NormConvGroup(ConvGroup):
     def __init__(self, filters, activation="gelu", *, norm_layer="BatchNormalization", conv_layer="Conv2D",
                  norm_config=None, **kwargs):
         super().__init__(filters, activation, conv_layer=conv_layer, **kwargs)
-        self.norm_layer = resolve_layer_class(norm_layer, keras.layers.Layer, "norm_layer")
-        self.norm_config = check_norm_config(norm_config)
-
-    def _make_activation(self, name):
-        return NormActivation(self.norm_layer, self.activation, self.norm_config, name=name, dtype=self.dtype_policy)
+        self._set_norm(norm_layer, norm_config)
 
     def call(self, inputs, training=None):
         x = self.act1(self._pooled(inputs), training=training)
         return self.act2(self.conv2(x), training=training)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(norm_layer=layer_class_name(self.norm_layer, "norm_layer"))
-        if self.norm_config:
-            config.update(norm_config=dict(self.norm_config))
-        return config

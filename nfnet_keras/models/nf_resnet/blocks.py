@@ -15,13 +15,12 @@ import keras
 from keras import ops
 
 from nfnet_keras.layers import (
-    NormActivation,
+    NormLayerMixin,
     ScaledActivation,
     SqueezeExcite,
     StochasticDepth,
     WSConv2D,
     check_activation,
-    check_norm_config,
     layer_class_name,
     resolve_layer_class,
     scaled_conv,
@@ -356,7 +355,7 @@ class NFBlock(Bottleneck):
 
 
 @keras.saving.register_keras_serializable(package="nfnet_keras")
-class PreActBottleneck(Bottleneck):
+class PreActBottleneck(NormLayerMixin, Bottleneck):
     """The BatchNorm twin of `NFBlock`: the same convolutions as a pre-activation ResNet block.
 
     Each of `NFBlock`'s scaled activations is `norm_layer -> activation` (a
@@ -382,11 +381,7 @@ class PreActBottleneck(Bottleneck):
 
     def __init__(self, filters, *, norm_layer="BatchNormalization", conv_layer="Conv2D", norm_config=None, **kwargs):
         super().__init__(filters, conv_layer=conv_layer, **kwargs)
-        self.norm_layer = resolve_layer_class(norm_layer, keras.layers.Layer, "norm_layer")
-        self.norm_config = check_norm_config(norm_config)
-
-    def _make_activation(self, name):
-        return NormActivation(self.norm_layer, self.activation, self.norm_config, name=name, dtype=self.dtype_policy)
+        self._set_norm(norm_layer, norm_config)
 
     def _branch(self, x, training=None):
         out = self.conv0(x)
@@ -404,10 +399,3 @@ class PreActBottleneck(Bottleneck):
         if self.transition:
             shortcut = self.shortcut_conv(a if self.pool is None else self.pool(a))
         return shortcut + self.drop_path(self._branch(a, training=training), training=training)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(norm_layer=layer_class_name(self.norm_layer, "norm_layer"))
-        if self.norm_config:
-            config.update(norm_config=dict(self.norm_config))
-        return config
