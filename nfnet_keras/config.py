@@ -182,6 +182,10 @@ class TrainConfig:
     kernel_momentum: float | None = option(None, "momentum of the conv kernels' optimizer under renorm_sgd/muon "
                                            "(default: --momentum)", group=_OPT, metavar="M",
                                            hparam="momentum of the conv kernels' optimizer (unset: momentum)")
+    kernel_peak_pct: float | None = option(None, "where the conv kernels' triangle lr peaks under renorm_sgd/muon, "
+                                           "as a fraction of the steps (default: the schedule's 0.23)", group=_OPT,
+                                           metavar="F", hparam="peak of the conv kernels' triangle lr, fraction of "
+                                           "the steps (unset: 0.23)")
     muon_ns_steps: int = option(5, "Newton-Schulz iterations of Muon (airbench94_muon: 3)", group=_OPT, metavar="N",
                                 hparam="Newton-Schulz iterations of Muon")
     lookahead: int = option(0, "Lookahead: sync slow weights every K steps; 0 disables it", group=_OPT, metavar="K",
@@ -286,6 +290,11 @@ class TrainConfig:
              f"--kernel-lr must be a positive number, got {self.kernel_lr}."),
             (self.kernel_momentum is None or 0 <= self.kernel_momentum < 1,
              f"--kernel-momentum must be in [0, 1), got {self.kernel_momentum}."),
+            (self.kernel_peak_pct is None or 0 < self.kernel_peak_pct < 1,
+             f"--kernel-peak-pct must be in (0, 1), got {self.kernel_peak_pct}."),
+            (self.kernel_peak_pct is None or (self.schedule == "triangle" and self.optimizer != "sgd"),
+             "--kernel-peak-pct moves the peak of the conv kernels' own triangle lr: it needs --schedule triangle "
+             "and --optimizer muon or renorm_sgd."),
             (self.muon_ns_steps >= 1, f"--muon-ns-steps must be >= 1, got {self.muon_ns_steps}."),
             (not (self.lookahead and self.strategy == "mirrored"),
              "--lookahead is not supported with --strategy mirrored; use --strategy none or data_parallel."),

@@ -130,12 +130,17 @@ def make_sgd(config, learning_rate):
 def make_kernel_optimizer(config, steps_per_epoch):
     """The conv kernels' optimizer of `config.optimizer` (`renorm_sgd` or `muon`), on the config's schedule.
 
-    Its peak lr is `config.kernel_lr` (default `config.lr`), its momentum `config.kernel_momentum`
+    Its peak lr is `config.kernel_lr` (default `config.lr`), reached at `config.kernel_peak_pct` of the steps
+    under the triangle schedule (default: the schedule's own), its momentum `config.kernel_momentum`
     (default `config.momentum`). Muon decays the kernels decoupled (Keras' Muon) by
     `config.weight_decay`, without the Moonlight rescaling (`rms_rate=None`), as the speed runs;
     `renorm_sgd` needs no decay (its filters stay at unit norm).
     """
-    schedule = make_schedule(dataclasses.replace(config, lr=config.kernel_lr or config.lr), steps_per_epoch)
+    peak = config.kernel_lr or config.lr
+    if config.kernel_peak_pct is not None:
+        schedule = Triangle(peak, config.epochs * steps_per_epoch, pct=config.kernel_peak_pct)
+    else:
+        schedule = make_schedule(dataclasses.replace(config, lr=peak), steps_per_epoch)
     momentum = config.momentum if config.kernel_momentum is None else config.kernel_momentum
     ema = dict(use_ema=bool(config.ema), ema_momentum=config.ema or 0.99)
     if config.optimizer == "renorm_sgd":
