@@ -39,6 +39,9 @@ ROWS = {
     "b5_muon": ALTFLIP + ["--optimizer", "muon", "--kernel-lr", "0.24", "--kernel-momentum", "0.6"],
     # Muon at a third of airbench94_muon's kernel lr: the NF network's loss no longer stalls on the ramp
     "b6_muon_klr0.08": ALTFLIP + ["--optimizer", "muon", "--kernel-lr", "0.08", "--kernel-momentum", "0.6"],
+    # Muon at airbench94_muon's kernel lr, reached at half the steps instead of 23%: low through the stall
+    "b7_muon_kpeak0.5": ALTFLIP + ["--optimizer", "muon", "--kernel-lr", "0.24", "--kernel-momentum", "0.6",
+                                   "--kernel-peak-pct", "0.5"],
 }
 
 

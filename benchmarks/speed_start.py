@@ -28,6 +28,7 @@ VARIANTS = {
     "muon": [],  # the recipe: Muon on the conv kernels (lr 0.24), SGD on the rest
     "sgd": ["--optimizer", "sgd"],  # SGD (lr 0.4) on the conv kernels too
     "muon_klr0.08": ["--kernel-lr", "0.08"],
+    "muon_kpeak0.5": ["--kernel-peak-pct", "0.5"],  # the kernels' lr peaks at half the steps, the rest's at 23%
     "muon_gain8": ["--gain-lr-mult", "8"],  # WS gains 8x faster
     "muon_gain0": ["--gain-lr-mult", "0"],  # frozen WS gains, as airbench's frozen BatchNorm scale
     "muon_twin": ["--norm", "batch"],
