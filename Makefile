@@ -1,10 +1,8 @@
 # Two commands do everything, each setting itself up on a fresh machine:
 #   make train   train the report's model on CIFAR-10 with the default settings
-#   make test    lint (ruff) and run the test suite (2 worker processes, a test file per worker at a time,
-#                the longest files first: tests/conftest.py)
+#   make test    lint (ruff) and run the test suite (2 worker processes, a test file per worker at a time)
 # Both create .venv and install the package into it in editable mode with its test
-# extra (pyproject.toml); editing pyproject.toml makes the next command reinstall. Modules are
-# byte-compiled when first imported, not at install (--no-compile: 70 s less on 2 cores).
+# extra (pyproject.toml); editing pyproject.toml makes the next command reinstall.
 # CIFAR-10 is read from $NFNET_DATA_DIR (a folder holding cifar-10-batches-py/)
 # when set, else downloaded through TensorFlow Datasets.
 # Extra arguments: make train ARGS="--recipe fast", make test ARGS="-m 'not slow'".
@@ -22,7 +20,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet --no-compile -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -30,7 +28,7 @@ train: $(STAMP)
 	$(BIN)/python -m nfnet_keras.fit $(ARGS)
 
 test: lint
-	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder $(ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadfile $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -45,30 +45,7 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "tensorflow_only(reason): tests TensorFlow itself; skipped on other backends")
 
 
-# The test files that take longest, longest first (seconds of their tests in one `make test` on a 2-core CPU).
-# `make test` hands whole files to its 2 workers in collection order (`--dist loadfile --no-loadscope-reorder`):
-# with these first, the files that start last are short ones and the two workers finish close together.
-# xdist's own order (most tests first) starts test_backends.py and test_core_backends.py, 10 tests and ~430 s,
-# last of all.
-LONGEST_FILES = (
-    "test_benchmarks.py",  # ~320
-    "test_timm_parity.py",  # ~300
-    "test_backends.py",  # ~275
-    "test_fit.py",  # ~250
-    "test_multiprocess.py",  # ~235
-    "test_tuner.py",  # ~200
-    "test_preemption.py",  # ~180
-    "test_tuner_distributed.py",  # ~165
-    "test_core_backends.py",  # ~155
-    "test_distribution.py",  # ~130
-    "test_reliability.py",  # ~115
-    "test_model.py",  # ~110
-)
-
-
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
     backend = keras.backend.backend()
     for item in items:
         marker = item.get_closest_marker("tensorflow_only")
