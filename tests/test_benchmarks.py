@@ -291,6 +291,19 @@ def test_pipeline_smoke_on_cifar_batches(tmp_path):
     assert saved["target_met"] == fed["target_met"]
 
 
+def test_every_speed_screen_row_and_variant_is_a_valid_fit_command():
+    from benchmarks import speed_ablation, speed_start
+    from nfnet_keras import fit
+
+    # A flag that fit refuses exits 2 here, before hours of a screen are spent on it.
+    rows = {name: ["--recipe", "speed", *speed_ablation.BASE, *flags] for name, flags in speed_ablation.ROWS.items()}
+    variants = {name: ["--recipe", "speed", *flags] for name, flags in speed_start.VARIANTS.items()}
+    configs = {name: fit.parse_config(argv)[0] for name, argv in {**rows, **variants}.items()}
+    b7 = configs["b7_muon_kpeak0.5"]
+    assert (b7.optimizer, b7.kernel_lr, b7.kernel_peak_pct, b7.augment) == ("muon", 0.24, 0.5, "translate_altflip")
+    assert configs["muon_kpeak0.5"].kernel_peak_pct == 0.5 and configs["muon"].kernel_peak_pct is None
+
+
 def test_speed_ablation_rows_and_summary(tmp_path):
     from benchmarks import speed_ablation
 
