@@ -293,8 +293,9 @@ class TrainConfig:
             (self.kernel_peak_pct is None or 0 < self.kernel_peak_pct < 1,
              f"--kernel-peak-pct must be in (0, 1), got {self.kernel_peak_pct}."),
             (self.kernel_peak_pct is None or (self.schedule == "triangle" and self.optimizer != "sgd"),
-             "--kernel-peak-pct moves the peak of the conv kernels' own triangle lr: it needs --schedule triangle "
-             "and --optimizer muon or renorm_sgd."),
+             f"--kernel-peak-pct moves the peak of the conv kernels' own triangle lr: it needs --schedule triangle "
+             f"and --optimizer muon or renorm_sgd, got --schedule {self.schedule} --optimizer {self.optimizer} (or "
+             f"drop --kernel-peak-pct)."),
             (self.muon_ns_steps >= 1, f"--muon-ns-steps must be >= 1, got {self.muon_ns_steps}."),
             (not (self.lookahead and self.strategy == "mirrored"),
              "--lookahead is not supported with --strategy mirrored; use --strategy none or data_parallel."),

@@ -71,13 +71,13 @@ class Triangle(keras.optimizers.schedules.LearningRateSchedule):
         return dict(peak=self.peak, total_steps=self.total_steps, pct=self.pct, start=self.start, end=self.end)
 
 
-def make_schedule(config, steps_per_epoch):
+def make_schedule(config, steps_per_epoch, peak_pct=None):
     """The learning-rate schedule over `config.epochs` epochs of `steps_per_epoch` steps.
 
     `step` divides the lr by 10 at 25%, 50% and 75% of the epochs (epochs
     50/100/150 of the report's 200); `cosine` decays to 0 after an optional linear
     warm-up; `onecycle` ramps up for 25% of the steps then anneals; `constant`
-    keeps `config.lr`.
+    keeps `config.lr`; `triangle` rises to `config.lr` at `peak_pct` of the steps (None: 0.23), then falls.
     """
     total = config.epochs * steps_per_epoch
     warmup = int(config.warmup_epochs * steps_per_epoch)
@@ -99,7 +99,7 @@ def make_schedule(config, steps_per_epoch):
     if config.schedule == "onecycle":
         return OneCycle(config.lr, total)
     if config.schedule == "triangle":
-        return Triangle(config.lr, total)
+        return Triangle(config.lr, total, **({} if peak_pct is None else dict(pct=peak_pct)))
     raise ValueError(f"Unknown schedule {config.schedule!r}.")
 
 
@@ -136,11 +136,8 @@ def make_kernel_optimizer(config, steps_per_epoch):
     `config.weight_decay`, without the Moonlight rescaling (`rms_rate=None`), as the speed runs;
     `renorm_sgd` needs no decay (its filters stay at unit norm).
     """
-    peak = config.kernel_lr or config.lr
-    if config.kernel_peak_pct is not None:
-        schedule = Triangle(peak, config.epochs * steps_per_epoch, pct=config.kernel_peak_pct)
-    else:
-        schedule = make_schedule(dataclasses.replace(config, lr=peak), steps_per_epoch)
+    schedule = make_schedule(dataclasses.replace(config, lr=config.kernel_lr or config.lr), steps_per_epoch,
+                             peak_pct=config.kernel_peak_pct)
     momentum = config.momentum if config.kernel_momentum is None else config.kernel_momentum
     ema = dict(use_ema=bool(config.ema), ema_momentum=config.ema or 0.99)
     if config.optimizer == "renorm_sgd":

@@ -176,7 +176,9 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(tmp_path, synthetic_cifar_
          "--kernel-peak-pct must be in (0, 1), got 1.0"),
         (["--schedule", "triangle", "--kernel-peak-pct", "0.5"],
          "--kernel-peak-pct moves the peak of the conv kernels' own triangle lr: it needs --schedule triangle and "
-         "--optimizer muon or renorm_sgd."),
+         "--optimizer muon or renorm_sgd, got --schedule triangle --optimizer sgd (or drop --kernel-peak-pct)."),
+        (["--optimizer", "muon", "--kernel-peak-pct", "0.5"],
+         "it needs --schedule triangle and --optimizer muon or renorm_sgd, got --schedule step --optimizer muon"),
         (["--muon-ns-steps", "0"], "--muon-ns-steps must be >= 1, got 0"),
         (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0 (steps; 0: only at epoch ends), got -1"),
         (["--checkpoint-every", "2.5"], "argument --checkpoint-every: invalid int value: '2.5'"),

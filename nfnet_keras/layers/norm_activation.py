@@ -11,13 +11,15 @@ from nfnet_keras.layers.layer_classes import layer_class_name, resolve_layer_cla
 
 
 class NormLayerMixin:
-    """The normalization layer of a layer that builds `NormActivation`s (the BatchNorm twins' blocks).
+    """A layer's normalization layer class and its keyword arguments: checked, used and saved alike.
 
     A layer mixing it in (before its `keras.layers.Layer` base) calls
-    `_set_norm(norm_layer, norm_config)` in its `__init__`, builds each
-    pre-activation with `_make_activation(name)` (a `NormActivation` of its
-    `activation`), and gets `norm_layer` and a non-empty `norm_config` saved by
-    `get_config`.
+    `_set_norm(norm_layer, norm_config)` in its `__init__`, and its
+    `get_config` then holds `norm_layer` and a non-empty `norm_config`.
+    `NormActivation` uses just that. The BatchNorm twins' blocks
+    (`NormConvGroup`, `PreActBottleneck`) also build each pre-activation with
+    `_make_activation(name)`: a `NormActivation` of their `activation`
+    attribute, which they must set.
     """
 
     def _set_norm(self, norm_layer, norm_config):
