@@ -200,6 +200,11 @@ class TrainConfig:
                         metavar="LAMBDA", hparam="adaptive gradient clipping factor (0: off)")
     ema: float = option(0.0, "evaluate and keep an exponential moving average of the weights (e.g. 0.99); 0: off",
                         group=_OPT, metavar="MOMENTUM", hparam="momentum of the weights' moving average (0: off)")
+    bn_recalibrate: int = option(0, "with --ema and --norm batch: recompute the BatchNorm statistics of the averaged "
+                                 "weights from the first N training images before each evaluation; 0: off "
+                                 "(the raw weights' statistics)", group=_OPT, metavar="N",
+                                 hparam="training images the EMA weights' BatchNorm statistics are recomputed from "
+                                 "(0: off)")
     augment: str = option("noise_rotate_flip", "noise_rotate_flip: the report's per-image policy; standard: pad-4 "
                           "crop + flip; translate_flip: +-2 px reflect-padded shift + flip; translate_altflip: the "
                           "same shift, each image mirrored on alternate epochs; none", group=_OPT,
@@ -280,6 +285,10 @@ class TrainConfig:
             (0 <= self.label_smoothing < 1, f"--label-smoothing must be in [0, 1), got {self.label_smoothing}."),
             (self.agc >= 0, f"--agc must be >= 0 (0 disables it), got {self.agc}."),
             (0 <= self.ema < 1, f"--ema must be in [0, 1) (0 disables it), got {self.ema}."),
+            (self.bn_recalibrate >= 0, f"--bn-recalibrate must be >= 0 (0 disables it), got {self.bn_recalibrate}."),
+            (not self.bn_recalibrate or (self.ema and self.norm == "batch"),
+             "--bn-recalibrate recomputes the BatchNorm statistics of the EMA weights: it needs --ema and --norm "
+             f"batch, got --ema {self.ema:g} --norm {self.norm} (or drop --bn-recalibrate)."),
             (self.bias_lr_mult >= 0, f"--bias-lr-mult must be >= 0 (0 freezes the group), got {self.bias_lr_mult}."),
             (self.gain_lr_mult >= 0, f"--gain-lr-mult must be >= 0 (0 freezes the group), got {self.gain_lr_mult}."),
             (self.head_lr_mult >= 0, f"--head-lr-mult must be >= 0 (0 freezes the group), got {self.head_lr_mult}."),

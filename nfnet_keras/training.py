@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from nfnet_keras import data as data_lib
 from nfnet_keras import distribution, fileio, rundir, sources
-from nfnet_keras.callbacks import DivergenceMonitor, EpochTimer, FreezeAfterEpochs
+from nfnet_keras.callbacks import DivergenceMonitor, EpochTimer, FreezeAfterEpochs, RecalibrateBatchNorm
 from nfnet_keras.config import PRECISIONS, RECIPES, SCHEDULES, STRATEGIES, TrainConfig  # noqa: F401  (re-exported)
 from nfnet_keras.contract import IMAGE_SHAPE, NUM_CLASSES, write_class_names
 from nfnet_keras.inference import TTA_POLICY_VIEWS, TTA_POLICY_WEIGHTS, keras_predictor, with_tta
@@ -252,7 +252,7 @@ class FitResult:
         return best + 1, {k: float(v[best]) for k, v in self.history.items()}
 
 
-def fit_model(model, config, train_ds, val_ds, callbacks=(), verbose="auto"):
+def fit_model(model, config, train_ds, val_ds, callbacks=(), verbose="auto", train_images=None):
     """Trains a compiled `model` for `config.epochs` epochs; stops at the first NaN/inf loss.
 
     Args:
@@ -266,6 +266,10 @@ def fit_model(model, config, train_ds, val_ds, callbacks=(), verbose="auto"):
         callbacks: sequence of keras.callbacks.Callback. Extra callbacks,
             after the divergence monitor and the epoch timer.
         verbose: Keras' `verbose`. Defaults to `"auto"`.
+        train_images: uint8 array or None. The training images; with
+            `config.bn_recalibrate`, the first that many recompute the
+            BatchNorm statistics of the averaged weights
+            (`callbacks.RecalibrateBatchNorm`).
 
     Returns:
         A `FitResult`.
@@ -286,6 +290,11 @@ def fit_model(model, config, train_ds, val_ds, callbacks=(), verbose="auto"):
         # the average in the optimizer) the epoch ends with the average in the model, for the
         # callbacks after this one, and the model ends training with it.
         callbacks.append(keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
+        if config.bn_recalibrate:
+            if train_images is None:
+                raise ValueError("fit_model needs train_images to recompute BatchNorm statistics (--bn-recalibrate).")
+            images = np.asarray(data_lib.preprocess(train_images[:config.bn_recalibrate]))
+            callbacks.append(RecalibrateBatchNorm(images, config.batch_size))
     history = model.fit(
         train_ds,
         validation_data=val_ds,
@@ -476,7 +485,8 @@ def _train(config, run_dir, model, data, verbose):
         log_hparams(session, config)
     try:
         with stop:  # SIGTERM / Ctrl-C: a checkpoint at the next step's end, then Preempted
-            result = fit_model(model, config, train_ds, val_ds, callbacks=callbacks, verbose=verbose)
+            result = fit_model(model, config, train_ds, val_ds, callbacks=callbacks, verbose=verbose,
+                               train_images=train_arr[0])
             if stop.received is not None and not result.diverged:  # during the last epoch's end: checkpointed
                 raise Preempted(stop.received, checkpoint.latest_epoch())
     except Preempted as e:

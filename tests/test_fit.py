@@ -179,6 +179,12 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(tmp_path, synthetic_cifar_
          "--optimizer muon or renorm_sgd, got --schedule triangle --optimizer sgd (or drop --kernel-peak-pct)."),
         (["--optimizer", "muon", "--kernel-peak-pct", "0.5"],
          "it needs --schedule triangle and --optimizer muon or renorm_sgd, got --schedule step --optimizer muon"),
+        (["--norm", "batch", "--ema", "0.9", "--bn-recalibrate", "-1"],
+         "--bn-recalibrate must be >= 0 (0 disables it), got -1"),
+        (["--norm", "batch", "--bn-recalibrate", "512"],
+         "--bn-recalibrate recomputes the BatchNorm statistics of the EMA weights: it needs --ema and --norm batch, "
+         "got --ema 0 --norm batch (or drop --bn-recalibrate)."),
+        (["--ema", "0.9", "--bn-recalibrate", "512"], "got --ema 0.9 --norm none (or drop --bn-recalibrate)."),
         (["--muon-ns-steps", "0"], "--muon-ns-steps must be >= 1, got 0"),
         (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0 (steps; 0: only at epoch ends), got -1"),
         (["--checkpoint-every", "2.5"], "argument --checkpoint-every: invalid int value: '2.5'"),

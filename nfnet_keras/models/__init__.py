@@ -1,5 +1,6 @@
 """The networks: one folder per family, a registry from preset names to builders, and the
-tools that read a model block by block (signal propagation, multiply-add counts), and the
+tools that read a model block by block (signal propagation, multiply-add counts), BatchNorm
+statistics recomputed for other weights, and the
 transfer-learning ones (backbones, feature maps, new heads, frozen stages).
 Each name imports its module on first use."""
 
@@ -8,6 +9,7 @@ from nfnet_keras import lazy
 __getattr__, __dir__, __all__ = lazy.attach(
     __name__,
     {
+        ".batchnorm_stats": ["batchnorm_statistics", "recompute_batchnorm_statistics", "set_batchnorm_statistics"],
         ".conv_groups.conv_group": ["ConvGroup", "NormConvGroup"],
         ".conv_groups.presets": ["ConvGroupsConfig"],
         ".flops": ["count_macs"],

@@ -101,7 +101,8 @@ class NFNetHyperModel(keras_tuner.HyperModel):
         self._execution += 1
         train_ds, val_ds = training.make_datasets(config, train, val, batch_size=config.batch_size)
         training.adapt_to(model, train[0])
-        result = training.fit_model(model, config, train_ds, val_ds, callbacks=callbacks or (), verbose=verbose)
+        result = training.fit_model(model, config, train_ds, val_ds, callbacks=callbacks or (), verbose=verbose,
+                                    train_images=train[0])
         record = dict(
             trial_id=self._trial_id,
             lr=config.lr,
