@@ -1,4 +1,5 @@
-"""BatchNorm statistics recomputed for other weights: the function, and `--bn-recalibrate` in a training run."""
+"""BatchNorm statistics recomputed for other weights: the function (on every backend: see test_core_backends),
+and `--bn-recalibrate` in a training run."""
 
 import keras
 import numpy as np
@@ -40,7 +41,7 @@ def test_recomputed_statistics_are_the_exact_mean_and_variance_over_all_images(b
     assert recompute_batchnorm_statistics(model, images, batch_size=4) == 2  # batches of 4, 4 and 2
 
     for name, output in zip(("plain", "nested"), conv_outputs(images)):
-        output = np.asarray(output, dtype=np.float64)
+        output = keras.ops.convert_to_numpy(output).astype(np.float64)
         layer = model.get_layer(name)
         layer = layer if name == "plain" else layer.norm
         np.testing.assert_allclose(np.asarray(layer.moving_mean), output.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-5)
@@ -97,6 +98,7 @@ class _Snapshot(keras.callbacks.Callback):
             self._take()
 
 
+@pytest.mark.tensorflow_only(reason="the training run and its checkpoints use the TensorFlow trainer and tf.data")
 def test_bn_recalibrate_validates_the_average_with_its_own_statistics_and_checkpoints_the_raw_ones(tmp_path):
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 256, size=(64, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 64)
@@ -139,6 +141,7 @@ def test_bn_recalibrate_validates_the_average_with_its_own_statistics_and_checkp
     assert model.evaluate(ds, verbose=0, return_dict=True)["loss"] != pytest.approx(loss, rel=1e-3)
 
 
+@pytest.mark.tensorflow_only(reason="fit_model's TensorFlow training run")
 def test_bn_recalibrate_needs_the_training_images():
     config = TrainConfig(preset="tiny_speed", norm="batch", ema=0.9, bn_recalibrate=8, epochs=1).validate()
     with pytest.raises(ValueError, match="fit_model needs train_images"):
