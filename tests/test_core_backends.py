@@ -1,9 +1,9 @@
 """The model core's unit tests under JAX and PyTorch, each in a pytest subprocess.
 
 `tests/test_activations.py`, `tests/test_wsconv.py`, `tests/test_blocks.py` and
-`tests/test_batchnorm_stats.py` run under `KERAS_BACKEND=<backend>` without their `tensorflow_only` tests: the same assertions on values,
-gradients (`conftest.value_and_grad`), `.keras` round trips and the layer harness as under
-TensorFlow. Skips a backend whose package is not installed.
+`tests/test_batchnorm_stats.py` run under `KERAS_BACKEND=<backend>` without their `tensorflow_only`
+tests: the same assertions on values, gradients (`conftest.value_and_grad`), `.keras` round trips and
+the layer harness as under TensorFlow. Skips a backend whose package is not installed.
 """
 
 import importlib.util
@@ -16,7 +16,8 @@ import pytest
 from conftest import checkout_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CORE_TESTS = ["tests/test_activations.py", "tests/test_wsconv.py", "tests/test_blocks.py", "tests/test_batchnorm_stats.py"]
+CORE_TESTS = ["tests/test_activations.py", "tests/test_wsconv.py", "tests/test_blocks.py",
+              "tests/test_batchnorm_stats.py"]
 INNER_RUN = "NFNET_CORE_BACKEND_RUN"  # set in the subprocess, so this test never runs inside its own run
 
 
