@@ -13,7 +13,8 @@ import keras
 import numpy as np
 import pytest
 
-from nfnet_keras import evaluate, exits, fit, predict
+import nfnet_keras as nk
+from nfnet_keras import data, evaluate, exits, fit, predict, training
 from nfnet_keras.config import TrainConfig
 from nfnet_keras.contract import CLASS_NAMES
 from nfnet_keras.data import load_cifar10
@@ -135,13 +136,22 @@ def test_deterministic_runs_give_bitwise_identical_weights(tmp_path, synthetic_c
 @pytest.mark.slow
 def test_mirrored_strategy_trains_on_two_logical_cpus(tmp_path, synthetic_cifar_dir):
     run_dir = tmp_path / "run"
-    # Also the one-hot label path of --label-smoothing, under the strategy.
+    # Also the one-hot label path of --label-smoothing, and the EMA weights' BatchNorm statistics recomputed
+    # across the replicas' variables, under the strategy.
     result = run_fit([*TINY, "--epochs", "1", "--train-limit", "256", "--strategy", "mirrored", "--jit",
-                      "--label-smoothing", "0.1", "--run-dir", str(run_dir), "--no-export",
-                      "--data-dir", synthetic_cifar_dir])
+                      "--label-smoothing", "0.1", "--norm", "batch", "--ema", "0.9", "--bn-recalibrate", "64",
+                      "--run-dir", str(run_dir), "--no-export", "--data-dir", synthetic_cifar_dir])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "keras#19005" in result.stdout  # --jit is dropped under the strategy, with a note
     assert read_json(run_dir / "metrics.json")["test_accuracy"] is not None
+    # The saved model holds the statistics recomputed for its (averaged) weights from the first 64 images.
+    model = keras.saving.load_model(run_dir / "model.keras", compile=False)
+    saved = nk.models.batchnorm_statistics(model)
+    x_train = training.load_data(TrainConfig(val_size=128, train_limit=256, data_dir=synthetic_cifar_dir)).train[0][:64]
+    nk.models.recompute_batchnorm_statistics(model, np.asarray(data.preprocess(x_train)), 64)
+    for (mean, var), (mean2, var2) in zip(saved, nk.models.batchnorm_statistics(model), strict=True):
+        np.testing.assert_allclose(mean, mean2, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(var, var2, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(
