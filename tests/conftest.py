@@ -473,3 +473,43 @@ def interrupt_after_first_epoch(proc, run_dir, timeout=300):
             proc.wait()
     done = sorted(int(p.split("-")[1]) for p in os.listdir(run_dir / "checkpoints") if p.startswith("epoch-"))
     return proc.returncode, output, done[-1]
+
+
+class StopTraining(Exception):
+    """Raised by a test's callback to stop `fit` where a preemption would."""
+
+
+class WeightsAt(keras.callbacks.Callback):
+    """Records the model's variables at the end of epoch 1 (or at the first step), and can stop fit at the start of
+    epoch 2 (`StopTraining`).
+
+    `weights`: every model variable (BatchNorm statistics included), `trainable`: the trainable ones, and
+    `averages`: the optimizer's moving averages of those (with `use_ema`), as NumPy copies. `statistics`: the
+    BatchNorm statistics at the last epoch's end (`models.batchnorm_statistics`). Placed before the EMA swap, it
+    sees what an epoch's checkpoint holds.
+    """
+
+    def __init__(self, at_epoch_end=True, stop=False):
+        super().__init__()
+        self.at_epoch_end, self.stop = at_epoch_end, stop
+        self.weights = self.trainable = self.averages = self.statistics = None
+
+    def _take(self):
+        self.weights = [np.array(w) for w in self.model.weights]
+        self.trainable = [np.array(w) for w in self.model.trainable_variables]
+        self.averages = [np.array(v) for v in getattr(self.model.optimizer, "_model_variables_moving_average", ())]
+
+    def on_epoch_end(self, epoch, logs=None):
+        from nfnet_keras.models import batchnorm_statistics
+
+        if self.at_epoch_end and epoch == 0:
+            self._take()
+        self.statistics = batchnorm_statistics(self.model)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.stop and epoch == 1:
+            raise StopTraining
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if not self.at_epoch_end and self.weights is None:
+            self._take()

@@ -13,6 +13,8 @@ from nfnet_keras.data import preprocess
 from nfnet_keras.layers import NormActivation
 from nfnet_keras.models import batchnorm_statistics, recompute_batchnorm_statistics, set_batchnorm_statistics
 
+from conftest import StopTraining, WeightsAt
+
 
 @pytest.fixture(scope="module")
 def branches():
@@ -68,36 +70,6 @@ def test_statistics_round_trip_and_bad_arguments(branches):
     assert recompute_batchnorm_statistics(no_norm, np.zeros((3, 4), "float32"), 2) == 0
 
 
-class _Stop(Exception):
-    pass
-
-
-class _Snapshot(keras.callbacks.Callback):
-    """All the model's weights (BatchNorm statistics included) at the end of epoch 1, or at the first step of
-    the run, and the BatchNorm statistics at the last epoch's end; stops at the start of epoch 2 if asked.
-    Placed before the EMA swap, it sees what a checkpoint does."""
-
-    def __init__(self, at_epoch_end=True, stop=False):
-        super().__init__()
-        self.at_epoch_end, self.stop, self.weights, self.statistics = at_epoch_end, stop, None, None
-
-    def _take(self):
-        self.weights = [np.array(w) for w in self.model.weights]
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.statistics = batchnorm_statistics(self.model)
-        if self.at_epoch_end and epoch == 0:
-            self._take()
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if self.stop and epoch == 1:
-            raise _Stop
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if not self.at_epoch_end and self.weights is None:
-            self._take()
-
-
 @pytest.mark.tensorflow_only(reason="the training run and its checkpoints use the TensorFlow trainer and tf.data")
 def test_bn_recalibrate_validates_the_average_with_its_own_statistics_and_checkpoints_the_raw_ones(tmp_path):
     rng = np.random.default_rng(0)
@@ -115,16 +87,16 @@ def test_bn_recalibrate_validates_the_average_with_its_own_statistics_and_checkp
 
     # Without recalibration and with it, the run's own variables at the end of epoch 1 (what the epoch's
     # checkpoint holds) are the same: the recomputed statistics are only in the model beside the average.
-    plain, recalibrated = _Snapshot(stop=True), _Snapshot(stop=True)
+    plain, recalibrated = WeightsAt(stop=True), WeightsAt(stop=True)
     for snapshot, recalibrate, folder in ((plain, 0, "plain"), (recalibrated, 48, "recal")):
-        with pytest.raises(_Stop):
+        with pytest.raises(StopTraining):
             fit(recalibrate, [snapshot], str(tmp_path / folder))
     for a, b in zip(plain.weights, recalibrated.weights, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
     # Resumed from that checkpoint, the run starts from exactly those variables and ends with the average and
     # statistics recomputed for it from the first 48 images; its last validation used them.
-    resumed = _Snapshot(at_epoch_end=False)
+    resumed = WeightsAt(at_epoch_end=False)
     model, result = fit(48, [resumed], str(tmp_path / "recal"))
     for a, b in zip(recalibrated.weights, resumed.weights, strict=True):
         np.testing.assert_array_equal(a, b)

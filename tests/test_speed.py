@@ -19,7 +19,7 @@ from nfnet_keras.layers import PatchWhitening, whitening_filters
 from nfnet_keras.models import ConvGroup, NormConvGroup
 from nfnet_keras.optimization import Triangle, make_schedule
 
-from conftest import keras_roundtrip, run_layer_test
+from conftest import StopTraining, WeightsAt, keras_roundtrip, run_layer_test
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -322,34 +322,6 @@ def test_evaluate_with_flip_translate_tta(speed_run, synthetic_cifar_dir, capsys
         assert json.load(f)["tta_views"] == list(TTA_POLICY_VIEWS["flip_translate"])
 
 
-class _Stop(Exception):
-    pass
-
-
-class _Record(keras.callbacks.Callback):
-    """Records the model's weights at the end of epoch 1, or at the first step; can stop there."""
-
-    def __init__(self, at_epoch_end=False, stop=False):
-        super().__init__()
-        self.at_epoch_end, self.stop, self.weights = at_epoch_end, stop, None
-
-    def _take(self):
-        ema = self.model.optimizer._model_variables_moving_average
-        self.weights = ([np.asarray(v) for v in self.model.trainable_variables], [np.asarray(v) for v in ema])
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.at_epoch_end and epoch == 0:
-            self._take()
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if self.stop and epoch == 1:
-            raise _Stop
-
-    def on_train_batch_begin(self, batch, logs=None):
-        if not self.at_epoch_end and self.weights is None:
-            self._take()
-
-
 def test_a_resumed_ema_run_continues_from_the_raw_weights_and_the_same_average(tmp_path):
     """The checkpoint is written before the average is swapped in: the raw weights resume as weights."""
     from nfnet_keras import training
@@ -365,16 +337,17 @@ def test_a_resumed_ema_run_continues_from_the_raw_weights_and_the_same_average(t
         keras.utils.set_random_seed(0)
         return training.compile_model(training.build_for(config), config, steps_per_epoch=2)
 
-    before = _Record(at_epoch_end=True, stop=True)
-    with pytest.raises(_Stop):
+    before = WeightsAt(stop=True)
+    with pytest.raises(StopTraining):
         training.fit_model(compiled(), config, ds, ds, callbacks=[before, EpochCheckpoint(str(tmp_path))], verbose=0)
-    raw, average = before.weights
-    assert any(not np.allclose(r, a) for r, a in zip(raw, average))  # the average differs from the weights
+    # the average differs from the weights
+    assert any(not np.allclose(r, a) for r, a in zip(before.trainable, before.averages, strict=True))
 
-    after = _Record()
+    after = WeightsAt(at_epoch_end=False)
     training.fit_model(compiled(), config, ds, ds, callbacks=[after, EpochCheckpoint(str(tmp_path))], verbose=0)
-    for saved, restored in zip(before.weights, after.weights):
-        for x, y in zip(saved, restored):
+    for saved, restored in zip((before.weights, before.averages), (after.weights, after.averages), strict=True):
+        assert len(saved) == len(restored) > 0
+        for x, y in zip(saved, restored, strict=True):
             np.testing.assert_array_equal(x, y)
 
 
