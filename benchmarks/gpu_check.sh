@@ -17,7 +17,7 @@
 #   and the training throughput of cifar_speed and its twin in mixed_bfloat16, XLA on and off.
 # candidates: the speed recipe's next candidates over 3 seeds, XLA on: the NF network with Muon at kernel
 #   lr 0.08 (speed_recipe_gpu_klr0.08.json) and with the kernels' lr peaking at half the steps
-#   (speed_recipe_gpu_kpeak0.5.json), and the twin with airbench94's BatchNorms (speed_recipe_gpu_twin_airbn.json).
+#   (speed_recipe_gpu_kpeak0.5.json), and the twin with airbench94's BatchNorms and no EMA (speed_recipe_gpu_twin_airbn.json).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE="${1:-quick}"
@@ -70,7 +70,7 @@ elif [ "$MODE" = "candidates" ]; then
   step speed_kpeak "$PY" -m benchmarks.speed_runs --seeds 0,1,2 --bn-seeds "" --runs-dir "$OUT/speed_kpeak" \
     --out-dir "$OUT" --tag gpu_kpeak0.5 -- --jit --kernel-peak-pct 0.5
   step speed_twin_airbn "$PY" -m benchmarks.speed_runs --seeds "" --bn-seeds 0,1,2 --runs-dir "$OUT/speed_twin" \
-    --out-dir "$OUT" --tag gpu_twin_airbn -- --jit --bn-momentum 0.4 --bn-epsilon 1e-12 --gain-lr-mult 0
+    --out-dir "$OUT" --tag gpu_twin_airbn -- --jit --bn-momentum 0.4 --bn-epsilon 1e-12 --gain-lr-mult 0 --ema 0
 fi
 cat "$OUT/summary.txt"
 exit $status
