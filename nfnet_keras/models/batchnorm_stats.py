@@ -66,20 +66,20 @@ def recompute_batchnorm_statistics(model, images, batch_size):
             batch = images[start:start + batch_size]
             model(batch, training=True)
             n = len(batch)
-            for i, layer in enumerate(layers):
-                mean = np.asarray(keras.ops.convert_to_numpy(layer.moving_mean), dtype=np.float64)
-                var = np.asarray(keras.ops.convert_to_numpy(layer.moving_variance), dtype=np.float64)
-                sums[i][0] += n * mean
-                sums[i][1] += n * (var + mean ** 2)
+            for layer_sums, (mean, var) in zip(sums, batchnorm_statistics(model), strict=True):
+                mean, var = mean.astype(np.float64), var.astype(np.float64)
+                layer_sums[0] += n * mean
+                layer_sums[1] += n * (var + mean ** 2)
     finally:
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
     total = len(images)
-    for layer, (sum_mean, sum_square) in zip(layers, sums):
+    pooled = []
+    for (sum_mean, sum_square), layer in zip(sums, layers):
         mean = sum_mean / total
         var = np.maximum(sum_square / total - mean ** 2, 0.0)
-        layer.moving_mean.assign(mean.astype(layer.moving_mean.dtype))
-        layer.moving_variance.assign(var.astype(layer.moving_variance.dtype))
+        pooled.append((mean.astype(layer.moving_mean.dtype), var.astype(layer.moving_variance.dtype)))
+    set_batchnorm_statistics(model, pooled)
     return len(layers)
 
 
