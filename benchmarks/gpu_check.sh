@@ -3,7 +3,7 @@
 # repository root. Results go to $OUT (default: gpu_check_out/); each step logs to its own file
 # and the script goes on after a failed step, so one run shows everything.
 #
-#   NFNET_DATA_DIR=/path/to/cifar10 bash benchmarks/gpu_check.sh [quick|grid40|speed|candidates]
+#   NFNET_DATA_DIR=/path/to/cifar10 bash benchmarks/gpu_check.sh [quick|grid40|speed|candidates|jax]
 #
 # quick (default, ~10 min on one modern GPU):
 #   1. the GPU is visible to TensorFlow;
@@ -18,12 +18,19 @@
 # candidates: the speed recipe's next candidates over 3 seeds, XLA on: the NF network with Muon at kernel
 #   lr 0.08 (speed_recipe_gpu_klr0.08.json) and with the kernels' lr peaking at half the steps
 #   (speed_recipe_gpu_kpeak0.5.json), and the twin with airbench94's BatchNorms and no EMA (speed_recipe_gpu_twin_airbn.json).
+# jax: for a GPU machine with JAX and no TensorFlow. The speed recipe's runs trained by benchmarks/speed_jax.py
+#   on the Keras JAX backend (XLA, mixed_bfloat16), 10 epochs, from the shards that
+#   `python -m benchmarks.speed_jax prepare --out .gpudata` wrote, found under $GPU_DATA (default: .gpudata):
+#   the recipe (speed_jax_gpu_recipe.json), the twin with airbench94's BatchNorms and no EMA
+#   (speed_jax_gpu_twin_airbn.json) and cifar_speed_wide (speed_jax_gpu_wide.json), seed by seed; no seed
+#   starts after $STOP_AT (unix time; default: none); JAX's compilation cache in $JAX_CACHE (default:
+#   /tmp/nfnet_jax_cache). Needs Keras importable (PYTHONPATH) and the repo on it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE="${1:-quick}"
 case "$MODE" in
-  quick|grid40|speed|candidates) ;;
-  *) echo "usage: bash benchmarks/gpu_check.sh [quick|grid40|speed|candidates]" >&2; exit 2 ;;
+  quick|grid40|speed|candidates|jax) ;;
+  *) echo "usage: bash benchmarks/gpu_check.sh [quick|grid40|speed|candidates|jax]" >&2; exit 2 ;;
 esac
 OUT="${OUT:-gpu_check_out}"
 mkdir -p "$OUT"
@@ -42,7 +49,11 @@ step() {  # step NAME COMMAND...: runs COMMAND, logs to $OUT/NAME.log, records t
 
 : > "$OUT/summary.txt"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-step devices "$PY" -c "import tensorflow as tf; g = tf.config.list_physical_devices('GPU'); print(g); assert g"
+if [ "$MODE" = "jax" ]; then
+  step devices "$PY" -c "import jax; g = jax.devices('gpu'); print(g); assert g"
+else
+  step devices "$PY" -c "import tensorflow as tf; g = tf.config.list_physical_devices('GPU'); print(g); assert g"
+fi
 
 if [ "$MODE" = "quick" ]; then
   for preset in tiny report_resnet; do
@@ -71,6 +82,25 @@ elif [ "$MODE" = "candidates" ]; then
     --out-dir "$OUT" --tag gpu_kpeak0.5 -- --jit --kernel-peak-pct 0.5
   step speed_twin_airbn "$PY" -m benchmarks.speed_runs --seeds "" --bn-seeds 0,1,2 --runs-dir "$OUT/speed_twin" \
     --out-dir "$OUT" --tag gpu_twin_airbn -- --jit --bn-momentum 0.4 --bn-epsilon 1e-12 --gain-lr-mult 0 --ema 0
+elif [ "$MODE" = "jax" ]; then
+  jax_run() {  # jax_run TAG SEED FLAGS...: one seed of one configuration, added to speed_jax_gpu_TAG.json;
+    local tag="$1" seed="$2" start rc; shift 2  # one log for all (a lent machine returns 8 files of $OUT)
+    start=$(date +%s)
+    echo "=== $tag seed $seed: $*" >> "$OUT/jax_runs.log"
+    "$PY" -m benchmarks.speed_jax run --data "${GPU_DATA:-.gpudata}" --seeds "$seed" --tag "gpu_$tag" --out-dir "$OUT" \
+      --compile-cache "${JAX_CACHE:-/tmp/nfnet_jax_cache}" ${STOP_AT:+--stop-at "$STOP_AT"} -- "$@" >> "$OUT/jax_runs.log" 2>&1
+    rc=$?
+    echo "jax_${tag}_s$seed: exit $rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"
+    [ $rc -eq 0 ] || status=1
+  }
+  TWIN=(--norm batch --bn-momentum 0.4 --bn-epsilon 1e-12 --gain-lr-mult 0 --ema 0)
+  jax_run recipe 0
+  for seed in 0 1 2; do
+    jax_run twin_airbn "$seed" "${TWIN[@]}"
+    jax_run wide "$seed" --preset cifar_speed_wide
+  done
+  jax_run recipe 1
+  jax_run recipe 2
 fi
 cat "$OUT/summary.txt"
 exit $status

@@ -24,6 +24,10 @@ CLASS_NAMES = (
 )
 NUM_CLASSES = len(CLASS_NAMES)
 IMAGE_SHAPE = (32, 32, 3)
+# Channel statistics of the 50,000 CIFAR-10 training images on the [0, 1] scale: the one normalisation of
+# the project (`normalize` here, `data.preprocess` for TensorFlow graphs, the ONNX/LiteRT export's input).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 # The exported SavedModel's serving signature.
 SIGNATURE = "serving_default"
@@ -33,6 +37,18 @@ CLASS_ID = "class_id"  # int64 [batch]
 CLASS_NAMES_ASSET = "class_names.txt"  # under assets/, one name per line in class-id order
 # A model's name in TF Serving's model folder (`<base>/<name>/<version>/`).
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def normalize(images):
+    """uint8 RGB images `(..., height, width, 3)` as float32 `(images / 255 - mean) / std` per channel (NumPy).
+
+    The same values as `data.preprocess`, without TensorFlow.
+    """
+    x = np.asarray(images)
+    if x.dtype != np.uint8:
+        raise ValueError(f"normalize expects uint8 images (0-255), got {x.dtype.name}.")
+    x = x.astype("float32") / np.float32(255.0)
+    return (x - np.asarray(CIFAR10_MEAN, "float32")) / np.asarray(CIFAR10_STD, "float32")
 
 
 class InputError(ValueError):

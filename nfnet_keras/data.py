@@ -14,11 +14,8 @@ import numpy as np
 import tensorflow as tf
 
 from nfnet_keras.config import AUGMENTATIONS
-from nfnet_keras.contract import NUM_CLASSES
+from nfnet_keras.contract import CIFAR10_MEAN, CIFAR10_STD, NUM_CLASSES  # noqa: F401  (re-exported)
 
-# Channel statistics of the 50,000 CIFAR-10 training images on the [0, 1] scale.
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 BATCHES_DIR = "cifar-10-batches-py"
 TARBALL = "cifar-10-python.tar.gz"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))

@@ -56,8 +56,18 @@ import keras
 import numpy as np
 
 from nfnet_keras import saved_model as export
-from nfnet_keras.contract import CLASS_NAMES, CLASS_NAMES_ASSET, IMAGE_SHAPE, INPUT, check_images, describe, is_cifar10
-from nfnet_keras.data import CIFAR10_MEAN, CIFAR10_STD
+from nfnet_keras.contract import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CLASS_NAMES,
+    CLASS_NAMES_ASSET,
+    IMAGE_SHAPE,
+    INPUT,
+    check_images,
+    describe,
+    is_cifar10,
+    normalize,
+)
 from nfnet_keras.models.folding import fold_for_inference
 from nfnet_keras.runtimes import INSTALL_HINT, RUNTIMES
 
@@ -340,8 +350,8 @@ def _verification_images(model, count, class_names):
 
 def _keras_probabilities(model, images):
     reference = export.float32_twin(model)
-    x = (images.astype("float32") / 255.0 - np.asarray(CIFAR10_MEAN, "float32")) / np.asarray(CIFAR10_STD, "float32")
-    return keras.ops.convert_to_numpy(keras.ops.softmax(reference.predict(x, batch_size=256, verbose=0), axis=-1))
+    logits = reference.predict(normalize(images), batch_size=256, verbose=0)
+    return keras.ops.convert_to_numpy(keras.ops.softmax(logits, axis=-1))
 
 
 def _runtime_probabilities(fmt, path, images, expected_shape):

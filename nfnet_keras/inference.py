@@ -1,13 +1,15 @@
 """Loading a trained model for inference, and reading images to classify.
 
-Shared by `python -m nfnet_keras.evaluate` and `python -m nfnet_keras.predict`.
+Shared by `python -m nfnet_keras.evaluate` and `python -m nfnet_keras.predict`. TensorFlow is imported
+only to load a SavedModel or decode image files: a Keras model's predictions and the test-time
+augmentation run on any Keras backend.
 """
 
 import os
 import zipfile
 
+import keras
 import numpy as np
-import tensorflow as tf
 
 from nfnet_keras.config import TTA_LOG_AVERAGED, TTA_POLICY_WEIGHTS
 from nfnet_keras.contract import (
@@ -19,10 +21,10 @@ from nfnet_keras.contract import (
     InputError,
     check_images,
     default_class_names,
+    normalize,
     read_class_names,
     read_class_names_file,
 )
-from nfnet_keras.data import preprocess
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
@@ -31,8 +33,8 @@ def keras_predictor(model, batch_size=256):
     """`predict(uint8 images) -> probabilities` for an in-memory Keras model (logits out)."""
 
     def predict(images):
-        ds = tf.data.Dataset.from_tensor_slices(images).batch(batch_size).map(preprocess)
-        return tf.nn.softmax(model.predict(ds, verbose=0)).numpy()
+        logits = keras.ops.cast(model.predict(normalize(images), batch_size=batch_size, verbose=0), "float32")
+        return keras.ops.convert_to_numpy(keras.ops.softmax(logits, axis=-1))
 
     return predict
 
@@ -116,7 +118,7 @@ def _described(predict, class_names, image_shape):
 def load_predictor(path, batch_size=256):
     """Returns `predict(uint8 images N x H x W x 3) -> float32 probabilities N x classes`.
 
-    `path` is a `.keras` file (normalisation applied here with `preprocess`),
+    `path` is a `.keras` file (normalised here with `contract.normalize`),
     an exported SavedModel directory, or an exported `.onnx`, `.tflite` or
     OpenVINO `.xml` file (or the version folder holding one), run by its own
     runtime (`nfnet_keras.runtimes`); the exports normalise inside their graphs.
@@ -157,6 +159,8 @@ def load_predictor(path, batch_size=256):
 
 
 def _saved_model_predictor(path, batch_size):
+    import tensorflow as tf
+
     loaded = tf.saved_model.load(path)
     if SIGNATURE not in loaded.signatures:
         raise InputError(f"--model {path} has no {SIGNATURE} signature.")
@@ -206,6 +210,8 @@ def read_images(path, flag="--images", image_shape=IMAGE_SHAPE):
         files = [path]
     else:
         raise InputError(f"{given}: expected a .npy array, a .png/.jpg file or a folder of them.")
+    import tensorflow as tf
+
     images = []
     for f in files:
         try:

@@ -218,3 +218,14 @@ def test_augmentation_stays_float32_under_mixed_precision(policy):
         keras.mixed_precision.set_global_policy("float32")
     assert batch.dtype == tf.float32 and batch.shape == (8, 32, 32, 3)
     assert np.isfinite(batch.numpy()).all()
+
+
+def test_normalize_is_preprocess_without_tensorflow():
+    from nfnet_keras.contract import normalize
+
+    images = np.arange(256 * 3, dtype=np.int64).reshape(1, 16, 16, 3).astype(np.uint8)
+    out = normalize(images)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, data.preprocess(images).numpy())  # bit for bit: adapted stems agree
+    with pytest.raises(ValueError, match="expects uint8"):
+        normalize(images.astype(np.float32))
