@@ -21,9 +21,11 @@
 # jax: for a GPU machine with JAX and no TensorFlow. The speed recipe's runs trained by benchmarks/speed_jax.py
 #   on the Keras JAX backend (XLA, mixed_bfloat16), 10 epochs, from the shards that
 #   `python -m benchmarks.speed_jax prepare --out .gpudata` wrote, found under $GPU_DATA (default: .gpudata):
-#   the recipe (speed_jax_gpu_recipe.json), the twin with airbench94's BatchNorms and no EMA
-#   (speed_jax_gpu_twin_airbn.json) and cifar_speed_wide (speed_jax_gpu_wide.json), seed by seed; no seed
-#   starts after $STOP_AT (unix time; default: none); JAX's compilation cache in $JAX_CACHE (default:
+#   3 seeds each of the twin with airbench94's BatchNorms and no EMA, with airbench94's Lookahead
+#   (speed_jax_gpu_twin_airbn_lookahead.json), as it is (..._twin_airbn.json) and with dirac init
+#   (..._twin_airbn_dirac.json), of cifar_speed_wide with Lookahead instead of EMA (..._wide_lookahead.json) and
+#   as preset (..._wide.json), and of the
+#   recipe (..._recipe.json); no seed starts after $STOP_AT (unix time; default: none); JAX's compilation cache in $JAX_CACHE (default:
 #   /tmp/nfnet_jax_cache). Needs Keras importable (PYTHONPATH) and the repo on it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -48,10 +50,11 @@ step() {  # step NAME COMMAND...: runs COMMAND, logs to $OUT/NAME.log, records t
 }
 
 : > "$OUT/summary.txt"
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 if [ "$MODE" = "jax" ]; then
-  step devices "$PY" -c "import jax; g = jax.devices('gpu'); print(g); assert g"
+  nvidia-smi > "$OUT/jax_runs.log" 2>&1
+  "$PY" -c "import jax; g = jax.devices('gpu'); print(g); assert g" >> "$OUT/jax_runs.log" 2>&1 || status=1
 else
+  nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
   step devices "$PY" -c "import tensorflow as tf; g = tf.config.list_physical_devices('GPU'); print(g); assert g"
 fi
 
@@ -83,24 +86,26 @@ elif [ "$MODE" = "candidates" ]; then
   step speed_twin_airbn "$PY" -m benchmarks.speed_runs --seeds "" --bn-seeds 0,1,2 --runs-dir "$OUT/speed_twin" \
     --out-dir "$OUT" --tag gpu_twin_airbn -- --jit --bn-momentum 0.4 --bn-epsilon 1e-12 --gain-lr-mult 0 --ema 0
 elif [ "$MODE" = "jax" ]; then
-  jax_run() {  # jax_run TAG SEED FLAGS...: one seed of one configuration, added to speed_jax_gpu_TAG.json;
-    local tag="$1" seed="$2" start rc; shift 2  # one log for all (a lent machine returns 8 files of $OUT)
+  # Each configuration trains its 3 seeds in one process (one import and data load); every seed is added to
+  # speed_jax_gpu_TAG.json as it ends. One log for all: a lent machine returns only 8 files of $OUT.
+  jax_run() {  # jax_run TAG FLAGS...
+    local tag="$1" start rc; shift
     start=$(date +%s)
-    echo "=== $tag seed $seed: $*" >> "$OUT/jax_runs.log"
-    "$PY" -m benchmarks.speed_jax run --data "${GPU_DATA:-.gpudata}" --seeds "$seed" --tag "gpu_$tag" --out-dir "$OUT" \
+    echo "=== $tag seeds 0,1,2: $*" >> "$OUT/jax_runs.log"
+    "$PY" -m benchmarks.speed_jax run --data "${GPU_DATA:-.gpudata}" --seeds 0,1,2 --tag "gpu_$tag" --out-dir "$OUT" \
       --compile-cache "${JAX_CACHE:-/tmp/nfnet_jax_cache}" ${STOP_AT:+--stop-at "$STOP_AT"} -- "$@" >> "$OUT/jax_runs.log" 2>&1
     rc=$?
-    echo "jax_${tag}_s$seed: exit $rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"
+    echo "jax_$tag: exit $rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"
     [ $rc -eq 0 ] || status=1
   }
   TWIN=(--norm batch --bn-momentum 0.4 --bn-epsilon 1e-12 --gain-lr-mult 0 --ema 0)
-  jax_run recipe 0
-  for seed in 0 1 2; do
-    jax_run twin_airbn "$seed" "${TWIN[@]}"
-    jax_run wide "$seed" --preset cifar_speed_wide
-  done
-  jax_run recipe 1
-  jax_run recipe 2
+  LOOKAHEAD=(--ema 0 --lookahead 5 --lookahead-schedule airbench)
+  jax_run twin_airbn_lookahead "${TWIN[@]}" "${LOOKAHEAD[@]}"
+  jax_run wide_lookahead --preset cifar_speed_wide "${LOOKAHEAD[@]}"
+  jax_run twin_airbn "${TWIN[@]}"
+  jax_run wide --preset cifar_speed_wide
+  jax_run twin_airbn_dirac "${TWIN[@]}" --conv-init dirac
+  jax_run recipe
 fi
 cat "$OUT/summary.txt"
 exit $status

@@ -31,6 +31,6 @@ def dirac_initialize(model):
     for conv in convs:
         kernel = conv.kernel
         mask, identity = dirac_mask(kernel.shape, conv.groups)
-        kernel.assign(ops.where(mask, ops.cast(identity, kernel.dtype), kernel))
+        kernel.assign(ops.where(mask, ops.cast(identity, kernel.dtype), kernel.value))
         names.append(kernel.path)
     return names
