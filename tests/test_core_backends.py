@@ -17,7 +17,7 @@ from conftest import checkout_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORE_TESTS = ["tests/test_activations.py", "tests/test_wsconv.py", "tests/test_blocks.py",
-              "tests/test_batchnorm_stats.py", "tests/test_speed_jax.py"]
+              "tests/test_batchnorm_stats.py", "tests/test_speed_jax.py", "tests/test_initialization.py"]
 INNER_RUN = "NFNET_CORE_BACKEND_RUN"  # set in the subprocess, so this test never runs inside its own run
 
 
