@@ -1,6 +1,7 @@
 """The CIFAR speed network and its recipe: the whitening stem, the conv-pool groups, the triangle
 schedule, the translate-flip augmentation, test-time augmentation, EMA and the BatchNorm twin."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -11,12 +12,12 @@ import pytest
 import tensorflow as tf
 
 import nfnet_keras as nk
-from nfnet_keras import evaluate, fit
+from nfnet_keras import evaluate, fit, network
 from nfnet_keras.config import RECIPES, TrainConfig
 from nfnet_keras.data import make_augmenter
 from nfnet_keras.inference import TTA_POLICY_VIEWS, TTA_VIEWS, with_tta
 from nfnet_keras.layers import PatchWhitening, whitening_filters
-from nfnet_keras.models import ConvGroup, NormConvGroup
+from nfnet_keras.models import ConvGroup, NormConvGroup, model_convs
 from nfnet_keras.optimization import Triangle, make_schedule
 
 from conftest import StopTraining, WeightsAt, keras_roundtrip, run_layer_test
@@ -219,6 +220,19 @@ def test_speed_recipe_sets_its_defaults_and_flags_win():
     assert config.ema == RECIPES["speed"]["ema"] > 0 and config.nesterov
     config, _ = fit.parse_config(["--recipe", "speed", "--norm", "batch", "--ema", "0", "--no-export"])
     assert config.norm == "batch" and config.ema == 0.0
+
+
+def test_speed_twin_recipe_is_exactly_the_measured_twin_and_builds_it():
+    twin, _ = fit.parse_config(["--recipe", "speed_twin", "--no-export"])
+    spelled, _ = fit.parse_config(["--recipe", "speed", "--norm", "batch", "--bn-momentum", "0.4", "--bn-epsilon",
+                                   "1e-12", "--gain-lr-mult", "0", "--ema", "0", "--conv-init", "dirac", "--no-export"])
+    assert twin.to_dict() | {"recipe": None} == spelled.to_dict() | {"recipe": None}
+    assert twin.recipe == "speed_twin" and RECIPES["speed"]["ema"] > 0  # the NF recipe keeps its EMA
+    model = network.build_for(dataclasses.replace(twin, preset="tiny_speed"), 10, (32, 32, 3))
+    batchnorms = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    assert batchnorms and all((b.momentum, b.epsilon) == (0.4, 1e-12) for b in batchnorms)
+    convs = [conv for conv in model_convs(model) if not hasattr(conv, "adapt")]  # dirac: all but the stem
+    assert convs and all(np.asarray(conv.kernel)[1, 1, 0, 0] == 1.0 for conv in convs)
 
 
 def test_translate_flip_moves_each_image_by_at_most_two_pixels():
