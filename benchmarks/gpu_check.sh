@@ -21,11 +21,9 @@
 # jax: for a GPU machine with JAX and no TensorFlow. The speed recipe's runs trained by benchmarks/speed_jax.py
 #   on the Keras JAX backend (XLA, mixed_bfloat16), 10 epochs, from the shards that
 #   `python -m benchmarks.speed_jax prepare --out .gpudata` wrote, found under $GPU_DATA (default: .gpudata):
-#   3 seeds each of the twin with airbench94's BatchNorms and no EMA, with airbench94's Lookahead
-#   (speed_jax_gpu_twin_airbn_lookahead.json), as it is (..._twin_airbn.json) and with dirac init
-#   (..._twin_airbn_dirac.json), of cifar_speed_wide with Lookahead instead of EMA (..._wide_lookahead.json) and
-#   as preset (..._wide.json), and of the
-#   recipe (..._recipe.json); no seed starts after $STOP_AT (unix time; default: none); JAX's compilation cache in $JAX_CACHE (default:
+#   3 seeds of each row of $JAX_ROWS (default: twin_airbn_dirac_lookahead recipe wide_kpeak0.5 wide; the rows
+#   and their flags are listed below), into speed_jax_gpu_<row>.json;
+#   no seed starts after $STOP_AT (unix time; default: none); JAX's compilation cache in $JAX_CACHE (default:
 #   /tmp/nfnet_jax_cache). Needs Keras importable (PYTHONPATH) and the repo on it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -98,14 +96,23 @@ elif [ "$MODE" = "jax" ]; then
     echo "jax_$tag: exit $rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"
     [ $rc -eq 0 ] || status=1
   }
-  TWIN=(--norm batch --bn-momentum 0.4 --bn-epsilon 1e-12 --gain-lr-mult 0 --ema 0)
-  LOOKAHEAD=(--ema 0 --lookahead 5 --lookahead-schedule airbench)
-  jax_run twin_airbn_lookahead "${TWIN[@]}" "${LOOKAHEAD[@]}"
-  jax_run wide_lookahead --preset cifar_speed_wide "${LOOKAHEAD[@]}"
-  jax_run twin_airbn "${TWIN[@]}"
-  jax_run wide --preset cifar_speed_wide
-  jax_run twin_airbn_dirac "${TWIN[@]}" --conv-init dirac
-  jax_run recipe
+  TWIN="--norm batch --bn-momentum 0.4 --bn-epsilon 1e-12 --gain-lr-mult 0 --ema 0"
+  LOOKAHEAD="--ema 0 --lookahead 5 --lookahead-schedule airbench"
+  declare -A ROW=(  # each row's flags, added to --recipe speed
+    [recipe]=""
+    [wide]="--preset cifar_speed_wide"
+    [wide_lookahead]="--preset cifar_speed_wide $LOOKAHEAD"
+    [wide_kpeak0.5]="--preset cifar_speed_wide --kernel-peak-pct 0.5"
+    [twin_airbn]="$TWIN"
+    [twin_airbn_lookahead]="$TWIN $LOOKAHEAD"
+    [twin_airbn_dirac]="$TWIN --conv-init dirac"
+    [twin_airbn_dirac_lookahead]="$TWIN --conv-init dirac $LOOKAHEAD"
+  )
+  for row in ${JAX_ROWS:-twin_airbn_dirac_lookahead recipe wide_kpeak0.5 wide}; do
+    if [ -z "${ROW[$row]+set}" ]; then echo "unknown row $row; rows: ${!ROW[*]}" | tee -a "$OUT/summary.txt"; status=1; continue; fi
+    # shellcheck disable=SC2086  # the flags are words
+    jax_run "$row" ${ROW[$row]}
+  done
 fi
 cat "$OUT/summary.txt"
 exit $status
