@@ -24,6 +24,7 @@ from benchmarks import common
 ALTFLIP = ["--augment", "translate_altflip"]
 DIRAC = ["--conv-init", "dirac"]
 LOOKAHEAD = ["--ema", "0", "--lookahead", "5", "--lookahead-schedule", "airbench"]
+MUON = ALTFLIP + ["--optimizer", "muon", "--kernel-lr", "0.24", "--kernel-momentum", "0.6"]  # row b5: the recipe
 # The recipe the rows start from: `--recipe speed` as it was before its Muon and alternating flip (rows b5_muon
 # and a1_altflip), so that every row measures what it did when it was chosen.
 BASE = ["--optimizer", "sgd", "--augment", "translate_flip"]
@@ -36,12 +37,14 @@ ROWS = {
     "a3_lookahead": ALTFLIP + DIRAC + LOOKAHEAD,
     "b3_lookahead": ALTFLIP + LOOKAHEAD,
     "b4_renorm": ALTFLIP + ["--optimizer", "renorm_sgd", "--kernel-lr", "0.03"],
-    "b5_muon": ALTFLIP + ["--optimizer", "muon", "--kernel-lr", "0.24", "--kernel-momentum", "0.6"],
+    "b5_muon": MUON,
     # Muon at a third of airbench94_muon's kernel lr: the NF network's loss no longer stalls on the ramp
     "b6_muon_klr0.08": ALTFLIP + ["--optimizer", "muon", "--kernel-lr", "0.08", "--kernel-momentum", "0.6"],
     # Muon at airbench94_muon's kernel lr, reached at half the steps instead of 23%: low through the stall
-    "b7_muon_kpeak0.5": ALTFLIP + ["--optimizer", "muon", "--kernel-lr", "0.24", "--kernel-momentum", "0.6",
-                                   "--kernel-peak-pct", "0.5"],
+    "b7_muon_kpeak0.5": MUON + ["--kernel-peak-pct", "0.5"],
+    # dirac init and Lookahead on the Muon row: they lifted the BatchNorm twin at 10 epochs (docs/training.md)
+    "b8_muon_dirac": MUON + DIRAC,
+    "b9_muon_dirac_lookahead": MUON + DIRAC + LOOKAHEAD,
 }
 
 
