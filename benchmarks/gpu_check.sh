@@ -21,7 +21,7 @@
 # jax: for a GPU machine with JAX and no TensorFlow. The speed recipe's runs trained by benchmarks/speed_jax.py
 #   on the Keras JAX backend (XLA, mixed_bfloat16), 10 epochs, from the shards that
 #   `python -m benchmarks.speed_jax prepare --out .gpudata` wrote, found under $GPU_DATA (default: .gpudata):
-#   3 seeds of each row of $JAX_ROWS (default: recipe wide_kpeak0.5 wide; the rows
+#   3 seeds of each row of $JAX_ROWS (default: recipe wide; the rows
 #   and their flags are listed below), into speed_jax_gpu_<row>.json;
 #   no seed starts after $STOP_AT (unix time; default: none); JAX's compilation cache in $JAX_CACHE (default:
 #   /tmp/nfnet_jax_cache). Needs Keras importable (PYTHONPATH) and the repo on it.
@@ -108,7 +108,7 @@ elif [ "$MODE" = "jax" ]; then
     [twin_airbn_dirac]="$TWIN --conv-init dirac"
     [twin_airbn_dirac_lookahead]="$TWIN --conv-init dirac $LOOKAHEAD"
   )
-  for row in ${JAX_ROWS:-recipe wide_kpeak0.5 wide}; do
+  for row in ${JAX_ROWS:-recipe wide}; do
     if [ -z "${ROW[$row]+set}" ]; then echo "unknown row $row; rows: ${!ROW[*]}" | tee -a "$OUT/summary.txt"; status=1; continue; fi
     # shellcheck disable=SC2086  # the flags are words
     jax_run "$row" ${ROW[$row]}
