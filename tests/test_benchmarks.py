@@ -390,7 +390,9 @@ def test_overhead_smoke(tmp_path, capsys):
         for epoch, window in zip(r["seconds_per_epoch"][side]["values"], r["seconds_per_window"][side]["values"]):
             assert epoch <= window
     epochs = r["seconds_per_epoch"]
-    assert r["ratio"]["values"] == pytest.approx(_quotients(epochs["trainer"], epochs["bare"]), rel=1e-3)
+    # The JSON rounds each time and ratio to 4 decimals: a smoke epoch of a few ms moves its quotient by percents.
+    for ratio, a, b in zip(r["ratio"]["values"], epochs["trainer"]["values"], epochs["bare"]["values"]):
+        assert ratio == pytest.approx(a / b, abs=a / b * (5e-5 / a + 5e-5 / b) * 1.01 + 5e-5)
     assert r["target_met"] == (r["ratio"]["median"] - 1 <= saved["target"]["overhead"])
     # The trainer's validation ran, with the EMA weights swapped in; the bare fit validates nothing.
     assert r["phases"]["validation"]["median"] > 0 and r["bare_phases"]["validation"]["median"] == 0
