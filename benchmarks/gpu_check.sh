@@ -105,8 +105,8 @@ elif [ "$MODE" = "jax" ]; then
     [wide_kpeak0.5]="--preset cifar_speed_wide --kernel-peak-pct 0.5"
     [twin_airbn]="$TWIN"
     [twin_airbn_lookahead]="$TWIN $LOOKAHEAD"
-    [twin_airbn_dirac]="$TWIN --conv-init dirac"
-    [twin_airbn_dirac_lookahead]="$TWIN --conv-init dirac $LOOKAHEAD"
+    [twin_airbn_dirac]="--recipe speed_twin"  # = $TWIN --conv-init dirac
+    [twin_airbn_dirac_lookahead]="--recipe speed_twin $LOOKAHEAD"
   )
   for row in ${JAX_ROWS:-recipe wide}; do
     if [ -z "${ROW[$row]+set}" ]; then echo "unknown row $row; rows: ${!ROW[*]}" | tee -a "$OUT/summary.txt"; status=1; continue; fi

@@ -107,7 +107,7 @@ def test_dirac_init_of_the_nf_network_sets_the_raw_ws_kernels():
 
 
 def test_dirac_init_skips_the_rgb_stem_conv_of_a_resnet():
-    from nfnet_keras.models import build_model, model_convs
+    from nfnet_keras.models import build_model
     from nfnet_keras.models.initialization import dirac_initialize
 
     keras.utils.set_random_seed(0)

@@ -18,6 +18,7 @@ from nfnet_keras.data import make_augmenter
 from nfnet_keras.inference import TTA_POLICY_VIEWS, TTA_VIEWS, with_tta
 from nfnet_keras.layers import PatchWhitening, whitening_filters
 from nfnet_keras.models import ConvGroup, NormConvGroup, model_convs
+from nfnet_keras.models.batchnorm_stats import batchnorm_layers
 from nfnet_keras.optimization import Triangle, make_schedule
 
 from conftest import StopTraining, WeightsAt, keras_roundtrip, run_layer_test
@@ -229,7 +230,7 @@ def test_speed_twin_recipe_is_exactly_the_measured_twin_and_builds_it():
     assert twin.to_dict() | {"recipe": None} == spelled.to_dict() | {"recipe": None}
     assert twin.recipe == "speed_twin" and RECIPES["speed"]["ema"] > 0  # the NF recipe keeps its EMA
     model = network.build_for(dataclasses.replace(twin, preset="tiny_speed"), 10, (32, 32, 3))
-    batchnorms = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    batchnorms = batchnorm_layers(model)
     assert batchnorms and all((b.momentum, b.epsilon) == (0.4, 1e-12) for b in batchnorms)
     convs = [conv for conv in model_convs(model) if not hasattr(conv, "adapt")]  # dirac: all but the stem
     assert convs and all(np.asarray(conv.kernel)[1, 1, 0, 0] == 1.0 for conv in convs)
