@@ -45,6 +45,11 @@ ROWS = {
     # dirac init and Lookahead on the Muon row: they lifted the BatchNorm twin at 10 epochs (docs/training.md)
     "b8_muon_dirac": MUON + DIRAC,
     "b9_muon_dirac_lookahead": MUON + DIRAC + LOOKAHEAD,
+    # the biases' lr raised, as airbench94 trains its BatchNorm and whitening biases at 64 times the lr
+    "b10_muon_bias8": MUON + ["--bias-lr-mult", "8"],
+    "b11_muon_bias64": MUON + ["--bias-lr-mult", "64"],
+    # airbench94's whitening bias: trained for the first 3 epochs, then frozen
+    "b12_muon_wbias3": MUON + ["--whitening-bias-epochs", "3"],
 }
 
 
