@@ -21,8 +21,8 @@
 # jax: for a GPU machine with JAX and no TensorFlow. The speed recipe's runs trained by benchmarks/speed_jax.py
 #   on the Keras JAX backend (XLA, mixed_bfloat16), 10 epochs, from the shards that
 #   `python -m benchmarks.speed_jax prepare --out .gpudata` wrote, found under $GPU_DATA (default: .gpudata):
-#   3 seeds of each row of $JAX_ROWS (default: recipe wide; the rows
-#   and their flags are listed below), into speed_jax_gpu_<row>.json;
+#   3 seeds of each row of $JAX_ROWS (default: recipe wide; the rows and their flags are
+#   ROWS in benchmarks/speed_jax.py), into speed_jax_gpu_<row>.json;
 #   no seed starts after $STOP_AT (unix time; default: none); JAX's compilation cache in $JAX_CACHE (default:
 #   /tmp/nfnet_jax_cache). Needs Keras importable (PYTHONPATH) and the repo on it.
 set -uo pipefail
@@ -86,32 +86,19 @@ elif [ "$MODE" = "candidates" ]; then
 elif [ "$MODE" = "jax" ]; then
   # Each configuration trains its 3 seeds in one process (one import and data load); every seed is added to
   # speed_jax_gpu_TAG.json as it ends. One log for all: a lent machine returns only 8 files of $OUT.
-  jax_run() {  # jax_run TAG FLAGS...
-    local tag="$1" start rc; shift
+  jax_run() {  # jax_run ROW: the row's flags are benchmarks/speed_jax.py's ROWS
+    local row="$1" start rc
     start=$(date +%s)
-    echo "=== $tag seeds 0,1,2: $*" >> "$OUT/jax_runs.log"
-    "$PY" -m benchmarks.speed_jax run --data "${GPU_DATA:-.gpudata}" --seeds 0,1,2 --tag "gpu_$tag" --out-dir "$OUT" \
-      --compile-cache "${JAX_CACHE:-/tmp/nfnet_jax_cache}" ${STOP_AT:+--stop-at "$STOP_AT"} -- "$@" >> "$OUT/jax_runs.log" 2>&1
+    echo "=== $row seeds 0,1,2" >> "$OUT/jax_runs.log"
+    "$PY" -m benchmarks.speed_jax run --data "${GPU_DATA:-.gpudata}" --seeds 0,1,2 --row "$row" --tag "gpu_$row" \
+      --out-dir "$OUT" --compile-cache "${JAX_CACHE:-/tmp/nfnet_jax_cache}" ${STOP_AT:+--stop-at "$STOP_AT"} \
+      >> "$OUT/jax_runs.log" 2>&1
     rc=$?
-    echo "jax_$tag: exit $rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"
+    echo "jax_$row: exit $rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"
     [ $rc -eq 0 ] || status=1
   }
-  TWIN="--norm batch --bn-momentum 0.4 --bn-epsilon 1e-12 --gain-lr-mult 0 --ema 0"
-  LOOKAHEAD="--ema 0 --lookahead 5 --lookahead-schedule airbench"
-  declare -A ROW=(  # each row's flags, added to --recipe speed
-    [recipe]=""
-    [wide]="--preset cifar_speed_wide"
-    [wide_lookahead]="--preset cifar_speed_wide $LOOKAHEAD"
-    [wide_kpeak0.5]="--preset cifar_speed_wide --kernel-peak-pct 0.5"
-    [twin_airbn]="$TWIN"
-    [twin_airbn_lookahead]="$TWIN $LOOKAHEAD"
-    [twin_airbn_dirac]="--recipe speed_twin"  # = $TWIN --conv-init dirac
-    [twin_airbn_dirac_lookahead]="--recipe speed_twin $LOOKAHEAD"
-  )
   for row in ${JAX_ROWS:-recipe wide}; do
-    if [ -z "${ROW[$row]+set}" ]; then echo "unknown row $row; rows: ${!ROW[*]}" | tee -a "$OUT/summary.txt"; status=1; continue; fi
-    # shellcheck disable=SC2086  # the flags are words
-    jax_run "$row" ${ROW[$row]}
+    jax_run "$row"
   done
 fi
 cat "$OUT/summary.txt"

@@ -20,11 +20,8 @@ import subprocess
 import sys
 
 from benchmarks import common
+from benchmarks.speed_flags import ALTFLIP, DIRAC, LOOKAHEAD, MUON
 
-ALTFLIP = ["--augment", "translate_altflip"]
-DIRAC = ["--conv-init", "dirac"]
-LOOKAHEAD = ["--ema", "0", "--lookahead", "5", "--lookahead-schedule", "airbench"]
-MUON = ALTFLIP + ["--optimizer", "muon", "--kernel-lr", "0.24", "--kernel-momentum", "0.6"]  # row b5: the recipe
 # The recipe the rows start from: `--recipe speed` as it was before its Muon and alternating flip (rows b5_muon
 # and a1_altflip), so that every row measures what it did when it was chosen.
 BASE = ["--optimizer", "sgd", "--augment", "translate_flip"]

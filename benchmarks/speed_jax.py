@@ -22,7 +22,7 @@ Two steps, because the data travels to such a machine in pieces:
     python -m benchmarks.speed_jax prepare --out DIR [--shard-mb 60] [-- nfnet-fit flags]
     # on the JAX machine: DIR's shards (or several folders holding them), seeds in turn
     python -m benchmarks.speed_jax run --data DIR[,DIR...] --seeds 0,1,2 [--tag T] [--stop-at UNIX_TIME]
-        [--compile-cache DIR] [-- nfnet-fit flags]
+        [--compile-cache DIR] [--row NAME] [-- nfnet-fit flags]
     # one epoch on random images: the stack (Keras, JAX, the device) works
     python -m benchmarks.speed_jax smoke [-- nfnet-fit flags]
 
@@ -41,11 +41,26 @@ import statistics
 import sys
 import time
 
+from benchmarks.speed_flags import LOOKAHEAD
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SPLITS = ("train", "val", "test")
 # The augmentation policies drawn here (`data.make_epoch_dataset` has the rest).
 POLICIES = ("translate_altflip", "translate_flip", "none")
 TEST_POLICIES = ("none", "flip", "flip_translate", "flip_translate_weighted")
+
+
+# The rows of `bash benchmarks/gpu_check.sh jax` (`JAX_ROWS`, `run --row`): each the flags added to `--recipe speed`.
+ROWS = {
+    "recipe": [],
+    "wide": ["--preset", "cifar_speed_wide"],
+    "wide_lookahead": ["--preset", "cifar_speed_wide", *LOOKAHEAD],
+    "wide_kpeak0.5": ["--preset", "cifar_speed_wide", "--kernel-peak-pct", "0.5"],
+    "twin_airbn": ["--recipe", "speed_twin", "--conv-init", "he_normal"],  # airbench94's BatchNorms, no EMA
+    "twin_airbn_lookahead": ["--recipe", "speed_twin", "--conv-init", "he_normal", *LOOKAHEAD],
+    "twin_airbn_dirac": ["--recipe", "speed_twin"],
+    "twin_airbn_dirac_lookahead": ["--recipe", "speed_twin", *LOOKAHEAD],
+}
 
 
 def fit_config(flags):
@@ -342,6 +357,7 @@ def main(argv=None):
                    help="comma-separated seeds (default: 0)")
     r.add_argument("--tag", help="suffix of the summary's name")
     r.add_argument("--stop-at", type=float, help="unix time after which no further seed starts")
+    r.add_argument("--row", choices=list(ROWS), help="train a row of ROWS: its flags come before those after --")
     r.add_argument("--out-dir", default=RESULTS_DIR, help="where speed_jax_<tag>.json goes")
     s = sub.add_parser("smoke", help="one epoch on random images: the stack works here")
     for p in (r, s):
@@ -352,7 +368,7 @@ def main(argv=None):
     elif args.step == "smoke":
         smoke(args, flags)
     else:
-        run(args, flags)
+        run(args, [*ROWS.get(args.row, []), *flags])
 
 
 if __name__ == "__main__":

@@ -91,3 +91,21 @@ def test_shards_round_trip_and_a_missing_one_is_named(tmp_path, capsys):
     (tmp_path / "out" / "part3" / "shard.npz").unlink()
     with pytest.raises(SystemExit, match="the shards hold 47 images, splits.json 70: a shard is missing"):
         speed_jax.load_prepared([str(tmp_path / "out")])
+
+
+def test_gpu_rows_train_the_configs_they_are_named_for(capsys):
+    import dataclasses
+
+    configs = {name: speed_jax.fit_config(flags) for name, flags in speed_jax.ROWS.items()}
+    twin = dataclasses.replace(speed_jax.fit_config([]), norm="batch", bn_momentum=0.4, bn_epsilon=1e-12,
+                               gain_lr_mult=0.0, ema=0.0, recipe="speed_twin")
+    assert configs["twin_airbn"] == twin
+    assert configs["twin_airbn_dirac"] == dataclasses.replace(twin, conv_init="dirac")
+    for name in ("wide_lookahead", "twin_airbn_lookahead", "twin_airbn_dirac_lookahead"):
+        config = configs[name]
+        assert (config.ema, config.lookahead, config.lookahead_schedule) == (0.0, 5, "airbench"), name
+    assert configs["wide_kpeak0.5"].preset == "cifar_speed_wide" and configs["wide_kpeak0.5"].kernel_peak_pct == 0.5
+    with pytest.raises(SystemExit) as exit_info:  # gpu_check.sh's unknown JAX_ROWS entry: exit 2, the rows named
+        speed_jax.main(["run", "--data", "x", "--row", "twin"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'twin'" in capsys.readouterr().err
