@@ -47,6 +47,8 @@ ROWS = {
     "b11_muon_bias64": MUON + ["--bias-lr-mult", "64"],
     # airbench94's whitening bias: trained for the first 3 epochs, then frozen
     "b12_muon_wbias3": MUON + ["--whitening-bias-epochs", "3"],
+    # Muon's kernels not decayed, as airbench94_muon's: their scale, hence Muon's relative step, left to the updates
+    "b13_muon_kwd0": MUON + ["--kernel-weight-decay", "0"],
 }
 
 

@@ -191,6 +191,10 @@ class TrainConfig:
                                            "as a fraction of the steps (default: the schedule's 0.23)", group=_OPT,
                                            metavar="F", hparam="peak of the conv kernels' triangle lr, fraction of "
                                            "the steps (unset: 0.23)")
+    kernel_weight_decay: float | None = option(None, "decoupled weight decay of the conv kernels under muon "
+                                               "(default: --weight-decay; 0: none, as airbench94_muon)", group=_OPT,
+                                               metavar="WD", hparam="weight decay of the conv kernels under muon "
+                                               "(unset: weight decay)")
     muon_ns_steps: int = option(5, "Newton-Schulz iterations of Muon (airbench94_muon: 3)", group=_OPT, metavar="N",
                                 hparam="Newton-Schulz iterations of Muon")
     lookahead: int = option(0, "Lookahead: sync slow weights every K steps; 0 disables it", group=_OPT, metavar="K",
@@ -310,6 +314,12 @@ class TrainConfig:
              f"--kernel-peak-pct moves the peak of the conv kernels' own triangle lr: it needs --schedule triangle "
              f"and --optimizer muon or renorm_sgd, got --schedule {self.schedule} --optimizer {self.optimizer} (or "
              f"drop --kernel-peak-pct)."),
+            (self.kernel_weight_decay is None or self.kernel_weight_decay >= 0,
+             f"--kernel-weight-decay must be >= 0 (0: none), got {self.kernel_weight_decay}."),
+            (self.kernel_weight_decay is None or self.optimizer == "muon",
+             f"--kernel-weight-decay is the decay of Muon's conv kernels: it needs --optimizer muon, got "
+             f"--optimizer {self.optimizer} (--weight-decay covers the kernels under sgd; renorm_sgd keeps them at "
+             f"unit norm)."),
             (self.muon_ns_steps >= 1, f"--muon-ns-steps must be >= 1, got {self.muon_ns_steps}."),
             (not (self.lookahead and self.strategy == "mirrored"),
              "--lookahead is not supported with --strategy mirrored; use --strategy none or data_parallel."),

@@ -512,6 +512,32 @@ def test_kernel_optimizer_flags_and_hparams(tmp_path):
     assert type(make_optimizer(config, 10).optimizers[0]) is RenormSGD
 
 
+def test_kernel_weight_decay_shrinks_only_the_muon_kernels(capsys):
+    from nfnet_keras import fit
+
+    model = build_model("tiny_speed")
+    variables = model.trainable_variables
+    zeros = [keras.ops.zeros(v.shape) for v in variables]  # no gradient: only the decay moves a weight
+    for decay, flags in ((0.1, ["--kernel-weight-decay", "0.1"]), (0.0, ["--kernel-weight-decay", "0"]),
+                         (WD, [])):
+        config, _ = fit.parse_config(["--optimizer", "muon", "--kernel-lr", "0.3", "--lr", str(LR),
+                                      "--schedule", "constant", "--weight-decay", str(WD), *flags])
+        start = {v.path: np.array(v) for v in variables}
+        make_optimizer(config, 10).apply(zeros, variables)
+        for v in variables:
+            if len(v.shape) == 4:  # Muon's conv kernels: w - 0.3 * decay * w
+                np.testing.assert_allclose(np.array(v), start[v.path] * (1 - 0.3 * decay), rtol=1e-6, err_msg=v.path)
+            elif v.path == "classifier/kernel":  # the SGD part keeps --weight-decay
+                np.testing.assert_allclose(np.array(v), start[v.path] * (1 - LR * WD), rtol=1e-6)
+        for v in variables:
+            v.assign(start[v.path])
+    with pytest.raises(SystemExit) as exit_info:
+        fit.parse_config(["--kernel-weight-decay", "0"])
+    assert exit_info.value.code == 2
+    message = "--kernel-weight-decay is the decay of Muon's conv kernels: it needs --optimizer muon"
+    assert message in capsys.readouterr().err
+
+
 def test_kernel_peak_pct_moves_only_the_kernels_peak():
     from nfnet_keras import fit
 
