@@ -59,10 +59,12 @@ ROWS = {
     # wider again (8.3 M weights): cifar_speed_wide gained 0.9 points over cifar_speed under the same recipe
     "wider": ["--preset", "cifar_speed_wide", "--override", "widths=[192,512,512]"],
     "wide_kwd0": ["--preset", "cifar_speed_wide", "--kernel-weight-decay", "0"],
-    "twin_airbn": ["--recipe", "speed_twin", "--conv-init", "he_normal"],  # airbench94's BatchNorms, no EMA
-    "twin_airbn_lookahead": ["--recipe", "speed_twin", "--conv-init", "he_normal", *LOOKAHEAD],
-    "twin_airbn_dirac": ["--recipe", "speed_twin"],
-    "twin_airbn_dirac_lookahead": ["--recipe", "speed_twin", *LOOKAHEAD],
+    # the twin recipe's steps: airbench94's BatchNorms and no EMA, then dirac init, then the biases at 64 times the lr
+    "twin_airbn": ["--recipe", "speed_twin", "--conv-init", "he_normal", "--bias-lr-mult", "1"],
+    "twin_airbn_lookahead": ["--recipe", "speed_twin", "--conv-init", "he_normal", "--bias-lr-mult", "1", *LOOKAHEAD],
+    "twin_airbn_dirac": ["--recipe", "speed_twin", "--bias-lr-mult", "1"],
+    "twin_airbn_dirac_lookahead": ["--recipe", "speed_twin", "--bias-lr-mult", "1", *LOOKAHEAD],
+    "twin_recipe": ["--recipe", "speed_twin"],
 }
 
 

@@ -226,7 +226,8 @@ def test_speed_recipe_sets_its_defaults_and_flags_win():
 def test_speed_twin_recipe_is_exactly_the_measured_twin_and_builds_it():
     twin, _ = fit.parse_config(["--recipe", "speed_twin", "--no-export"])
     spelled, _ = fit.parse_config(["--recipe", "speed", "--norm", "batch", "--bn-momentum", "0.4", "--bn-epsilon",
-                                   "1e-12", "--gain-lr-mult", "0", "--ema", "0", "--conv-init", "dirac", "--no-export"])
+                                   "1e-12", "--gain-lr-mult", "0", "--ema", "0", "--conv-init", "dirac",
+                                   "--bias-lr-mult", "64", "--no-export"])
     assert twin.to_dict() | {"recipe": None} == spelled.to_dict() | {"recipe": None}
     assert twin.recipe == "speed_twin" and RECIPES["speed"]["ema"] > 0  # the NF recipe keeps its EMA
     model = network.build_for(dataclasses.replace(twin, preset="tiny_speed"), 10, (32, 32, 3))

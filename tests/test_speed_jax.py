@@ -101,6 +101,7 @@ def test_gpu_rows_train_the_configs_they_are_named_for(capsys):
                                gain_lr_mult=0.0, ema=0.0, recipe="speed_twin")
     assert configs["twin_airbn"] == twin
     assert configs["twin_airbn_dirac"] == dataclasses.replace(twin, conv_init="dirac")
+    assert configs["twin_recipe"] == dataclasses.replace(twin, conv_init="dirac", bias_lr_mult=64.0)
     for name in ("wide_lookahead", "twin_airbn_lookahead", "twin_airbn_dirac_lookahead"):
         config = configs[name]
         assert (config.ema, config.lookahead, config.lookahead_schedule) == (0.0, 5, "airbench"), name
