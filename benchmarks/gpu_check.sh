@@ -82,7 +82,7 @@ elif [ "$MODE" = "candidates" ]; then
   step speed_kpeak "$PY" -m benchmarks.speed_runs --seeds 0,1,2 --bn-seeds "" --runs-dir "$OUT/speed_kpeak" \
     --out-dir "$OUT" --tag gpu_kpeak0.5 -- --jit --kernel-peak-pct 0.5
   step speed_twin_airbn "$PY" -m benchmarks.speed_runs --seeds "" --bn-seeds 0,1,2 --runs-dir "$OUT/speed_twin" \
-    --out-dir "$OUT" --tag gpu_twin_airbn -- --jit --bn-momentum 0.4 --bn-epsilon 1e-12 --gain-lr-mult 0 --ema 0
+    --out-dir "$OUT" --tag gpu_twin_airbn -- --jit --recipe speed_twin --conv-init he_normal --bias-lr-mult 1
 elif [ "$MODE" = "jax" ]; then
   # Each configuration trains its 3 seeds in one process (one import and data load); every seed is added to
   # speed_jax_gpu_TAG.json as it ends. One log for all: a lent machine returns only 8 files of $OUT.

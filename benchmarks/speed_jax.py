@@ -373,7 +373,7 @@ def main(argv=None):
     elif args.step == "smoke":
         smoke(args, flags)
     else:
-        run(args, [*ROWS.get(args.row, []), *flags])
+        run(args, [*(ROWS[args.row] if args.row else []), *flags])
 
 
 if __name__ == "__main__":
