@@ -26,7 +26,7 @@ __getattr__, __dir__, __all__ = lazy.attach(
         ".layers": ["GAMMAS", "PartialDirac", "PatchWhitening", "ScaledActivation", "SqueezeExcite",
                     "StochasticDepth", "WSConv2D"],
         ".models": ["BATCHNORM_TWIN", "PRESETS", "ConvGroup", "NFBlock", "NormConvGroup", "PreActBottleneck",
-                    "SignalBlock", "adapt_model", "build_model", "count_macs", "dirac_initialize",
+                    "SignalBlock", "adapt_model", "build_model", "count_macs", "data_initialize", "dirac_initialize",
                     "signal_propagation"],
     },
     submodules=("layers", "models", "optimizers", "tensorboard", "tuner"),

@@ -140,6 +140,11 @@ class TrainConfig:
     conv_init: str = option("he_normal", "he_normal; or dirac: every conv but the stem starts with its first C_in "
                             "filters the identity (airbench94's init)", group=_MODEL, choices=CONV_INITS,
                             hparam="conv kernel initialization")
+    data_init: int = option(
+        0, "set every WS conv's gain and bias so that each activation's input has mean 0 and variance 1 per channel "
+        "on the first N training images, as after a BatchNorm at the start (the speed network without "
+        "normalization; weight normalization's data-dependent init); 0: off", group=_MODEL, metavar="N",
+        hparam="training images the gains and biases were initialised on (0: none)")
     whitening_bias_epochs: int | None = option(
         None, "train the whitening stem's bias for the first N epochs only, as airbench94 (3); default: every epoch",
         group=_MODEL, metavar="N", hparam="epochs the whitening stem's bias trains (unset: all)")
@@ -334,6 +339,12 @@ class TrainConfig:
              f"--checkpoint-every must be >= 0 (steps; 0: only at epoch ends), got {self.checkpoint_every}."),
             (self.test_limit is None or self.test_limit >= 1,
              f"--test-limit must be >= 1, got {self.test_limit}."),
+            (self.data_init >= 0, f"--data-init must be >= 0 (training images; 0: off), got {self.data_init}."),
+            (not self.data_init or (isinstance(resolved, ConvGroupsConfig) and self.norm == "none"),
+             f"--data-init initializes the speed network without normalization (e.g. --preset cifar_speed --norm "
+             f"none); got --preset {self.preset} --norm {self.norm}."),
+            (not (self.data_init and self.init_from),
+             "--data-init and --init-from both set the starting weights; give one of them."),
             (self.whitening_bias_epochs is None or self.whitening_bias_epochs >= 0,
              f"--whitening-bias-epochs must be >= 0 (unset: every epoch), got {self.whitening_bias_epochs}."),
             (self.whitening_bias_epochs is None or isinstance(resolved, ConvGroupsConfig),

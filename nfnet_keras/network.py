@@ -11,7 +11,7 @@ import keras
 from nfnet_keras.callbacks import FreezeAfterEpochs, RecalibrateBatchNorm
 from nfnet_keras.contract import IMAGE_SHAPE, NUM_CLASSES, normalize
 from nfnet_keras.models import BATCHNORM_TWIN, adapt_model, build_model
-from nfnet_keras.models.initialization import dirac_initialize
+from nfnet_keras.models.initialization import data_initialize, dirac_initialize
 from nfnet_keras.models.transfer import WeightsMismatch, copy_weights, freeze
 from nfnet_keras.optimization import make_loss, make_optimizer
 
@@ -113,6 +113,14 @@ def adapt_to(model, train_images):
     if not any(callable(getattr(layer, "adapt", None)) for layer in model.layers):
         return []
     return adapt_model(model, normalize(train_images[:ADAPT_IMAGES]))
+
+
+def data_initialize_to(model, train_images, count):
+    """Sets the model's gains and biases from its first `count` training images (uint8): `data_initialize`.
+
+    Returns the paths of the gains set.
+    """
+    return data_initialize(model, normalize(train_images[:count]))
 
 
 def whitening_layers(model, config):

@@ -28,6 +28,7 @@ from nfnet_keras.network import (  # noqa: F401  (re-exported)
     adapt_to,
     build_for,
     compile_model,
+    data_initialize_to,
     init_from_file,
     recipe_callbacks,
     resolve_jit,
@@ -350,6 +351,10 @@ def _build_compiled(config, strategy, train_images_labels, num_classes=NUM_CLASS
     adapted = adapt_to(model, train_images)  # a resumed run then restores the same values
     if adapted:
         print(f"Adapted {', '.join(adapted)} to {min(len(train_images), ADAPT_IMAGES)} training images.")
+    if config.data_init:
+        gains = data_initialize_to(model, train_images, config.data_init)
+        print(f"Initialised {len(gains)} conv gains and biases on {min(len(train_images), config.data_init)} "
+              "training images (--data-init).")
     return model
 
 

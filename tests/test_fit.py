@@ -169,6 +169,13 @@ def test_mirrored_strategy_trains_on_two_logical_cpus(tmp_path, synthetic_cifar_
         (["--conv-init", "orthogonal"], "invalid choice: 'orthogonal'"),
         (["--preset", "tiny_speed", "--whitening-bias-epochs", "-1"], "--whitening-bias-epochs must be >= 0"),
         (["--preset", "tiny", "--whitening-bias-epochs", "3"], "needs a network with a whitening stem"),
+        (["--preset", "tiny_speed", "--data-init", "-1"], "--data-init must be >= 0 (training images; 0: off)"),
+        (["--preset", "tiny", "--data-init", "64"], "--data-init initializes the speed network without normalization "
+                                                    "(e.g. --preset cifar_speed --norm none); got --preset tiny --norm "
+                                                    "none."),
+        (["--preset", "tiny_speed", "--norm", "batch", "--data-init", "64"], "got --preset tiny_speed --norm batch."),
+        (["--preset", "tiny_speed", "--data-init", "64", "--init-from", "m.keras"],
+         "--data-init and --init-from both set the starting weights; give one of them."),
         (["--weight-decay-mode", "l2"], "invalid choice: 'l2'"),
         (["--bn-momentum", "0.4"], "--bn-momentum and --bn-epsilon set the BatchNorm twin's layers: add --norm "
                                    "batch, or drop them."),

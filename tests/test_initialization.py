@@ -1,5 +1,5 @@
-"""Dirac (identity) initialization of conv kernels: `PartialDirac` and `dirac_initialize` through
-`network.build_for` (also run under JAX and PyTorch)."""
+"""Initialization of conv layers: dirac (identity) kernels (`PartialDirac`, `dirac_initialize` through
+`network.build_for`) and gains and biases set from data (`data_initialize`); also run under JAX and PyTorch."""
 
 import json
 
@@ -9,7 +9,7 @@ import pytest
 
 from nfnet_keras import config as config_lib
 from nfnet_keras import network
-from nfnet_keras.models import model_convs
+from nfnet_keras.models import adapt_model, data_initialize, model_convs
 
 
 @pytest.mark.parametrize(
@@ -116,3 +116,54 @@ def test_dirac_init_skips_the_rgb_stem_conv_of_a_resnet():
     names = dirac_initialize(model)
     assert len(names) == len(model_convs(model)) - 1 and "stem_conv1" not in " ".join(names)
     np.testing.assert_array_equal(np.asarray(model_convs(model)[0].kernel), stem)
+
+
+def _coloured_images(count, seed):
+    """uint8 images of a random colour each plus smooth noise: channel means far from the data's, as real photos'."""
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(0, 256, (count, 1, 1, 3))
+    noise = rng.normal(0, 40, (count, 8, 8, 3)).repeat(4, axis=1).repeat(4, axis=2)
+    return np.clip(colours + noise, 0, 255).astype("uint8")
+
+
+def _pre_activations(model, images):
+    """Per group, the inputs of its two activations on `images`: (max-pooled conv1 outputs, conv2 outputs)."""
+    x = model.get_layer("stem_act")(model.get_layer("stem_whitening")(images))
+    out = []
+    for group in [layer for layer in model.layers if layer.name.endswith("_group")]:
+        pooled = group._pooled(x)
+        out.append((keras.ops.convert_to_numpy(pooled), keras.ops.convert_to_numpy(group.conv2(group.act1(pooled)))))
+        x = group(x)
+    return out
+
+
+def test_data_init_standardizes_every_activation_input_of_the_nf_network_and_keeps_its_filters():
+    from nfnet_keras.contract import normalize
+
+    keras.utils.set_random_seed(0)
+    model = network.build_for(config_lib.TrainConfig(preset="tiny_speed").validate())
+    images = normalize(_coloured_images(96, seed=0))
+    adapt_model(model, images)
+    kernels = [np.asarray(conv.kernel).copy() for conv in model_convs(model)]
+    before = _pre_activations(model, images)
+    assert max(np.abs(a.reshape(-1, a.shape[-1]).mean(0)).max() for pair in before for a in pair) > 0.3
+
+    names = data_initialize(model, images, batch_size=40)  # 3 passes, the last of 16 images
+
+    assert names == [f"stage{s}_group/conv{c}/gain" for s in (1, 2, 3) for c in (1, 2)]
+    for pooled, pre_act2 in _pre_activations(model, images):
+        for a in (pooled, pre_act2):
+            a = a.reshape(-1, a.shape[-1]).astype("float64")
+            np.testing.assert_allclose(a.mean(0), 0.0, atol=2e-5)
+            np.testing.assert_allclose(a.var(0), 1.0, rtol=2e-4)
+    for kernel, conv in zip(kernels, model_convs(model)):
+        np.testing.assert_array_equal(np.asarray(conv.kernel), kernel)
+    # On other images of the same kind the statistics are near, not exactly, standardized.
+    pooled, _ = _pre_activations(model, normalize(_coloured_images(96, seed=1)))[0]
+    assert np.abs(pooled.reshape(-1, pooled.shape[-1]).mean(0)).max() < 0.5
+
+
+def test_data_init_refuses_the_batchnorm_twin():
+    model = network.build_for(config_lib.TrainConfig(preset="tiny_speed", norm="batch").validate())
+    with pytest.raises(ValueError, match="has no layer initialized from data"):
+        data_initialize(model, np.zeros((4, 32, 32, 3), "float32"))

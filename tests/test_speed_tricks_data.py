@@ -19,12 +19,13 @@ TINY_SPEED = ["--recipe", "speed", "--preset", "tiny_speed", "--batch-size", "64
 
 @pytest.fixture(scope="module")
 def tricks_run(tmp_path_factory, synthetic_cifar_dir):
-    """2 epochs of tiny_speed on 128 synthetic images with every trick of this file (--whitening-bias-epochs 1)."""
+    """2 epochs of tiny_speed on 128 synthetic images with every trick of this file (--whitening-bias-epochs 1,
+    --data-init 48)."""
     run_dir = tmp_path_factory.mktemp("tricks") / "run"
     result = subprocess.run(
         [sys.executable, "-m", "nfnet_keras.fit", *TINY_SPEED, "--epochs", "2", "--train-limit", "128",
          "--tta", "flip_translate_weighted", "--augment", "translate_altflip", "--conv-init", "dirac",
-         "--whitening-bias-epochs", "1",
+         "--whitening-bias-epochs", "1", "--data-init", "48",
          "--run-dir", str(run_dir), "--data-dir", synthetic_cifar_dir],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
@@ -81,7 +82,8 @@ def test_fit_reports_the_weighted_tta(tricks_run, synthetic_cifar_dir):
     run_dir, result, metrics = tricks_run
     assert metrics["tta"] == "flip_translate_weighted" and metrics["config"]["augment"] == "translate_altflip"
     assert metrics["history"]["epoch"] == [0, 1] and metrics["config"]["conv_init"] == "dirac"
-    assert metrics["config"]["whitening_bias_epochs"] == 1
+    assert metrics["config"]["whitening_bias_epochs"] == 1 and metrics["config"]["data_init"] == 48
+    assert "Initialised 6 conv gains and biases on 48 training images (--data-init)." in result.stdout
     assert metrics["tta_views"] == list(TTA_POLICY_VIEWS["flip_translate"])
     assert metrics["tta_weights"] == [0.25, 0.25, 0.125, 0.125, 0.125, 0.125]
     assert "flip_translate_weighted test-time augmentation (6 views: identity, mirror" in result.stdout

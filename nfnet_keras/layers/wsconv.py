@@ -4,6 +4,7 @@ import functools
 import inspect
 
 import keras
+import numpy as np
 from keras import ops
 
 from nfnet_keras import hardware
@@ -219,6 +220,27 @@ class WSConv2D(keras.layers.Conv2D):
         if scale is not None:
             factor = factor * ops.cast(scale, "float32")
         return (kernel - mean) * factor
+
+    def standardize_outputs(self, mean, var, eps=1e-5):
+        """Rescales the gain and shifts the bias so that outputs of these moments get mean 0 and variance 1.
+
+        `mean` and `var` are per-channel moments of this conv's outputs on some
+        data (or of a map of them that commutes with a positive scale and a
+        shift per channel, such as max-pooling). The outputs `y` become
+        `(y - mean) / sqrt(var + eps)`: the gain is divided by that standard
+        deviation and, with a bias, the bias becomes `(bias - mean) / std`;
+        without one only the scale is set. The filters are not touched.
+
+        Args:
+            mean: array `(filters,)`.
+            var: array `(filters,)`, >= 0.
+            eps: float added to `var`.
+        """
+        std = np.sqrt(np.asarray(var, "float64") + eps)
+        self.gain.assign((np.asarray(ops.convert_to_numpy(self.gain), "float64") / std).astype("float32"))
+        if self.use_bias:
+            bias = np.asarray(ops.convert_to_numpy(self.bias), "float64")
+            self.bias.assign(((bias - np.asarray(mean, "float64")) / std).astype("float32"))
 
     def call(self, inputs, input_scale=None, output_scale=None):
         """The convolution, with optional scalar scales folded into the kernel.

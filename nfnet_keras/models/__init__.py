@@ -13,7 +13,7 @@ __getattr__, __dir__, __all__ = lazy.attach(
         ".conv_groups.conv_group": ["ConvGroup", "NormConvGroup"],
         ".conv_groups.presets": ["ConvGroupsConfig"],
         ".flops": ["count_macs"],
-        ".initialization": ["dirac_initialize"],
+        ".initialization": ["data_initialize", "dirac_initialize"],
         ".nf_resnet.blocks": ["NFBlock", "PreActBottleneck"],
         ".nf_resnet.presets": ["NFResNetConfig"],
         ".presets": ["PRESETS", "check_preset", "resolve_config"],

@@ -12,6 +12,7 @@ from nfnet_keras.layers import (
     scaled_conv,
 )
 from nfnet_keras.models.flops import conv_macs
+from nfnet_keras.models.initialization import channel_moments
 from nfnet_keras.models.signal_block import SignalBlock, legacy_twin_message
 
 
@@ -95,6 +96,29 @@ class ConvGroup(SignalBlock):
         x = scaled_conv(self.conv2, self.act1.unscaled(self._pooled(inputs), training), input_scale=self.act1.gamma)
         return self.act2(x, training=training)
 
+    def data_initialize(self, inputs, batch_size=256):
+        """Sets the convs' gains and biases so that each activation's input is standardized on `inputs`.
+
+        On these inputs (the group's, from real images) each activation then
+        sees mean 0 and variance 1 per channel, as after a BatchNorm at the
+        start of training: conv1's outputs are standardized through the
+        max-pool (which commutes with a positive scale and a shift per
+        channel), then conv2's on the activations of the new conv1. Only the
+        gains and biases change; nothing normalizes afterwards. Needs convs
+        with a gain (`WSConv2D`).
+
+        Args:
+            inputs: array `(n, h, w, c)`: the group's inputs.
+            batch_size: int. Images per forward pass.
+
+        Returns:
+            The paths of the gains set.
+        """
+        self.conv1.standardize_outputs(*channel_moments(self._pooled, inputs, batch_size))
+        pre_act2 = lambda x: self.conv2(self.act1(self._pooled(x)))
+        self.conv2.standardize_outputs(*channel_moments(pre_act2, inputs, batch_size))
+        return [self.conv1.gain.path, self.conv2.gain.path]
+
     def residual_branch(self, inputs):
         """The group's output in inference mode (the group has no skip path)."""
         return self(inputs, training=False)
@@ -131,6 +155,7 @@ class NormConvGroup(NormLayerMixin, ConvGroup):
 
     expected_var = None
     expected_output_var = None
+    data_initialize = None  # its BatchNorms standardize the activations' inputs at every step
 
     def __init__(self, filters, activation="gelu", *, norm_layer="BatchNormalization", conv_layer="Conv2D",
                  norm_config=None, **kwargs):
