@@ -58,6 +58,9 @@ ROWS = {
     "b16_muon_datainit": MUON + ["--data-init", "2048"],
     # the WS gains (and skip gains) at 4 times the lr: frozen (b14), they cost 3.5 points
     "b17_muon_gain4": MUON + ["--gain-lr-mult", "4"],
+    # no adaptive gradient clipping: kept from the SGD recipe, under Muon it clips the SGD groups and the
+    # kernels' per-filter gradients before their orthogonalization; airbench94_muon clips nothing
+    "b18_muon_agc0": MUON + ["--agc", "0"],
 }
 
 
