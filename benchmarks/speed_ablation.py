@@ -61,6 +61,10 @@ ROWS = {
     # no adaptive gradient clipping: kept from the SGD recipe, under Muon it clips the SGD groups and the
     # kernels' per-filter gradients before their orthogonalization; airbench94_muon clips nothing
     "b18_muon_agc0": MUON + ["--agc", "0"],
+    # filters scaled to unit norm without centring, as KellerJordan's airbench without BatchNorm keeps them; with
+    # dirac init an identity filter then stays exactly the identity (a centred one does not)
+    "b19_muon_uncentred": MUON + ["--override", "center_filters=False"],
+    "b20_muon_uncentred_dirac": MUON + ["--override", "center_filters=False"] + DIRAC,
 }
 
 

@@ -88,6 +88,17 @@ def test_folded_logits_equal_the_trained_models(cifar_images, preset, twin):
     np.testing.assert_allclose(got, expected, rtol=LOGIT_RTOL, atol=LOGIT_ATOL * max(1.0, np.abs(expected).max()))
 
 
+def test_folded_logits_of_uncentred_filters_equal_the_models(cifar_images):
+    keras.utils.set_random_seed(0)
+    model = random_weights(build_model("tiny_speed", center_filters=False), seed=0)
+    assert model.get_layer("stage1_group").conv1.center is False
+    x = preprocess(cifar_images)
+    expected = model(x, training=False).numpy()
+    assert np.std(expected) > 0.05
+    np.testing.assert_allclose(fold_for_inference(model)(x).numpy(), expected, rtol=LOGIT_RTOL,
+                               atol=LOGIT_ATOL * max(1.0, np.abs(expected).max()))
+
+
 @pytest.mark.parametrize("preset", ["tiny_speed", "tiny_grouped"])
 def test_negative_batchnorm_scales_stay_exact(cifar_images, preset):
     # A BN after a max-pool with a negative scale cannot fold (max-pool does not commute with it): it must stay.

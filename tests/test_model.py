@@ -649,6 +649,15 @@ def test_report_resnet_twin_parameter_counts():
     assert build_model("report_resnet", conv_layer=keras.layers.Conv2D).count_params() == 737_257
 
 
+def test_uncentred_filters_reach_every_conv_of_the_speed_network_and_not_its_twin():
+    model = build_model("tiny_speed", center_filters=False)
+    convs = model_convs(model)
+    assert len(convs) == 6 and all(isinstance(c, WSConv2D) and c.center is False for c in convs)
+    assert all(c.center for c in model_convs(build_model("tiny_speed")))
+    with pytest.raises(ValueError, match=r"normalized twin \(--norm batch, norm_layer\) has plain convs"):
+        build_model("tiny_speed", center_filters=False, **BATCHNORM_TWIN)
+
+
 def test_plain_conv_twin_computes_the_nf_function_with_standardized_kernels():
     # The scales a plain Conv2D cannot fold are applied to the feature maps:
     # given WSConv2D's standardized kernels, the twin is the same function.

@@ -92,6 +92,22 @@ def test_standardized_kernel_zero_mean_and_gain_norm():
     np.testing.assert_allclose(w, np_standardize(to_np(conv.kernel), gain), rtol=1e-5, atol=1e-6)
 
 
+def test_uncentred_kernel_is_the_raw_filter_scaled_to_the_gain():
+    conv = WSConv2D(6, 3, center=False)
+    conv.build((None, 8, 8, 4))
+    gain = np.linspace(0.5, 3.0, 6).astype("float32")
+    conv.gain.assign(gain)
+    conv.kernel.assign(conv.kernel + 0.2)  # filters with a mean the centred conv would remove
+    raw = to_np(conv.kernel).astype("float64")
+    w = to_np(conv.standardized_kernel()).astype("float64")
+    np.testing.assert_allclose(w, raw / np.sqrt((raw**2).sum(axis=(0, 1, 2))) * gain, rtol=1e-5, atol=1e-7)
+    assert np.abs(w.mean(axis=(0, 1, 2))).min() > 1e-3
+    # A constant input gives each channel its filter's sum (times the input), not 0 as with centring.
+    out = to_np(conv(np.ones((1, 5, 5, 4), "float32")))[0, 2, 2]
+    np.testing.assert_allclose(out, w.sum(axis=(0, 1, 2)) + to_np(conv.bias), rtol=1e-4)
+    assert WSConv2D.from_config(conv.get_config()).center is False
+
+
 def test_eps_floors_a_tiny_variance_kernel():
     conv = WSConv2D(2, 1, use_bias=False)
     conv.build((None, 4, 4, 4))

@@ -161,6 +161,10 @@ class WSConv2D(keras.layers.Conv2D):
         kernel_size: int or tuple of 2 ints. Size of the kernel.
         eps: float. Lower bound of `N * var(W)`, which keeps a constant filter
             finite. Defaults to `1e-4`.
+        center: bool. Whether each filter's mean is subtracted. `False`: each
+            filter is only scaled to unit norm, `gain * W / sqrt(max(sum(W^2), eps))`
+            (the filters of KellerJordan's airbench without BatchNorm, which a
+            constant input does not cancel). Defaults to `True`.
         gain_initializer: initializer of the per-channel gain. Defaults to `"ones"`.
         kernel_initializer: initializer of the raw kernel. Defaults to He (fan-in)
             normal, `"he_normal"`.
@@ -181,6 +185,7 @@ class WSConv2D(keras.layers.Conv2D):
         eps=1e-4,
         gain_initializer="ones",
         kernel_initializer="he_normal",
+        center=True,
         **kwargs,
     ):
         if kwargs.get("data_format", "channels_last") not in (None, "channels_last"):
@@ -194,6 +199,7 @@ class WSConv2D(keras.layers.Conv2D):
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps!r}.")
         self.eps = float(eps)
+        self.center = bool(center)
         self.gain_initializer = keras.initializers.get(gain_initializer)
 
     def build(self, input_shape):
@@ -212,14 +218,17 @@ class WSConv2D(keras.layers.Conv2D):
         `scale` is a scalar (float or tensor) folded into the per-channel factor.
         """
         kernel = ops.cast(self._kernel if kernel is None else kernel, "float32")
-        fan_in = kernel.shape[0] * kernel.shape[1] * kernel.shape[2]
-        mean = ops.mean(kernel, axis=(0, 1, 2), keepdims=True)
-        var = ops.var(kernel, axis=(0, 1, 2), keepdims=True)
-        factor = ops.rsqrt(ops.maximum(var * fan_in, self.eps))
+        if self.center:
+            fan_in = kernel.shape[0] * kernel.shape[1] * kernel.shape[2]
+            squares = ops.var(kernel, axis=(0, 1, 2), keepdims=True) * fan_in
+            kernel = kernel - ops.mean(kernel, axis=(0, 1, 2), keepdims=True)
+        else:
+            squares = ops.sum(ops.square(kernel), axis=(0, 1, 2), keepdims=True)
+        factor = ops.rsqrt(ops.maximum(squares, self.eps))
         factor = factor * ops.cast(self.gain, "float32")
         if scale is not None:
             factor = factor * ops.cast(scale, "float32")
-        return (kernel - mean) * factor
+        return kernel * factor
 
     def standardize_outputs(self, mean, var, eps=1e-5):
         """Rescales the gain and shifts the bias so that outputs of these moments get mean 0 and variance 1.
@@ -315,6 +324,7 @@ class WSConv2D(keras.layers.Conv2D):
     def get_config(self):
         config = super().get_config()
         config["eps"] = self.eps
+        config["center"] = self.center
         config["gain_initializer"] = keras.initializers.serialize(self.gain_initializer)
         return config
 

@@ -123,10 +123,10 @@ def _conv_kernel(conv):
     """The kernel `conv` convolves with (standardized and gained for a `WSConv2D`), float64."""
     if isinstance(conv, WSConv2D):
         kernel = _array(conv._kernel)
-        fan_in = np.prod(kernel.shape[:3])
-        mean = kernel.mean(axis=(0, 1, 2), keepdims=True)
-        var = kernel.var(axis=(0, 1, 2), keepdims=True)
-        return (kernel - mean) / np.sqrt(np.maximum(var * fan_in, conv.eps)) * _array(conv.gain)
+        if conv.center:
+            kernel = kernel - kernel.mean(axis=(0, 1, 2), keepdims=True)
+        squares = np.square(kernel).sum(axis=(0, 1, 2), keepdims=True)
+        return kernel / np.sqrt(np.maximum(squares, conv.eps)) * _array(conv.gain)
     return _array(conv.kernel)
 
 

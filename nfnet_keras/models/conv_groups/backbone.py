@@ -21,7 +21,11 @@ def parts(config, conv_layer, norm_layer=None, norm_config=None):
     """The group factory of a network of `config`: `ConvGroup`s, or a normalized twin's `NormConvGroup`s
     (`norm_config`: the keyword arguments of their `norm_layer`)."""
     if norm_layer is None:
-        return functools.partial(ConvGroup, conv_layer=conv_layer)
+        return functools.partial(ConvGroup, conv_layer=conv_layer,
+                                 conv_config=None if config.center_filters else {"center": False})
+    if not config.center_filters:
+        raise ValueError("center_filters=False sets the WS convs of the network without normalization; its "
+                         "normalized twin (--norm batch, norm_layer) has plain convs: drop one of the two.")
     return functools.partial(NormConvGroup, norm_layer=norm_layer, conv_layer=conv_layer, norm_config=norm_config)
 
 

@@ -40,13 +40,16 @@ class ConvGroup(SignalBlock):
         use_bias: bool. Whether the convs have biases. Defaults to `True`.
         conv_layer: class or str. A `keras.layers.Conv2D` subclass or its
             registered name. Defaults to `WSConv2D`.
+        conv_config: dict or None. More keyword arguments of `conv_layer`
+            (e.g. `{"center": False}` for a `WSConv2D`). Defaults to `None`.
         **kwargs: Standard `keras.layers.Layer` arguments.
     """
 
     expected_var = 1.0
     expected_output_var = 1.0
 
-    def __init__(self, filters, activation="gelu", pool_size=2, use_bias=True, conv_layer=WSConv2D, **kwargs):
+    def __init__(self, filters, activation="gelu", pool_size=2, use_bias=True, conv_layer=WSConv2D, conv_config=None,
+                 **kwargs):
         super().__init__(**kwargs)
         if not (isinstance(filters, int) and filters > 0):
             raise ValueError(f"filters must be a positive int, got {filters!r}.")
@@ -55,6 +58,7 @@ class ConvGroup(SignalBlock):
         self.filters, self.pool_size, self.use_bias = filters, pool_size, bool(use_bias)
         self.activation = check_activation(activation)
         self.conv_layer = resolve_layer_class(conv_layer, keras.layers.Conv2D, "conv_layer")
+        self.conv_config = dict(conv_config) if conv_config else None
 
     def _make_activation(self, name):
         return ScaledActivation(self.activation, name=name, dtype=self.dtype_policy)
@@ -62,7 +66,8 @@ class ConvGroup(SignalBlock):
     def build(self, input_shape):
         input_shape = tuple(input_shape)
         conv = lambda name: self.conv_layer(self.filters, 3, padding="same", use_bias=self.use_bias,
-                                            kernel_initializer="he_normal", name=name, dtype=self.dtype_policy)
+                                            kernel_initializer="he_normal", name=name, dtype=self.dtype_policy,
+                                            **(self.conv_config or {}))
         self.conv1, self.conv2 = conv("conv1"), conv("conv2")
         self.act1, self.act2 = self._make_activation("act1"), self._make_activation("act2")
         self.pool = None
@@ -130,7 +135,8 @@ class ConvGroup(SignalBlock):
     def get_config(self):
         config = super().get_config()
         config.update(filters=self.filters, activation=self.activation, pool_size=self.pool_size,
-                      use_bias=self.use_bias, conv_layer=layer_class_name(self.conv_layer, "conv_layer"))
+                      use_bias=self.use_bias, conv_layer=layer_class_name(self.conv_layer, "conv_layer"),
+                      conv_config=self.conv_config)
         return config
 
     @classmethod

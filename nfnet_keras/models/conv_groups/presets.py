@@ -19,6 +19,9 @@ class ConvGroupsConfig:
         widths: output channels of the conv-pool groups.
         activation: a key of `nfnet_keras.GAMMAS`.
         conv_bias: whether the convs have biases.
+        center_filters: whether the WS convs subtract each filter's mean; False:
+            unit-norm filters only (`WSConv2D(center=False)`). The network
+            without normalization only.
         dropout: dropout rate before the classifier.
         logit_scale: the logits are the classifier's output times this.
     """
@@ -28,6 +31,7 @@ class ConvGroupsConfig:
     widths: tuple = (64, 256, 256)
     activation: str = "gelu"
     conv_bias: bool = True
+    center_filters: bool = True
     dropout: float = 0.0
     logit_scale: float = 1 / 9
 
@@ -36,6 +40,7 @@ class ConvGroupsConfig:
         if not (checks.is_int(self.whitening_patch) and 1 <= self.whitening_patch <= 4):
             raise ValueError(f"whitening_patch must be an int in [1, 4], got {self.whitening_patch!r}.")
         checks.boolean("conv_bias", self.conv_bias)
+        checks.boolean("center_filters", self.center_filters)
         check_activation(self.activation)
         checks.number("whitening_epsilon", self.whitening_epsilon, lambda v: v > 0, "> 0")
         checks.number("logit_scale", self.logit_scale, lambda v: v > 0, "> 0")
