@@ -243,7 +243,7 @@ def train_and_test(config, splits, num_classes):
     one_hot = bool(config.label_smoothing)
     model = network.build_for(config, num_classes, tuple(train_x.shape[1:]))
     network.compile_model(model, config, math.ceil(len(train_x) / config.batch_size))
-    network.adapt_to(model, train_x)
+    network.adapt_to(model, train_x, config.data_init)
     batches = epoch_batches_class()(train_x, train_y, config.batch_size, config.augment, config.seed, num_classes,
                                     one_hot)
     val_labels = np.eye(num_classes, dtype="float32")[val_y] if one_hot else val_y

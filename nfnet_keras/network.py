@@ -105,22 +105,23 @@ def init_from_file(model, config):
 ADAPT_IMAGES = 5000
 
 
-def adapt_to(model, train_images):
-    """Adapts the model's data-dependent layers to the first `ADAPT_IMAGES` training images (uint8).
+def adapt_to(model, train_images, data_init=0):
+    """Fits the model's data-dependent parts to its training images (uint8); returns a line for each part done.
 
-    Returns the names of the layers adapted (none for a model without such layers).
+    The layers with an `adapt` method (the whitening stem) are adapted to the
+    first `ADAPT_IMAGES`; then, with `data_init` N (`--data-init`), the conv
+    gains and biases are set from the first N (`models.initialization.data_initialize`).
+    A model without such layers and `data_init` 0 is left as it is.
     """
-    if not any(callable(getattr(layer, "adapt", None)) for layer in model.layers):
-        return []
-    return adapt_model(model, normalize(train_images[:ADAPT_IMAGES]))
-
-
-def data_initialize_to(model, train_images, count):
-    """Sets the model's gains and biases from its first `count` training images (uint8): `data_initialize`.
-
-    Returns the paths of the gains set.
-    """
-    return data_initialize(model, normalize(train_images[:count]))
+    done = []
+    if any(callable(getattr(layer, "adapt", None)) for layer in model.layers):
+        adapted = adapt_model(model, normalize(train_images[:ADAPT_IMAGES]))
+        done.append(f"Adapted {', '.join(adapted)} to {min(len(train_images), ADAPT_IMAGES)} training images.")
+    if data_init:
+        gains = data_initialize(model, normalize(train_images[:data_init]))
+        done.append(f"Initialised {len(gains)} conv gains and biases on {min(len(train_images), data_init)} "
+                    "training images (--data-init).")
+    return done
 
 
 def whitening_layers(model, config):

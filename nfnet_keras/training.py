@@ -28,7 +28,6 @@ from nfnet_keras.network import (  # noqa: F401  (re-exported)
     adapt_to,
     build_for,
     compile_model,
-    data_initialize_to,
     init_from_file,
     recipe_callbacks,
     resolve_jit,
@@ -348,13 +347,8 @@ def _build_compiled(config, strategy, train_images_labels, num_classes=NUM_CLASS
         if resuming:
             print(f"Resuming: the checkpoint restores the weights; --init-from {config.init_from} is not read.")
         return model
-    adapted = adapt_to(model, train_images)  # a resumed run then restores the same values
-    if adapted:
-        print(f"Adapted {', '.join(adapted)} to {min(len(train_images), ADAPT_IMAGES)} training images.")
-    if config.data_init:
-        gains = data_initialize_to(model, train_images, config.data_init)
-        print(f"Initialised {len(gains)} conv gains and biases on {min(len(train_images), config.data_init)} "
-              "training images (--data-init).")
+    for line in adapt_to(model, train_images, config.data_init):  # a resumed run then restores its checkpoint
+        print(line)
     return model
 
 

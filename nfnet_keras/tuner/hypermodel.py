@@ -100,7 +100,7 @@ class NFNetHyperModel(keras_tuner.HyperModel):
         config = self._trial_config or self.trial_config(hp)
         self._execution += 1
         train_ds, val_ds = training.make_datasets(config, train, val, batch_size=config.batch_size)
-        training.adapt_to(model, train[0])
+        training.adapt_to(model, train[0], config.data_init)
         result = training.fit_model(model, config, train_ds, val_ds, callbacks=callbacks or (), verbose=verbose,
                                     train_images=train[0])
         record = dict(
