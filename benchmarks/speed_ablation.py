@@ -65,6 +65,9 @@ ROWS = {
     # dirac init an identity filter then stays exactly the identity (a centred one does not)
     "b19_muon_uncentred": MUON + ["--override", "center_filters=False"],
     "b20_muon_uncentred_dirac": MUON + ["--override", "center_filters=False"] + DIRAC,
+    # tighter adaptive gradient clipping than the recipe's 0.04: without any the network trails from the first epoch
+    "b21_muon_agc0.02": MUON + ["--agc", "0.02"],
+    "b22_muon_agc0.01": MUON + ["--agc", "0.01"],
 }
 
 
