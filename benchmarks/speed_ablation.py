@@ -65,7 +65,7 @@ ROWS = {
     # dirac init an identity filter then stays exactly the identity (a centred one does not)
     "b19_muon_uncentred": MUON + ["--override", "center_filters=False"],
     "b20_muon_uncentred_dirac": MUON + ["--override", "center_filters=False"] + DIRAC,
-    # adaptive gradient clipping tighter and looser than the recipe's 0.04: without any the network trails from the start
+    # adaptive gradient clipping tighter and looser than the recipe's 0.04 (without any the network trails early)
     "b21_muon_agc0.02": MUON + ["--agc", "0.02"],
     "b22_muon_agc0.01": MUON + ["--agc", "0.01"],
     "b23_muon_agc0.08": MUON + ["--agc", "0.08"],
