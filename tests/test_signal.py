@@ -22,6 +22,8 @@ so the pool barely changes theirs. `test_pool_shortcut_quarters_white_noise`
 pins that down.
 """
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -128,6 +130,19 @@ def test_model_without_blocks_raises():
     with pytest.raises(ValueError, match="has no blocks to measure: signal_propagation reads layers that subclass "
                        "nfnet_keras.models.SignalBlock"):
         signal_propagation(model, np.zeros((1, 8, 8, 3), "float32"))
+
+
+def test_probing_a_model_with_an_array_warns_nothing():
+    # A probe built on `model.inputs` (a list) and called with one array made Keras warn that the structure
+    # of the inputs does not match, once per run of nfnet-fit's signal logger and of --data-init.
+    from nfnet_keras import data_initialize
+
+    model = build_model("tiny_speed")
+    images = np.random.default_rng(0).normal(size=(8, 32, 32, 3)).astype("float32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        signal_propagation(model, images)
+        data_initialize(model, images)
 
 
 def test_statistics_match_their_definitions():

@@ -82,6 +82,6 @@ def data_initialize(model, images, batch_size=256):
                          "groups without normalization have).")
     names = []
     for layer in layers:
-        inputs = keras.Model(model.inputs, layer.input).predict(images, batch_size=batch_size, verbose=0)
+        inputs = keras.Model(model.input, layer.input).predict(images, batch_size=batch_size, verbose=0)
         names += layer.data_initialize(inputs, batch_size)
     return names

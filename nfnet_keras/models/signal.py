@@ -39,7 +39,7 @@ def signal_propagation(model, images):
             f"Model {model.name!r} has no blocks to measure: signal_propagation reads layers that "
             "subclass nfnet_keras.models.SignalBlock (NFBlock, ConvGroup, ...)."
         )
-    probe = keras.Model(model.inputs, [b.input for b in blocks] + [blocks[-1].output])
+    probe = keras.Model(model.input, [b.input for b in blocks] + [blocks[-1].output])
     tensors = probe(images, training=False)
     inputs = tensors[: len(blocks)]
     outputs = inputs[1:] + [tensors[-1]]
