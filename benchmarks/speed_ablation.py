@@ -54,7 +54,8 @@ ROWS = {
     # no EMA of the weights: dropping it lifted the twin by 0.6 points at 5 epochs
     "b15_muon_noema": MUON + ["--ema", "0"],
     # gains and biases set so that every activation's input starts at mean 0, variance 1 per channel on 2,048
-    # training images (the pre-activations' means drift to +1.3 and their second moments to 4 without it)
+    # training images (without it the groups' outputs start at squared channel means up to 1.4 and variances up
+    # to 4.3: nk.signal_propagation, docs/training.md)
     "b16_muon_datainit": MUON + ["--data-init", "2048"],
     # the WS gains (and skip gains) at 4 times the lr: frozen (b14), they cost 3.5 points
     "b17_muon_gain4": MUON + ["--gain-lr-mult", "4"],
