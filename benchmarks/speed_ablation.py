@@ -72,6 +72,14 @@ ROWS = {
     "b23_muon_agc0.08": MUON + ["--agc", "0.08"],
     # the classifier at half the lr: the NF network's last features start at an average channel variance of 4.3
     "b24_muon_head0.5": MUON + ["--head-lr-mult", "0.5"],
+    # the NF network underfits its twin (95.1% training accuracy in the last epoch of the recipe, against 98.9%):
+    # twice the steps at batch 256, the SGD and Muon lrs scaled by 1/sqrt(2)
+    "b25_muon_batch256": MUON + ["--batch-size", "256", "--lr", "0.28", "--kernel-lr", "0.17"],
+    # Muon's kernels at a higher momentum (airbench94_muon's 0.6 was tuned with BatchNorm) and a higher lr
+    "b26_muon_kmom0.85": MUON + ["--kernel-momentum", "0.85"],
+    "b27_muon_klr0.4": MUON + ["--kernel-lr", "0.4"],
+    # half of airbench's label smoothing, for a network that underfits
+    "b28_muon_ls0.1": MUON + ["--label-smoothing", "0.1"],
 }
 
 
