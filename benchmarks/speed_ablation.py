@@ -75,6 +75,9 @@ ROWS = {
     # the NF network underfits its twin (95.1% training accuracy in the last epoch of the recipe, against 98.9%):
     # twice the steps at batch 256, the SGD and Muon lrs scaled by 1/sqrt(2)
     "b25_muon_batch256": MUON + ["--batch-size", "256", "--lr", "0.28", "--kernel-lr", "0.17"],
+    # b25 again at batch 128 (4 times the steps, the lrs halved), and at batch 256 with the lrs unscaled
+    "b29_muon_batch128": MUON + ["--batch-size", "128", "--lr", "0.2", "--kernel-lr", "0.12"],
+    "b30_muon_batch256_lr": MUON + ["--batch-size", "256"],
     # Muon's kernels at a higher momentum (airbench94_muon's 0.6 was tuned with BatchNorm) and a higher lr
     "b26_muon_kmom0.85": MUON + ["--kernel-momentum", "0.85"],
     "b27_muon_klr0.4": MUON + ["--kernel-lr", "0.4"],
