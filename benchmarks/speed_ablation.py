@@ -20,7 +20,7 @@ import subprocess
 import sys
 
 from benchmarks import common
-from benchmarks.speed_flags import ALTFLIP, DIRAC, LOOKAHEAD, MUON
+from benchmarks.speed_flags import ALTFLIP, BATCH256, DIRAC, LOOKAHEAD, MUON
 
 # The recipe the rows start from: `--recipe speed` as it was before its Muon and alternating flip (rows b5_muon
 # and a1_altflip), so that every row measures what it did when it was chosen.
@@ -74,7 +74,7 @@ ROWS = {
     "b24_muon_head0.5": MUON + ["--head-lr-mult", "0.5"],
     # the NF network underfits its twin (95.1% training accuracy in the last epoch of the recipe, against 98.9%):
     # twice the steps at batch 256, the SGD and Muon lrs scaled by 1/sqrt(2)
-    "b25_muon_batch256": MUON + ["--batch-size", "256", "--lr", "0.28", "--kernel-lr", "0.17"],
+    "b25_muon_batch256": MUON + BATCH256,
     # b25 again at batch 128 (4 times the steps, the lrs halved), and at batch 256 with the lrs unscaled
     "b29_muon_batch128": MUON + ["--batch-size", "128", "--lr", "0.2", "--kernel-lr", "0.12"],
     "b30_muon_batch256_lr": MUON + ["--batch-size", "256"],

@@ -9,3 +9,5 @@ DIRAC = ["--conv-init", "dirac"]
 LOOKAHEAD = ["--ema", "0", "--lookahead", "5", "--lookahead-schedule", "airbench"]
 # Muon on the conv kernels at airbench94_muon's kernel lr and momentum, with alternating flips: `--recipe speed`'s parts
 MUON = ALTFLIP + ["--optimizer", "muon", "--kernel-lr", "0.24", "--kernel-momentum", "0.6"]
+# batch 256, twice the recipe's steps per epoch, its SGD and Muon lrs scaled by 1/sqrt(2)
+BATCH256 = ["--batch-size", "256", "--lr", "0.28", "--kernel-lr", "0.17"]

@@ -107,6 +107,10 @@ def test_gpu_rows_train_the_configs_they_are_named_for(capsys):
         assert (config.ema, config.lookahead, config.lookahead_schedule) == (0.0, 5, "airbench"), name
     assert configs["wide_kpeak0.5"].preset == "cifar_speed_wide" and configs["wide_kpeak0.5"].kernel_peak_pct == 0.5
     assert configs["wider"].overrides == {"widths": [192, 512, 512]} and configs["wide_kwd0"].kernel_weight_decay == 0
+    for name in ("recipe_b256", "wide_b256", "wider_b256"):
+        config = configs[name]
+        assert (config.batch_size, config.lr, config.kernel_lr) == (256, 0.28, 0.17), name
+    assert configs["wider_b256"].overrides == configs["wider"].overrides
     with pytest.raises(SystemExit) as exit_info:  # gpu_check.sh's unknown JAX_ROWS entry: exit 2, the rows named
         speed_jax.main(["run", "--data", "x", "--row", "twin"])
     assert exit_info.value.code == 2
