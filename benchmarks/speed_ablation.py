@@ -83,6 +83,13 @@ ROWS = {
     "b27_muon_klr0.4": MUON + ["--kernel-lr", "0.4"],
     # half of airbench's label smoothing, for a network that underfits
     "b28_muon_ls0.1": MUON + ["--label-smoothing", "0.1"],
+    # b4 again with RenormSGD turning each filter by the lr per step, as batchnorm_begone's optimizer does (it
+    # normalized each filter's gradient before the momentum, so a step could turn a filter by up to 10 x the lr)
+    "b31_renorm": ALTFLIP + ["--optimizer", "renorm_sgd", "--kernel-lr", "0.03"],
+    # closer to batchnorm_begone's network: unit-norm filters not centred, dirac init, no trained gains, no AGC,
+    # no EMA (it keeps conv biases, the max-pool's shift and scale and the activation's gain)
+    "b32_renorm_begone": ALTFLIP + ["--optimizer", "renorm_sgd", "--kernel-lr", "0.03", "--override",
+                                    "center_filters=False", "--gain-lr-mult", "0", "--agc", "0", "--ema", "0"] + DIRAC,
 }
 
 

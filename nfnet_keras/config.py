@@ -184,8 +184,9 @@ class TrainConfig:
                                  hparam="learning-rate multiplier of the gains")
     head_lr_mult: float = option(1.0, "learning-rate multiplier of the classifier's kernel and bias", group=_OPT,
                                  metavar="M", hparam="learning-rate multiplier of the classifier")
-    optimizer: str = option("sgd", "the conv kernels' optimizer: sgd (as the rest); renorm_sgd: Nesterov SGD on "
-                            "per-filter normalized gradients, filters kept at unit norm; muon: Muon on the filters. "
+    optimizer: str = option("sgd", "the conv kernels' optimizer: sgd (as the rest); renorm_sgd: Nesterov SGD whose "
+                            "step turns each unit-norm filter by the lr (its radial part removed, normalized per "
+                            "filter); muon: Muon on the filters. "
                             "The rest: SGD", group=_OPT, choices=OPTIMIZERS, hparam="the conv kernels' optimizer")
     kernel_lr: float | None = option(None, "peak lr of the conv kernels' optimizer under renorm_sgd/muon (default: "
                                      "--lr)", group=_OPT, metavar="LR",

@@ -397,11 +397,16 @@ def test_renorm_sgd_keeps_unit_filters_and_matches_a_hand_computed_nesterov_step
     for i, v in enumerate(kernels):
         w, m = start[v.path].astype("float64"), 0.0
         for step in grads:
-            g = step[i].astype("float64")
-            g = g / _filter_norms(g)
-            m = 0.9 * m + g
-            w = w - 0.03 * (g + 0.9 * m)
             w = w / _filter_norms(w)
+            g = step[i].astype("float64")
+            m = 0.9 * m + g
+            d = g + 0.9 * m
+            d = d - (d * w).reshape(-1, w.shape[-1]).sum(0) * w
+            d = d / _filter_norms(d)
+            turned = w - 0.03 * d
+            # each filter turns by atan(lr), whatever the gradient's scale
+            np.testing.assert_allclose(_filter_norms(turned), np.hypot(1.0, 0.03), rtol=1e-9, err_msg=v.path)
+            w = turned / _filter_norms(turned)
         np.testing.assert_allclose(got[v.path], w, rtol=1e-5, atol=1e-6, err_msg=v.path)
         np.testing.assert_allclose(_filter_norms(got[v.path]), 1.0, atol=1e-6, err_msg=v.path)
 

@@ -4,15 +4,17 @@ The idea of KellerJordan's airbench experiments without BatchNorm
 (`batchnorm_begone.py`): a weight-standardized conv computes the same
 function at any scale of a filter, so only the filter's direction matters.
 Per output filter `j` of a kernel (the norm over all axes but the last: `h, w,
-in` of an HWIO conv kernel, `in` of a dense kernel), each step
+in` of an HWIO conv kernel, `in` of a dense kernel), with `w_j` at unit norm, each step
 
-    g_j <- g_j / ||g_j||                       the filter's gradient, normalized
     m   <- momentum * m + g                    (torch-style buffer, no lr inside)
-    w   <- w - lr * (g + momentum * m)         Nesterov (or `w - lr * m`)
-    w_j <- w_j / ||w_j||                       back to unit norm
+    d   <- g + momentum * m                    Nesterov (or `d <- m`)
+    d_j <- d_j - (d_j . w_j) w_j               the radial part removed
+    d_j <- d_j / ||d_j||                       the filter's step, normalized
+    w_j <- (w_j - lr * d_j) / ||w_j - lr * d_j||   back to unit norm
 
-so the step turns each filter by about `lr` radians whatever its gradient's
-scale, and weight decay has nothing to do. Use it for the conv kernels and
+so the step turns each filter by `atan(lr)` radians (about `lr`) whatever its
+gradient's scale and however long the momentum has agreed with it, and weight
+decay has nothing to do. A filter is brought to unit norm before its first step. Use it for the conv kernels and
 another optimizer for gains, biases and the classifier (`split_kernels`).
 """
 
@@ -27,9 +29,14 @@ def filter_norm(x):
     return unitwise_norm(x)
 
 
+def _filter_dot(x, y):
+    """Each output filter's dot product of two kernels of one shape, broadcastable to them."""
+    return ops.sum(x * y, axis=tuple(range(len(x.shape) - 1)), keepdims=True)
+
+
 @keras.saving.register_keras_serializable(package="nfnet_keras")
 class RenormSGD(keras.optimizers.Optimizer):
-    """Nesterov SGD on per-filter normalized gradients that renormalizes every filter to unit norm.
+    """Nesterov SGD whose step turns every unit-norm filter by the lr, then renormalizes it.
 
     Args:
         learning_rate: float or `LearningRateSchedule`. About the angle (radians)
@@ -69,11 +76,13 @@ class RenormSGD(keras.optimizers.Optimizer):
     def update_step(self, gradient, variable, learning_rate):
         lr = ops.cast(learning_rate, variable.dtype)
         g = ops.cast(gradient, variable.dtype)
-        g = g / ops.maximum(filter_norm(g), self.epsilon)
         m = self.momentums[self._get_variable_index(variable)]
         self.assign(m, ops.add(ops.multiply(m, self.momentum), g))
         step = ops.add(g, ops.multiply(m, self.momentum)) if self.nesterov else m
-        w = ops.subtract(variable, ops.multiply(step, lr))
+        w = variable / ops.maximum(filter_norm(variable), self.epsilon)
+        step = step - _filter_dot(step, w) * w
+        step = step / ops.maximum(filter_norm(step), self.epsilon)
+        w = ops.subtract(w, ops.multiply(step, lr))
         self.assign(variable, w / ops.maximum(filter_norm(w), self.epsilon))
 
     def get_config(self):
