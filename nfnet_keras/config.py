@@ -202,6 +202,10 @@ class TrainConfig:
                                                "(default: --weight-decay; 0: none, as airbench94_muon)", group=_OPT,
                                                metavar="WD", hparam="weight decay of the conv kernels under muon "
                                                "(unset: weight decay)")
+    muon_normalize: bool = option(False, "under muon: rescale each conv kernel to norm sqrt(filters) before its step, "
+                                  "as airbench94_muon, so that the lr alone sets how far a step turns it (the "
+                                  "kernels' decay then has no effect)", group=_OPT,
+                                  hparam="Muon rescales each kernel before its step")
     muon_ns_steps: int = option(5, "Newton-Schulz iterations of Muon (airbench94_muon: 3)", group=_OPT, metavar="N",
                                 hparam="Newton-Schulz iterations of Muon")
     lookahead: int = option(0, "Lookahead: sync slow weights every K steps; 0 disables it", group=_OPT, metavar="K",
@@ -328,6 +332,9 @@ class TrainConfig:
              f"--optimizer {self.optimizer} (--weight-decay covers the kernels under sgd; renorm_sgd keeps them at "
              f"unit norm)."),
             (self.muon_ns_steps >= 1, f"--muon-ns-steps must be >= 1, got {self.muon_ns_steps}."),
+            (not self.muon_normalize or self.optimizer == "muon",
+             f"--muon-normalize rescales the kernels Muon steps: it needs --optimizer muon, got --optimizer "
+             f"{self.optimizer}."),
             (not (self.lookahead and self.strategy == "mirrored"),
              "--lookahead is not supported with --strategy mirrored; use --strategy none or data_parallel."),
             (self.val_size >= 1, f"--val-size must be >= 1, got {self.val_size}."),

@@ -134,7 +134,8 @@ def make_kernel_optimizer(config, steps_per_epoch):
     under the triangle schedule (default: the schedule's own), its momentum `config.kernel_momentum`
     (default `config.momentum`). Muon decays the kernels decoupled (Keras' Muon) by
     `config.kernel_weight_decay` (default `config.weight_decay`), without the Moonlight rescaling
-    (`rms_rate=None`), as the speed runs; `renorm_sgd` needs no decay (its filters stay at unit norm).
+    (`rms_rate=None`), as the speed runs, and with `config.muon_normalize` rescales each kernel before its
+    step (airbench94_muon's); `renorm_sgd` needs no decay (its filters stay at unit norm).
     """
     schedule = make_schedule(dataclasses.replace(config, lr=config.kernel_lr or config.lr), steps_per_epoch,
                              peak_pct=config.kernel_peak_pct)
@@ -145,7 +146,7 @@ def make_kernel_optimizer(config, steps_per_epoch):
     if config.optimizer == "muon":
         decay = config.weight_decay if config.kernel_weight_decay is None else config.kernel_weight_decay
         return ConvMuon(schedule, momentum=momentum, nesterov=config.nesterov, ns_steps=config.muon_ns_steps,
-                        weight_decay=decay or None, rms_rate=None, **ema)
+                        weight_decay=decay or None, rms_rate=None, normalize_weights=config.muon_normalize, **ema)
     raise ValueError(f"Unknown kernel optimizer {config.optimizer!r}; expected renorm_sgd or muon.")
 
 

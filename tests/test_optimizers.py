@@ -449,6 +449,38 @@ def test_conv_muon_step_on_a_conv_kernel_matches_an_explicit_newton_schulz():
     assert not np.allclose(np.array(kernel), start - 0.24 * sum(grads))  # not a plain SGD step
 
 
+def test_conv_muon_normalize_weights_rescales_each_kernel_before_its_step(capsys):
+    from nfnet_keras import fit
+
+    rng = np.random.default_rng(4)
+    kernel = keras.Variable(3.0 * rng.normal(size=(3, 3, 2, 4)).astype("float32"), name="kernel")
+    start = np.array(kernel).astype("float64")
+    grads = [rng.normal(size=(3, 3, 2, 4)).astype("float32") for _ in range(2)]
+    config, _ = fit.parse_config(["--optimizer", "muon", "--kernel-lr", "0.24", "--kernel-momentum", "0.6",
+                                  "--nesterov", "--muon-ns-steps", "3", "--schedule", "constant",
+                                  "--weight-decay", "0.5", "--muon-normalize"])
+    opt = make_optimizer(config, 10).optimizers[0]
+    assert opt.normalize_weights
+    restored = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
+    assert type(restored) is ConvMuon and restored.normalize_weights
+    for g in grads:
+        opt.apply([keras.ops.convert_to_tensor(g)], [kernel])
+    w, m = start, 0.0
+    for g in grads:
+        g = g.astype("float64")
+        m = 0.6 * m + g
+        w = w * (1 - 0.24 * 0.5)  # Keras' decoupled decay comes first, and the rescaling undoes it
+        w = w * 2.0 / np.linalg.norm(w)  # sqrt(4 filters)
+        w = w - 0.24 * _newton_schulz((g + 0.6 * m).reshape(-1, 4).T, 3).T.reshape(w.shape)
+    np.testing.assert_allclose(np.array(kernel), w, rtol=1e-4, atol=1e-5)
+    with pytest.raises(SystemExit) as exit_info:
+        fit.parse_config(["--optimizer", "renorm_sgd", "--muon-normalize"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--muon-normalize rescales the kernels Muon steps: it needs --optimizer muon, got --optimizer renorm_sgd." \
+        in err
+
+
 @pytest.mark.parametrize("name, kernel_type", [("renorm_sgd", RenormSGD), ("muon", ConvMuon)])
 def test_split_sends_conv_kernels_to_their_optimizer_and_the_rest_to_sgd(tiny, name, kernel_type):
     config = TrainConfig(optimizer=name, lr=LR, kernel_lr=0.03, momentum=0.9, weight_decay=0.0,

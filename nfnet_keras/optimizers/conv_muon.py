@@ -10,7 +10,8 @@ is reshaped to `(h * w * in, out)` for the momentum's Newton-Schulz
 orthogonalization and back. (Newton-Schulz commutes with transposition and
 with permuting the fan-in rows, so this equals airbench's `(out, in*h*w)`
 layout.) Everything else (2-D Muon, AdamW for the rest, decay, EMA, saving)
-is Keras' Muon; the class overrides Muon's two private methods
+is Keras' Muon, with airbench94_muon's rescaling of each kernel before its
+step as an option (`normalize_weights`); the class overrides Muon's two private methods
 `_should_use_adamw` and `_muon_update_step`, and `tests/test_optimizers.py`
 checks a step against an explicit Newton-Schulz computation, so a Keras
 change to them fails there.
@@ -32,6 +33,17 @@ class ConvMuon(keras.optimizers.Muon):
     `rms_rate=None` (no Moonlight rescaling), `nesterov=True` and e.g.
     `ns_steps=3`, and give it only the conv kernels (`split_kernels`).
 
+    Args:
+        normalize_weights: bool. Rescale each conv kernel to Frobenius norm
+            `sqrt(filters)` (filters of unit norm on average) before its step,
+            as airbench94_muon does. A kernel whose output is scale-invariant
+            (a weight-standardized conv, a conv before a BatchNorm) then keeps
+            its scale, so the lr alone sets how far a step turns it; without
+            it, the orthogonal steps grow the kernel and each step turns it
+            less. Weight decay then has no effect on the kernels. Defaults to
+            `False`.
+        *args, **kwargs: `keras.optimizers.Muon`'s.
+
     Example:
 
     >>> opt = ConvMuon(0.24, momentum=0.6, ns_steps=3, rms_rate=None, weight_decay=None)
@@ -39,8 +51,14 @@ class ConvMuon(keras.optimizers.Muon):
     3
     """
 
-    def __init__(self, *args, name="conv_muon", **kwargs):
+    def __init__(self, *args, normalize_weights=False, name="conv_muon", **kwargs):
         super().__init__(*args, name=name, **kwargs)
+        self.normalize_weights = bool(normalize_weights)
+
+    def get_config(self):
+        config = super().get_config()
+        config["normalize_weights"] = self.normalize_weights
+        return config
 
     def _should_use_adamw(self, variable):
         if len(variable.shape) == 4:
@@ -54,8 +72,13 @@ class ConvMuon(keras.optimizers.Muon):
         self.assign_add(m, ops.add(gradient, m * (self.momentum - 1)))
         g = ops.add(gradient, self.momentum * m) if self.nesterov else m
         matrix = ops.reshape(g, (-1, shape[-1]))  # (fan-in, filters)
-        update = self.lr_adjust(lr * self.zeropower_via_newtonschulz5(matrix, self.ns_steps))
-        self.assign_sub(variable, ops.reshape(update, shape))
+        update = ops.reshape(self.lr_adjust(lr * self.zeropower_via_newtonschulz5(matrix, self.ns_steps)), shape)
+        if self.normalize_weights:
+            scale = ops.sqrt(ops.cast(shape[-1], variable.dtype)) / ops.maximum(ops.norm(ops.reshape(variable, (-1,))),
+                                                                               1e-12)
+            self.assign(variable, ops.subtract(ops.multiply(variable, scale), update))
+        else:
+            self.assign_sub(variable, update)
 
 
 # Its AGC subclass exists from import on, so a saved model with an AGCConvMuon loads in a fresh process.
