@@ -90,6 +90,11 @@ ROWS = {
     # no EMA (it keeps conv biases, the max-pool's shift and scale and the activation's gain)
     "b32_renorm_begone": ALTFLIP + ["--optimizer", "renorm_sgd", "--kernel-lr", "0.03", "--override",
                                     "center_filters=False", "--gain-lr-mult", "0", "--agc", "0", "--ema", "0"] + DIRAC,
+    # Muon as airbench94_muon's: each kernel rescaled to norm sqrt(filters) before its step, so a step turns it by
+    # about the lr all run long (unscaled, the kernels grow and the steps turn them less and less); at the lr and at
+    # half of it (the recipe takes about 5 times airbench94_muon's steps)
+    "b33_muon_normalize": MUON + ["--muon-normalize"],
+    "b34_muon_normalize_klr0.12": MUON + ["--muon-normalize", "--kernel-lr", "0.12"],
 }
 
 
