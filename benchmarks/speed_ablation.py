@@ -20,7 +20,7 @@ import subprocess
 import sys
 
 from benchmarks import common
-from benchmarks.speed_flags import ALTFLIP, BATCH256, DIRAC, LOOKAHEAD, MUON
+from benchmarks.speed_flags import ALTFLIP, BATCH128, BATCH256, DIRAC, LOOKAHEAD, MUON
 
 # The recipe the rows start from: `--recipe speed` as it was before its Muon and alternating flip (rows b5_muon
 # and a1_altflip), so that every row measures what it did when it was chosen.
@@ -76,7 +76,7 @@ ROWS = {
     # twice the steps at batch 256, the SGD and Muon lrs scaled by 1/sqrt(2)
     "b25_muon_batch256": MUON + BATCH256,
     # b25 again at batch 128 (4 times the steps, the lrs halved), and at batch 256 with the lrs unscaled
-    "b29_muon_batch128": MUON + ["--batch-size", "128", "--lr", "0.2", "--kernel-lr", "0.12"],
+    "b29_muon_batch128": MUON + BATCH128,
     "b30_muon_batch256_lr": MUON + ["--batch-size", "256"],
     # Muon's kernels at a higher momentum (airbench94_muon's 0.6 was tuned with BatchNorm) and a higher lr
     "b26_muon_kmom0.85": MUON + ["--kernel-momentum", "0.85"],

@@ -11,3 +11,5 @@ LOOKAHEAD = ["--ema", "0", "--lookahead", "5", "--lookahead-schedule", "airbench
 MUON = ALTFLIP + ["--optimizer", "muon", "--kernel-lr", "0.24", "--kernel-momentum", "0.6"]
 # batch 256, twice the recipe's steps per epoch, its SGD and Muon lrs scaled by 1/sqrt(2)
 BATCH256 = ["--batch-size", "256", "--lr", "0.28", "--kernel-lr", "0.17"]
+# batch 128, four times the recipe's steps per epoch, its SGD and Muon lrs halved
+BATCH128 = ["--batch-size", "128", "--lr", "0.2", "--kernel-lr", "0.12"]

@@ -111,6 +111,9 @@ def test_gpu_rows_train_the_configs_they_are_named_for(capsys):
         config = configs[name]
         assert (config.batch_size, config.lr, config.kernel_lr) == (256, 0.28, 0.17), name
     assert configs["wider_b256"].overrides == configs["wider"].overrides
+    for name in ("recipe_b128", "wide_b128"):
+        assert (configs[name].batch_size, configs[name].lr, configs[name].kernel_lr) == (128, 0.2, 0.12), name
+    assert configs["wide_b128"].preset == "cifar_speed_wide"
     with pytest.raises(SystemExit) as exit_info:  # gpu_check.sh's unknown JAX_ROWS entry: exit 2, the rows named
         speed_jax.main(["run", "--data", "x", "--row", "twin"])
     assert exit_info.value.code == 2
