@@ -78,9 +78,9 @@ elif [ "$MODE" = "speed" ]; then
     --precision mixed_bfloat16 --out-dir "$OUT" --tag cifar_speed_gpu
 elif [ "$MODE" = "candidates" ]; then
   step speed_klr "$PY" -m benchmarks.speed_runs --seeds 0,1,2 --bn-seeds "" --runs-dir "$OUT/speed_klr" \
-    --out-dir "$OUT" --tag gpu_klr0.08 -- --jit --kernel-lr 0.08
+    --out-dir "$OUT" --tag gpu_klr0.08 -- --jit --batch-size 512 --lr 0.4 --kernel-lr 0.08
   step speed_kpeak "$PY" -m benchmarks.speed_runs --seeds 0,1,2 --bn-seeds "" --runs-dir "$OUT/speed_kpeak" \
-    --out-dir "$OUT" --tag gpu_kpeak0.5 -- --jit --kernel-peak-pct 0.5
+    --out-dir "$OUT" --tag gpu_kpeak0.5 -- --jit --batch-size 512 --lr 0.4 --kernel-lr 0.24 --kernel-peak-pct 0.5
   step speed_twin_airbn "$PY" -m benchmarks.speed_runs --seeds "" --bn-seeds 0,1,2 --runs-dir "$OUT/speed_twin" \
     --out-dir "$OUT" --tag gpu_twin_airbn -- --jit --recipe speed_twin --conv-init he_normal --bias-lr-mult 1
 elif [ "$MODE" = "jax" ]; then

@@ -1,7 +1,8 @@
 """The trainer's overhead: the speed recipe through the package's trainer against a bare `model.fit`.
 
-Both sides train the same network (`--preset`, default `cifar_speed`) at the
-recipe's batch size (512) in the recipe's precision (`mixed_bfloat16`), without
+Both sides train the same network (`--preset`, default `cifar_speed`) at
+batch 512 (`--batch-size`; the twin recipe's, 4 times the NF recipe's) in the
+recipe's precision (`mixed_bfloat16`), without
 XLA (what `fit` chooses on a CPU), on the same synthetic images (random uint8
 pixels and labels: the speed of a step does not depend on them):
 
@@ -23,7 +24,7 @@ A window is a one-epoch run of `--steps` batches; the two sides alternate
 Reported: seconds per window and per epoch (first step to the epoch's end), the
 per-round trainer / bare ratio of the epochs (target: overhead <= 15%), and the
 ratio projected to an epoch of the 10-epoch recipe (`project_recipe_epoch`:
-96 steps at each side's step time, the trainer's per-epoch costs, a tenth of
+ceil(49,000 / batch) steps at each side's step time, the trainer's per-epoch costs, a tenth of
 each side's per-run set-up).
 
 Then where the overhead goes:
@@ -64,8 +65,8 @@ from nfnet_keras.optimization import make_loss, make_optimizer  # noqa: E402
 from nfnet_keras.tensorboard.signal_plot import logged_epochs  # noqa: E402
 
 TARGET_OVERHEAD = 0.15
-RECIPE_EPOCH_STEPS = 96  # ceil(49,000 training images / 512) in the speed recipe
-DEFAULTS = dict(preset="cifar_speed", batch_size=512, steps=RECIPE_EPOCH_STEPS, repeats=3, profile_steps=10,
+RECIPE_TRAIN_IMAGES = 49_000  # the speed recipe's training images (1,000 held out for validation)
+DEFAULTS = dict(preset="cifar_speed", batch_size=512, steps=96, repeats=3, profile_steps=10,
                 val_size=RECIPES["speed"]["val_size"])
 SMOKE = dict(preset="tiny_speed", batch_size=16, steps=2, repeats=2, profile_steps=1, val_size=16)
 # The train step's ingredients, added one at a time: (name, what it adds, TrainConfig changes from the bare step).
@@ -298,10 +299,11 @@ def project_recipe_epoch(args, trainer_windows, bare_windows):
     bare_phases = [phase_seconds(w) for w in bare_windows]
     step_bare = median([p["training_steps"] for p in bare_phases]) / args.steps
     bare_per_run = median([p["before_fit"] + p["fit_until_first_step"] + p["after_epoch"] for p in bare_phases])
-    trainer_epoch = RECIPE_EPOCH_STEPS * step_trainer + per_epoch + per_run / epochs
-    bare_epoch = RECIPE_EPOCH_STEPS * step_bare + bare_per_run / epochs
+    epoch_steps = math.ceil(RECIPE_TRAIN_IMAGES / args.batch_size)
+    trainer_epoch = epoch_steps * step_trainer + per_epoch + per_run / epochs
+    bare_epoch = epoch_steps * step_bare + bare_per_run / epochs
     ratio = trainer_epoch / bare_epoch
-    return dict(steps=RECIPE_EPOCH_STEPS, epochs=epochs, trainer_seconds_per_step=round(step_trainer, 4),
+    return dict(steps=epoch_steps, epochs=epochs, trainer_seconds_per_step=round(step_trainer, 4),
                 trainer_seconds_per_epoch_end=round(per_epoch, 3), trainer_seconds_per_run=round(per_run, 3),
                 bare_seconds_per_step=round(step_bare, 4), bare_seconds_per_run=round(bare_per_run, 3),
                 trainer_seconds_per_epoch=round(trainer_epoch, 2), bare_seconds_per_epoch=round(bare_epoch, 2),
@@ -380,7 +382,7 @@ def print_report(args, payload):
 def main(argv=None):
     parser = common.base_parser(__doc__)
     parser.add_argument("--quick", dest="smoke", action="store_true", help="the same as --smoke")
-    parser.add_argument("--batch-size", type=int, help="images per step (default: the recipe's 512)")
+    parser.add_argument("--batch-size", type=int, help="images per step (default: 512)")
     parser.add_argument("--val-size", type=int, help="validation images per epoch (default: the recipe's 1000)")
     parser.add_argument("--profile-steps", type=int, help="steps per window of the train-step profile (default 10)")
     args = common.resolve_args(parser.parse_args(argv), DEFAULTS, SMOKE)

@@ -9,7 +9,10 @@ DIRAC = ["--conv-init", "dirac"]
 LOOKAHEAD = ["--ema", "0", "--lookahead", "5", "--lookahead-schedule", "airbench"]
 # Muon on the conv kernels at airbench94_muon's kernel lr and momentum, with alternating flips: `--recipe speed`'s parts
 MUON = ALTFLIP + ["--optimizer", "muon", "--kernel-lr", "0.24", "--kernel-momentum", "0.6"]
-# batch 256, twice the recipe's steps per epoch, its SGD and Muon lrs scaled by 1/sqrt(2)
+# the batch and peak lrs the speed recipe's parts were screened at (airbench94_muon's kernel lr): the twin
+# recipe's, and 4 times the NF recipe's batch at twice its lrs
+BATCH512 = ["--batch-size", "512", "--lr", "0.4", "--kernel-lr", "0.24"]
+# batch 256, twice BATCH512's steps per epoch, its SGD and Muon lrs scaled by 1/sqrt(2)
 BATCH256 = ["--batch-size", "256", "--lr", "0.28", "--kernel-lr", "0.17"]
-# batch 128, four times the recipe's steps per epoch, its SGD and Muon lrs halved
+# batch 128, four times BATCH512's steps per epoch, its SGD and Muon lrs halved: `--recipe speed`'s
 BATCH128 = ["--batch-size", "128", "--lr", "0.2", "--kernel-lr", "0.12"]

@@ -298,10 +298,14 @@ def test_every_speed_screen_row_and_variant_is_a_valid_fit_command():
     # A flag that fit refuses exits 2 here, before hours of a screen are spent on it.
     args = speed_ablation.argparse.Namespace(epochs=5, seed=0, extra=[])
     rows = {name: speed_ablation.fit_command(args, flags)[3:] for name, flags in speed_ablation.ROWS.items()}
-    variants = {name: ["--recipe", "speed", *flags] for name, flags in speed_start.VARIANTS.items()}
+    variants = {name: ["--recipe", "speed", *speed_start.BATCH512, *flags]
+                for name, flags in speed_start.VARIANTS.items()}
     configs = {name: fit.parse_config(argv)[0] for name, argv in {**rows, **variants}.items()}
     b7 = configs["b7_muon_kpeak0.5"]
     assert (b7.optimizer, b7.kernel_lr, b7.kernel_peak_pct, b7.augment) == ("muon", 0.24, 0.5, "translate_altflip")
+    # the rows and variants train at the batch and lrs they were measured at, not the recipe's batch 128
+    assert all((c.batch_size, c.lr) == (512, 0.4) for name, c in configs.items() if "batch" not in name), configs
+    assert (configs["b29_muon_batch128"].batch_size, configs["b25_muon_batch256"].batch_size) == (128, 256)
     assert configs["muon_kpeak0.5"].kernel_peak_pct == 0.5 and configs["muon"].kernel_peak_pct is None
 
 
@@ -322,7 +326,8 @@ def test_speed_ablation_rows_and_summary(tmp_path):
     assert (row["row"], row["test_accuracy_6view_tta"], row["test_accuracy_weighted_tta"]) == ("a1_altflip", 0.8831,
                                                                                                0.8823)
     assert row["seconds"] == 210.5 and row["command"].endswith(
-        "--no-export --optimizer sgd --augment translate_flip --augment translate_altflip")
+        "--no-export --optimizer sgd --augment translate_flip --batch-size 512 --lr 0.4 --kernel-lr 0.24 "
+        "--augment translate_altflip")
 
 
 # === The trainer's overhead and the PyTorch airbench94 comparison ===
@@ -349,8 +354,11 @@ def test_overhead_phases_and_recipe_epoch_projection():
         before_fit=0.1, fit_until_first_step=0.5, training_steps=16.0, validation=0.0, epoch_end=0.0,
         after_epoch=0.1))
     assert overhead.epoch_seconds(trainer) == 24.0 and overhead.epoch_seconds(bare) == 16.0
-    args = argparse.Namespace(steps=20)
+    args = argparse.Namespace(steps=20, batch_size=512)
     p = overhead.project_recipe_epoch(args, [trainer], [bare])
+    assert p["steps"] == 96  # ceil(49,000 / 512); at batch 128, 383
+    at_128 = overhead.project_recipe_epoch(argparse.Namespace(steps=20, batch_size=128), [trainer], [bare])
+    assert at_128["steps"] == 383
     # 20 s / 20 steps; per epoch: validation 1 + epoch end 3 - the plot 1.4 + 0.5 plots an epoch x 1 s a plot
     # (5 plots in 10 epochs); per run: 1.5 + 1 + 0.5 - the plot before the first epoch (0.6).
     assert (p["trainer_seconds_per_step"], p["trainer_seconds_per_epoch_end"], p["trainer_seconds_per_run"]) == (

@@ -213,11 +213,11 @@ def test_triangle_schedule_values():
 
 def test_speed_recipe_sets_its_defaults_and_flags_win():
     config, _ = fit.parse_config(["--recipe", "speed", "--no-export"])
-    assert (config.preset, config.epochs, config.batch_size, config.schedule) == ("cifar_speed", 10, 512, "triangle")
-    assert (config.lr, config.weight_decay, config.momentum, config.agc) == (0.4, 5e-3, 0.9, 0.04)
+    assert (config.preset, config.epochs, config.batch_size, config.schedule) == ("cifar_speed", 10, 128, "triangle")
+    assert (config.lr, config.weight_decay, config.momentum, config.agc) == (0.2, 5e-3, 0.9, 0.04)
     assert (config.label_smoothing, config.augment, config.tta, config.norm) == (0.2, "translate_altflip",
                                                                                  "flip_translate", "none")
-    assert (config.optimizer, config.kernel_lr, config.kernel_momentum) == ("muon", 0.24, 0.6)
+    assert (config.optimizer, config.kernel_lr, config.kernel_momentum) == ("muon", 0.12, 0.6)
     assert config.ema == RECIPES["speed"]["ema"] > 0 and config.nesterov
     config, _ = fit.parse_config(["--recipe", "speed", "--norm", "batch", "--ema", "0", "--no-export"])
     assert config.norm == "batch" and config.ema == 0.0
@@ -227,7 +227,8 @@ def test_speed_twin_recipe_is_exactly_the_measured_twin_and_builds_it():
     twin, _ = fit.parse_config(["--recipe", "speed_twin", "--no-export"])
     spelled, _ = fit.parse_config(["--recipe", "speed", "--norm", "batch", "--bn-momentum", "0.4", "--bn-epsilon",
                                    "1e-12", "--gain-lr-mult", "0", "--ema", "0", "--conv-init", "dirac",
-                                   "--bias-lr-mult", "64", "--no-export"])
+                                   "--bias-lr-mult", "64", "--batch-size", "512", "--lr", "0.4", "--kernel-lr",
+                                   "0.24", "--no-export"])
     assert twin.to_dict() | {"recipe": None} == spelled.to_dict() | {"recipe": None}
     assert twin.recipe == "speed_twin" and RECIPES["speed"]["ema"] > 0  # the NF recipe keeps its EMA
     model = network.build_for(dataclasses.replace(twin, preset="tiny_speed"), 10, (32, 32, 3))
