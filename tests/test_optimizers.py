@@ -582,12 +582,12 @@ def test_kernel_peak_pct_moves_only_the_kernels_peak():
     kernels, rest = make_optimizer(config, 10).optimizers  # 20 steps: the kernels peak at step 10, the rest at 4.6
     kernel_lr = lambda step: float(kernels._learning_rate(step))
     rest_lr = lambda step: float(rest._learning_rate(step))
-    assert kernel_lr(0) == pytest.approx(0.2 * 0.24) and kernel_lr(5) == pytest.approx(0.24 * (0.2 + 0.8 * 0.5))
-    assert kernel_lr(10) == pytest.approx(0.24) and kernel_lr(20) == pytest.approx(0.07 * 0.24)
-    assert rest_lr(0) == pytest.approx(0.2 * 0.4) and rest_lr(10) == pytest.approx(0.4 * (1 - 0.93 * 5.4 / 15.4))
+    assert kernel_lr(0) == pytest.approx(0.2 * 0.12) and kernel_lr(5) == pytest.approx(0.12 * (0.2 + 0.8 * 0.5))
+    assert kernel_lr(10) == pytest.approx(0.12) and kernel_lr(20) == pytest.approx(0.07 * 0.12)
+    assert rest_lr(0) == pytest.approx(0.2 * 0.2) and rest_lr(10) == pytest.approx(0.2 * (1 - 0.93 * 5.4 / 15.4))
     plain, _ = fit.parse_config(["--recipe", "speed", "--epochs", "2"])
     plain_kernels = make_optimizer(plain, 10).optimizers[0]
-    assert float(plain_kernels._learning_rate(5)) == pytest.approx(0.24 * (1 - 0.93 * 0.4 / 15.4))
+    assert float(plain_kernels._learning_rate(5)) == pytest.approx(0.12 * (1 - 0.93 * 0.4 / 15.4))
 
 
 def test_a_model_compiled_with_every_part_saves_and_loads_with_its_optimizer_state(tmp_path):
