@@ -4,7 +4,8 @@ The idea of KellerJordan's airbench experiments without BatchNorm
 (`batchnorm_begone.py`): a weight-standardized conv computes the same
 function at any scale of a filter, so only the filter's direction matters.
 Per output filter `j` of a kernel (the norm over all axes but the last: `h, w,
-in` of an HWIO conv kernel, `in` of a dense kernel), with `w_j` at unit norm, each step
+in` of an HWIO conv kernel, `in` of a dense kernel), with `w_j` at unit norm,
+each step
 
     m   <- momentum * m + g                    (torch-style buffer, no lr inside)
     d   <- g + momentum * m                    Nesterov (or `d <- m`)
@@ -14,8 +15,9 @@ in` of an HWIO conv kernel, `in` of a dense kernel), with `w_j` at unit norm, ea
 
 so the step turns each filter by `atan(lr)` radians (about `lr`) whatever its
 gradient's scale and however long the momentum has agreed with it, and weight
-decay has nothing to do. A filter is brought to unit norm before its first step. Use it for the conv kernels and
-another optimizer for gains, biases and the classifier (`split_kernels`).
+decay has nothing to do. A filter is brought to unit norm before its first
+step. Use it for the conv kernels and another optimizer for gains, biases and
+the classifier (`split_kernels`).
 """
 
 import keras
