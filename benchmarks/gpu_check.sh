@@ -15,9 +15,9 @@
 # grid40: the report's study at its own 40 epochs per trial (12 trials), XLA on.
 # speed: `--recipe speed` for 3 seeds and its BatchNorm twin for 1, XLA on (speed_recipe_gpu.json),
 #   and the training throughput of cifar_speed and its twin in mixed_bfloat16, XLA on and off.
-# candidates: the speed recipe's next candidates over 3 seeds, XLA on: the NF network with Muon at kernel
-#   lr 0.08 (speed_recipe_gpu_klr0.08.json) and with the kernels' lr peaking at half the steps
-#   (speed_recipe_gpu_kpeak0.5.json), and the twin with airbench94's BatchNorms and no EMA (speed_recipe_gpu_twin_airbn.json).
+# candidates: the speed recipe's next candidates over 3 seeds on TensorFlow, XLA on: each row of $ROWS (default:
+#   wide_b128 wider_b128, the recipe at batch 128 on the wider networks; the rows and their flags are ROWS
+#   in benchmarks/speed_jax.py), into speed_recipe_gpu_<row>.json.
 # jax: for a GPU machine with JAX and no TensorFlow. The speed recipe's runs trained by benchmarks/speed_jax.py
 #   on the Keras JAX backend (XLA, mixed_bfloat16), 10 epochs, from the shards that
 #   `python -m benchmarks.speed_jax prepare --out .gpudata` wrote, found under $GPU_DATA (default: .gpudata):
@@ -77,12 +77,10 @@ elif [ "$MODE" = "speed" ]; then
   step speed_throughput "$PY" -m benchmarks.throughput --preset cifar_speed --batch-sizes 512 --xla on,off \
     --precision mixed_bfloat16 --out-dir "$OUT" --tag cifar_speed_gpu
 elif [ "$MODE" = "candidates" ]; then
-  step speed_klr "$PY" -m benchmarks.speed_runs --seeds 0,1,2 --bn-seeds "" --runs-dir "$OUT/speed_klr" \
-    --out-dir "$OUT" --tag gpu_klr0.08 -- --jit --batch-size 512 --lr 0.4 --kernel-lr 0.08
-  step speed_kpeak "$PY" -m benchmarks.speed_runs --seeds 0,1,2 --bn-seeds "" --runs-dir "$OUT/speed_kpeak" \
-    --out-dir "$OUT" --tag gpu_kpeak0.5 -- --jit --batch-size 512 --lr 0.4 --kernel-lr 0.24 --kernel-peak-pct 0.5
-  step speed_twin_airbn "$PY" -m benchmarks.speed_runs --seeds "" --bn-seeds 0,1,2 --runs-dir "$OUT/speed_twin" \
-    --out-dir "$OUT" --tag gpu_twin_airbn -- --jit --recipe speed_twin --conv-init he_normal --bias-lr-mult 1
+  for row in ${ROWS:-wide_b128 wider_b128}; do
+    step "speed_$row" "$PY" -m benchmarks.speed_runs --seeds 0,1,2 --bn-seeds "" --runs-dir "$OUT/speed_$row" \
+      --out-dir "$OUT" --row "$row" --tag "gpu_$row" -- --jit
+  done
 elif [ "$MODE" = "jax" ]; then
   # Each configuration trains its 3 seeds in one process (one import and data load); every seed is added to
   # speed_jax_gpu_TAG.json as it ends. One log for all: a lent machine returns only 8 files of $OUT.

@@ -10,8 +10,11 @@ wall time, and the time and epoch at which validation accuracy first reached
 `--threshold`), and each run's `metrics.json` is copied beside it as
 `speed_recipe[_<tag>]_<run>_metrics.json`.
 
+`--row NAME` adds the flags of a row of `benchmarks/speed_jax.py`'s `ROWS` (the GPU
+configurations) before the extra flags, so the TensorFlow path trains the same rows.
+
 Usage:
-    python -m benchmarks.speed_runs --seeds 0,1,2 --bn-seeds 0 [--tag NAME] [-- extra fit flags]
+    python -m benchmarks.speed_runs --seeds 0,1,2 --bn-seeds 0 [--row NAME] [--tag NAME] [-- extra fit flags]
 """
 
 import argparse
@@ -24,6 +27,7 @@ import sys
 import numpy as np
 
 from benchmarks import common
+from benchmarks.speed_jax import ROWS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,9 +84,12 @@ def main(argv=None):
     p.add_argument("--runs-dir", default=os.path.join("runs", "speed"), help="one run directory per run below it")
     p.add_argument("--threshold", type=float, default=0.94, help="validation accuracy whose first epoch is reported")
     p.add_argument("--tag", help="suffix of the results' names")
+    p.add_argument("--row", choices=list(ROWS), help="a row of benchmarks/speed_jax.py's ROWS: its flags come "
+                   "before those after --")
     p.add_argument("--collect-only", action="store_true", help="summarise the finished runs, start none")
     p.add_argument("--out-dir", default=common.RESULTS_DIR)
     args = p.parse_args(argv)
+    extra = [*(ROWS[args.row] if args.row else []), *extra]
     runs = [("none", s) for s in args.seeds] + [("batch", s) for s in args.bn_seeds]
     base = "speed_recipe" + (f"_{args.tag}" if args.tag else "")
     os.makedirs(args.out_dir, exist_ok=True)

@@ -413,3 +413,18 @@ def test_speed_runs_benchmark_summarises_finished_runs(tmp_path, capsys):
         "speed_recipe_t.json", "speed_recipe_t_bn_seed0_metrics.json", "speed_recipe_t_nf_seed0_metrics.json",
         "speed_recipe_t_nf_seed1_metrics.json"]
     assert "nf_seed1" in capsys.readouterr().out
+
+
+def test_speed_runs_row_flags_come_before_the_extra_flags(tmp_path, monkeypatch):
+    from benchmarks import speed_jax, speed_runs
+
+    commands = []
+    monkeypatch.setattr(speed_runs.subprocess, "call", lambda command, cwd: commands.append(command) or 3)
+    code = speed_runs.main(["--seeds", "4", "--bn-seeds", "", "--runs-dir", str(tmp_path / "runs"),
+                            "--out-dir", str(tmp_path / "out"), "--row", "wider_b128", "--", "--jit"])
+    assert code == 1  # the fit's failure is reported, not hidden
+    [command] = commands
+    tail = command[command.index("--quiet") + 1:]
+    assert tail == [*speed_jax.ROWS["wider_b128"], "--jit"]
+    assert tail[:4] == ["--preset", "cifar_speed_wide", "--override", "widths=[192,512,512]"]
+    assert command[command.index("--seed") + 1] == "4" and command[command.index("--norm") + 1] == "none"
