@@ -67,7 +67,14 @@ from nfnet_keras.tensorboard.signal_plot import logged_epochs  # noqa: E402
 TARGET_OVERHEAD = 0.15
 # the speed recipe's training images: CIFAR-10's 50,000 less those it holds out for validation
 RECIPE_TRAIN_IMAGES = 50_000 - RECIPES["speed"]["val_size"]
-DEFAULTS = dict(preset="cifar_speed", batch_size=512, steps=math.ceil(RECIPE_TRAIN_IMAGES / 512), repeats=3,
+
+
+def recipe_epoch_steps(batch_size):
+    """The steps of one epoch of the speed recipe's training images at `batch_size`."""
+    return math.ceil(RECIPE_TRAIN_IMAGES / batch_size)
+
+
+DEFAULTS = dict(preset="cifar_speed", batch_size=512, steps=recipe_epoch_steps(512), repeats=3,
                 profile_steps=10, val_size=RECIPES["speed"]["val_size"])
 SMOKE = dict(preset="tiny_speed", batch_size=16, steps=2, repeats=2, profile_steps=1, val_size=16)
 # The train step's ingredients, added one at a time: (name, what it adds, TrainConfig changes from the bare step).
@@ -300,7 +307,7 @@ def project_recipe_epoch(args, trainer_windows, bare_windows):
     bare_phases = [phase_seconds(w) for w in bare_windows]
     step_bare = median([p["training_steps"] for p in bare_phases]) / args.steps
     bare_per_run = median([p["before_fit"] + p["fit_until_first_step"] + p["after_epoch"] for p in bare_phases])
-    epoch_steps = math.ceil(RECIPE_TRAIN_IMAGES / args.batch_size)
+    epoch_steps = recipe_epoch_steps(args.batch_size)
     trainer_epoch = epoch_steps * step_trainer + per_epoch + per_run / epochs
     bare_epoch = epoch_steps * step_bare + bare_per_run / epochs
     ratio = trainer_epoch / bare_epoch

@@ -50,23 +50,25 @@ POLICIES = ("translate_altflip", "translate_flip", "none")
 TEST_POLICIES = ("none", "flip", "flip_translate", "flip_translate_weighted")
 
 
+WIDE = ["--preset", "cifar_speed_wide"]  # airbench95's widths
+WIDER = [*WIDE, "--override", "widths=[192,512,512]"]  # 8.3 M weights
 # The rows of `bash benchmarks/gpu_check.sh jax` (`JAX_ROWS`, `run --row`): each the flags added to `--recipe speed`.
 ROWS = {
     "recipe": [],
     # the recipe at batch 512 (twice the lrs) on airbench95's widths (cifar_speed_wide), and variants of it
-    "wide": ["--preset", "cifar_speed_wide", *BATCH512],
-    "wide_lookahead": ["--preset", "cifar_speed_wide", *BATCH512, *LOOKAHEAD],
-    "wide_kpeak0.5": ["--preset", "cifar_speed_wide", *BATCH512, "--kernel-peak-pct", "0.5"],
+    "wide": [*WIDE, *BATCH512],
+    "wide_lookahead": [*WIDE, *BATCH512, *LOOKAHEAD],
+    "wide_kpeak0.5": [*WIDE, *BATCH512, "--kernel-peak-pct", "0.5"],
     # wider again (8.3 M weights): cifar_speed_wide gained 0.9 points over cifar_speed under the same recipe
-    "wider": ["--preset", "cifar_speed_wide", "--override", "widths=[192,512,512]", *BATCH512],
-    "wide_kwd0": ["--preset", "cifar_speed_wide", *BATCH512, "--kernel-weight-decay", "0"],
+    "wider": [*WIDER, *BATCH512],
+    "wide_kwd0": [*WIDE, *BATCH512, "--kernel-weight-decay", "0"],
     # at batch 256: on the CPU the NF recipe gained 1.3 points at 5 epochs, 0.1-0.2 at 10 (docs/training.md)
     "recipe_b256": BATCH256,
-    "wide_b256": ["--preset", "cifar_speed_wide", *BATCH256],
-    "wider_b256": ["--preset", "cifar_speed_wide", "--override", "widths=[192,512,512]", *BATCH256],
+    "wide_b256": [*WIDE, *BATCH256],
+    "wider_b256": [*WIDER, *BATCH256],
     # the recipe (batch 128) on the wider networks
-    "wide_b128": ["--preset", "cifar_speed_wide"],
-    "wider_b128": ["--preset", "cifar_speed_wide", "--override", "widths=[192,512,512]"],
+    "wide_b128": WIDE,
+    "wider_b128": WIDER,
     # the twin recipe's steps: airbench94's BatchNorms and no EMA, then dirac init, then the biases at 64 times the lr
     "twin_airbn": ["--recipe", "speed_twin", "--conv-init", "he_normal", "--bias-lr-mult", "1"],
     "twin_airbn_lookahead": ["--recipe", "speed_twin", "--conv-init", "he_normal", "--bias-lr-mult", "1", *LOOKAHEAD],
