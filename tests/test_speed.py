@@ -213,7 +213,9 @@ def test_triangle_schedule_values():
 
 def test_speed_recipe_sets_its_defaults_and_flags_win():
     config, _ = fit.parse_config(["--recipe", "speed", "--no-export"])
-    assert (config.preset, config.epochs, config.batch_size, config.schedule) == ("cifar_speed", 10, 128, "triangle")
+    assert (config.preset, config.epochs, config.batch_size, config.schedule) == ("cifar_speed_wider", 10, 128,
+                                                                                 "triangle")
+    assert nk.PRESETS[config.preset].widths == (192, 512, 512)
     assert (config.lr, config.weight_decay, config.momentum, config.agc) == (0.2, 5e-3, 0.9, 0.04)
     assert (config.label_smoothing, config.augment, config.tta, config.norm) == (0.2, "translate_altflip",
                                                                                  "flip_translate", "none")
@@ -225,12 +227,14 @@ def test_speed_recipe_sets_its_defaults_and_flags_win():
 
 def test_speed_twin_recipe_is_exactly_the_measured_twin_and_builds_it():
     twin, _ = fit.parse_config(["--recipe", "speed_twin", "--no-export"])
-    spelled, _ = fit.parse_config(["--recipe", "speed", "--norm", "batch", "--bn-momentum", "0.4", "--bn-epsilon",
+    spelled, _ = fit.parse_config(["--recipe", "speed", "--preset", "cifar_speed", "--norm", "batch",
+                                   "--bn-momentum", "0.4", "--bn-epsilon",
                                    "1e-12", "--gain-lr-mult", "0", "--ema", "0", "--conv-init", "dirac",
                                    "--bias-lr-mult", "64", "--batch-size", "512", "--lr", "0.4", "--kernel-lr",
                                    "0.24", "--no-export"])
     assert twin.to_dict() | {"recipe": None} == spelled.to_dict() | {"recipe": None}
     assert twin.recipe == "speed_twin" and RECIPES["speed"]["ema"] > 0  # the NF recipe keeps its EMA
+    assert twin.preset == "cifar_speed"  # airbench94's network, where the twin was measured
     model = network.build_for(dataclasses.replace(twin, preset="tiny_speed"), 10, (32, 32, 3))
     batchnorms = batchnorm_layers(model)
     assert batchnorms and all((b.momentum, b.epsilon) == (0.4, 1e-12) for b in batchnorms)
@@ -405,6 +409,9 @@ def test_speed_runs_benchmark_summarises_finished_runs(tmp_path, capsys):
     rows = {r["run"]: r for r in payload["runs"]}
     assert (rows["nf_seed0"]["first_epoch_at_threshold"], rows["nf_seed0"]["seconds_to_threshold"]) == (2, 30.0)
     assert rows["nf_seed1"]["first_epoch_at_threshold"] is None
+    # 940 of 1,000 validation images, as Keras logs it (float32), reaches a threshold of 0.94
+    logged = float(np.float32(940 / 1000))
+    assert logged < 0.94 and speed_runs.first_reached({"val_accuracy": [0.93, logged]}, [5.0, 6.0], 0.94) == (2, 11.0)
     assert rows["bn_seed0"]["train_seconds"] == 33.0
     assert payload["summary"]["nf_test_accuracy_tta_mean"] == pytest.approx(0.942)
     assert payload["summary"]["bn_test_accuracy_mean"] == pytest.approx(0.95)
@@ -426,5 +433,5 @@ def test_speed_runs_row_flags_come_before_the_extra_flags(tmp_path, monkeypatch)
     [command] = commands
     tail = command[command.index("--quiet") + 1:]
     assert tail == [*speed_jax.ROWS["wider_b128"], "--jit"]
-    assert tail[:4] == ["--preset", "cifar_speed_wide", "--override", "widths=[192,512,512]"]
+    assert tail[:2] == ["--preset", "cifar_speed_wider"]
     assert command[command.index("--seed") + 1] == "4" and command[command.index("--norm") + 1] == "none"
