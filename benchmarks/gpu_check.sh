@@ -13,15 +13,18 @@
 #   3. training throughput of the NF net and its BatchNorm twin, XLA on and off;
 #   4. the GPU-only tests (XLA and mixed precision paths of the test suite).
 # grid40: the report's study at its own 40 epochs per trial (12 trials), XLA on.
-# speed: `--recipe speed` for 3 seeds and its BatchNorm twin for 1, XLA on (speed_recipe_gpu.json),
-#   and the training throughput of cifar_speed and its twin in mixed_bfloat16, XLA on and off.
+# speed: `--recipe speed` (cifar_speed_wider) for 3 seeds and its BatchNorm twin for 1, XLA on
+#   (speed_recipe_gpu.json), and the training throughput of cifar_speed_wider and its twin in mixed_bfloat16,
+#   XLA on and off.
 # candidates: the speed recipe's next candidates over 3 seeds on TensorFlow, XLA on: each row of $ROWS (default:
-#   wide_b128 wider_b128, the recipe at batch 128 on the wider networks; the rows and their flags are ROWS
+#   wide_b128 wider_b128, the recipe at batch 128 on airbench95's widths and on its own network; the rows and
+#   their flags are ROWS
 #   in benchmarks/speed_jax.py), into speed_recipe_gpu_<row>.json.
 # jax: for a GPU machine with JAX and no TensorFlow. The speed recipe's runs trained by benchmarks/speed_jax.py
 #   on the Keras JAX backend (XLA, mixed_bfloat16), 10 epochs, from the shards that
 #   `python -m benchmarks.speed_jax prepare --out .gpudata` wrote, found under $GPU_DATA (default: .gpudata):
-#   3 seeds of each row of $JAX_ROWS (default: recipe wide; the rows and their flags are
+#   3 seeds of each row of $JAX_ROWS (default: wider_b128 recipe, the recipe on its network and on airbench94's;
+#   the rows and their flags are
 #   ROWS in benchmarks/speed_jax.py), into speed_jax_gpu_<row>.json;
 #   no seed starts after $STOP_AT (unix time; default: none); JAX's compilation cache in $JAX_CACHE (default:
 #   /tmp/nfnet_jax_cache). Needs Keras importable (PYTHONPATH) and the repo on it.
@@ -74,8 +77,8 @@ elif [ "$MODE" = "grid40" ]; then
 elif [ "$MODE" = "speed" ]; then
   step speed_runs "$PY" -m benchmarks.speed_runs --seeds 0,1,2 --bn-seeds 0 --runs-dir "$OUT/speed_runs" \
     --out-dir "$OUT" --tag gpu -- --jit
-  step speed_throughput "$PY" -m benchmarks.throughput --preset cifar_speed --batch-sizes 512 --xla on,off \
-    --precision mixed_bfloat16 --out-dir "$OUT" --tag cifar_speed_gpu
+  step speed_throughput "$PY" -m benchmarks.throughput --preset cifar_speed_wider --batch-sizes 512 --xla on,off \
+    --precision mixed_bfloat16 --out-dir "$OUT" --tag cifar_speed_wider_gpu
 elif [ "$MODE" = "candidates" ]; then
   for row in ${ROWS:-wide_b128 wider_b128}; do
     step "speed_$row" "$PY" -m benchmarks.speed_runs --seeds 0,1,2 --bn-seeds "" --runs-dir "$OUT/speed_$row" \
@@ -95,7 +98,7 @@ elif [ "$MODE" = "jax" ]; then
     echo "jax_$row: exit $rc in $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"
     [ $rc -eq 0 ] || status=1
   }
-  for row in ${JAX_ROWS:-recipe wide}; do
+  for row in ${JAX_ROWS:-wider_b128 recipe}; do
     jax_run "$row"
   done
 fi

@@ -20,11 +20,12 @@ import subprocess
 import sys
 
 from benchmarks import common
-from benchmarks.speed_flags import ALTFLIP, BATCH128, BATCH256, BATCH512, DIRAC, LOOKAHEAD, MUON
+from benchmarks.speed_flags import AIRBENCH94_NET, ALTFLIP, BATCH128, BATCH256, BATCH512, DIRAC, LOOKAHEAD, MUON
 
-# The recipe the rows start from: `--recipe speed` as it was before its Muon, alternating flip and batch 128
-# (rows b5_muon, a1_altflip, b29_muon_batch128), so that every row measures what it did when it was chosen.
-BASE = ["--optimizer", "sgd", "--augment", "translate_flip", *BATCH512]
+# The recipe the rows start from: `--recipe speed` as it was before its Muon, alternating flip, batch 128 and
+# wider network (rows b5_muon, a1_altflip, b29_muon_batch128), so that every row measures what it did when it
+# was chosen.
+BASE = [*AIRBENCH94_NET, "--optimizer", "sgd", "--augment", "translate_flip", *BATCH512]
 # The rows, each the base plus its flags: the airbench94 parts added one at a time in airbench's order,
 # a part that lost (dirac) left out of the rows after it.
 ROWS = {

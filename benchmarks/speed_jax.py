@@ -41,7 +41,7 @@ import statistics
 import sys
 import time
 
-from benchmarks.speed_flags import BATCH256, BATCH512, LOOKAHEAD
+from benchmarks.speed_flags import AIRBENCH94_NET, BATCH256, BATCH512, LOOKAHEAD
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SPLITS = ("train", "val", "test")
@@ -51,22 +51,24 @@ TEST_POLICIES = ("none", "flip", "flip_translate", "flip_translate_weighted")
 
 
 WIDE = ["--preset", "cifar_speed_wide"]  # airbench95's widths
-WIDER = [*WIDE, "--override", "widths=[192,512,512]"]  # 8.3 M weights
+WIDER = ["--preset", "cifar_speed_wider"]  # 192/512/512, 8.3 M weights: the recipe's network
 # The rows of `bash benchmarks/gpu_check.sh jax` (`JAX_ROWS`, `run --row`): each the flags added to `--recipe speed`.
 ROWS = {
-    "recipe": [],
+    # the recipe on airbench94's widths (cifar_speed), its network until the wider one beat it
+    "recipe": AIRBENCH94_NET,
     # the recipe at batch 512 (twice the lrs) on airbench95's widths (cifar_speed_wide), and variants of it
     "wide": [*WIDE, *BATCH512],
     "wide_lookahead": [*WIDE, *BATCH512, *LOOKAHEAD],
     "wide_kpeak0.5": [*WIDE, *BATCH512, "--kernel-peak-pct", "0.5"],
-    # wider again (8.3 M weights): cifar_speed_wide gained 0.9 points over cifar_speed under the same recipe
+    # wider again (cifar_speed_wider, 8.3 M weights): cifar_speed_wide gained 0.9 points over cifar_speed under the
+    # same recipe at batch 512
     "wider": [*WIDER, *BATCH512],
     "wide_kwd0": [*WIDE, *BATCH512, "--kernel-weight-decay", "0"],
     # at batch 256: on the CPU the NF recipe gained 1.3 points at 5 epochs, 0.1-0.2 at 10 (docs/training.md)
-    "recipe_b256": BATCH256,
+    "recipe_b256": [*AIRBENCH94_NET, *BATCH256],
     "wide_b256": [*WIDE, *BATCH256],
     "wider_b256": [*WIDER, *BATCH256],
-    # the recipe (batch 128) on the wider networks
+    # the recipe (batch 128) on the wider networks: wider_b128 is `--recipe speed` itself
     "wide_b128": WIDE,
     "wider_b128": WIDER,
     # the twin recipe's steps: airbench94's BatchNorms and no EMA, then dirac init, then the biases at 64 times the lr

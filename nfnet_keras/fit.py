@@ -45,8 +45,8 @@ def build_parser():
     )
     p.add_argument("--recipe", choices=sorted(RECIPES), default="report",
                    help="a named set of defaults: report (the report's final run), fast (20 epochs), "
-                   "speed (the cifar_speed network, 10 epochs) or speed_twin (its BatchNorm twin, airbench94's "
-                   "BatchNorms and bias lr); see docs/training.md. Explicit flags and --hparams win")
+                   "speed (the cifar_speed_wider network, 10 epochs) or speed_twin (cifar_speed's BatchNorm twin, "
+                   "airbench94's BatchNorms and bias lr); see docs/training.md. Explicit flags and --hparams win")
     groups = cli.add_config_flags(p, "fit")
     groups["optimisation"].add_argument(
         "--hparams", metavar="FILE",

@@ -298,7 +298,7 @@ def test_every_speed_screen_row_and_variant_is_a_valid_fit_command():
     # A flag that fit refuses exits 2 here, before hours of a screen are spent on it.
     args = speed_ablation.argparse.Namespace(epochs=5, seed=0, extra=[])
     rows = {name: speed_ablation.fit_command(args, flags)[3:] for name, flags in speed_ablation.ROWS.items()}
-    variants = {name: ["--recipe", "speed", *speed_start.BATCH512, *flags]
+    variants = {name: ["--recipe", "speed", *speed_start.AIRBENCH94_NET, *speed_start.BATCH512, *flags]
                 for name, flags in speed_start.VARIANTS.items()}
     configs = {name: fit.parse_config(argv)[0] for name, argv in {**rows, **variants}.items()}
     b7 = configs["b7_muon_kpeak0.5"]
@@ -306,6 +306,8 @@ def test_every_speed_screen_row_and_variant_is_a_valid_fit_command():
     # the rows and variants train at the batch and lrs they were measured at, not the recipe's batch 128
     assert all((c.batch_size, c.lr) == (512, 0.4) for name, c in configs.items() if "batch" not in name), configs
     assert (configs["b29_muon_batch128"].batch_size, configs["b25_muon_batch256"].batch_size) == (128, 256)
+    # ... and on the network they were measured on, not the recipe's wider one
+    assert all(c.preset == "cifar_speed" for c in configs.values()), configs
     assert configs["muon_kpeak0.5"].kernel_peak_pct == 0.5 and configs["muon"].kernel_peak_pct is None
 
 

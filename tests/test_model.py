@@ -250,7 +250,7 @@ def test_unknown_preset_names_the_presets():
     assert str(info.value) == (
         "Unknown preset 'resnet50'. Use one of: report_resnet, cifar_wide, tiny, tiny_grouped, "
         "nfnet_f0, nfnet_f1, nfnet_f2, nfnet_f3, nfnet_f4, nfnet_f5, nfnet_f6, cifar_speed, cifar_speed_wide, "
-        "tiny_speed."
+        "cifar_speed_wider, tiny_speed."
     )
 
 

@@ -98,7 +98,8 @@ def test_gpu_rows_train_the_configs_they_are_named_for(capsys):
 
     configs = {name: speed_jax.fit_config(flags) for name, flags in speed_jax.ROWS.items()}
     twin = dataclasses.replace(speed_jax.fit_config([]), norm="batch", bn_momentum=0.4, bn_epsilon=1e-12,
-                               gain_lr_mult=0.0, ema=0.0, recipe="speed_twin", batch_size=512, lr=0.4, kernel_lr=0.24)
+                               gain_lr_mult=0.0, ema=0.0, recipe="speed_twin", batch_size=512, lr=0.4, kernel_lr=0.24,
+                               preset="cifar_speed")
     assert configs["twin_airbn"] == twin
     assert configs["twin_airbn_dirac"] == dataclasses.replace(twin, conv_init="dirac")
     assert configs["twin_recipe"] == dataclasses.replace(twin, conv_init="dirac", bias_lr_mult=64.0)
@@ -106,17 +107,18 @@ def test_gpu_rows_train_the_configs_they_are_named_for(capsys):
         config = configs[name]
         assert (config.ema, config.lookahead, config.lookahead_schedule) == (0.0, 5, "airbench"), name
     assert configs["wide_kpeak0.5"].preset == "cifar_speed_wide" and configs["wide_kpeak0.5"].kernel_peak_pct == 0.5
-    assert configs["wider"].overrides == {"widths": [192, 512, 512]} and configs["wide_kwd0"].kernel_weight_decay == 0
+    assert configs["wider"].preset == "cifar_speed_wider" and configs["wide_kwd0"].kernel_weight_decay == 0
     for name in ("recipe_b256", "wide_b256", "wider_b256"):
         config = configs[name]
         assert (config.batch_size, config.lr, config.kernel_lr) == (256, 0.28, 0.17), name
-    assert configs["wider_b256"].overrides == configs["wider"].overrides
+    assert configs["wider_b256"].preset == configs["wider"].preset
     for name in ("recipe", "wide_b128", "wider_b128"):  # the recipe's batch 128
         assert (configs[name].batch_size, configs[name].lr, configs[name].kernel_lr) == (128, 0.2, 0.12), name
     for name in ("wide", "wide_lookahead", "wide_kpeak0.5", "wider", "wide_kwd0", "twin_recipe"):  # measured at 512
         assert (configs[name].batch_size, configs[name].lr, configs[name].kernel_lr) == (512, 0.4, 0.24), name
-    assert configs["wide_b128"].preset == "cifar_speed_wide" and configs["wider_b128"].overrides == {
-        "widths": [192, 512, 512]}
+    assert configs["wide_b128"].preset == "cifar_speed_wide"
+    assert configs["wider_b128"] == speed_jax.fit_config([])  # the recipe itself
+    assert configs["recipe"].preset == configs["recipe_b256"].preset == "cifar_speed"
     with pytest.raises(SystemExit) as exit_info:  # gpu_check.sh's unknown JAX_ROWS entry: exit 2, the rows named
         speed_jax.main(["run", "--data", "x", "--row", "twin"])
     assert exit_info.value.code == 2

@@ -54,8 +54,10 @@ class ConvGroupsConfig:
 
 # The shape of airbench94 (widths 64/256/256) and of airbench95 (128/384/384), without normalization:
 # a 2x2 patch-whitening stem (24 channels), three conv-pool groups, no residuals, logits x 1/9.
+# `cifar_speed_wider` (192/512/512, 8.3 M weights) is `--recipe speed`'s network.
 PRESETS = {
     "cifar_speed": ConvGroupsConfig(),
     "cifar_speed_wide": ConvGroupsConfig(widths=(128, 384, 384)),
+    "cifar_speed_wider": ConvGroupsConfig(widths=(192, 512, 512)),
     "tiny_speed": ConvGroupsConfig(widths=(8, 16, 16)),  # for tests
 }
