@@ -1,7 +1,7 @@
 """The trainer's overhead: the speed recipe through the package's trainer against a bare `model.fit`.
 
-Both sides train the same network (`--preset`, default `cifar_speed`) at
-batch 512 (`--batch-size`; the twin recipe's, 4 times the NF recipe's) in the
+Both sides train the same network (`--preset`, default `cifar_speed`; the recipe's is
+`cifar_speed_wider`) at batch 512 (`--batch-size`; the twin recipe's, 4 times the NF recipe's) in the
 recipe's precision (`mixed_bfloat16`), without
 XLA (what `fit` chooses on a CPU), on the same synthetic images (random uint8
 pixels and labels: the speed of a step does not depend on them):
@@ -9,8 +9,9 @@ pixels and labels: the speed of a step does not depend on them):
     trainer  what `nfnet-fit --recipe speed` runs for an epoch: the run's
              callbacks (checkpoints, CSV history, TensorBoard, signal
              propagation, divergence monitor, epoch timer, epoch feed, EMA
-             swap), the recipe's optimizer (Nesterov SGD, triangle schedule,
-             decay, EMA of the weights, AGC), label smoothing and the accuracy
+             swap), the recipe's optimizer (Muon on the conv kernels, Nesterov
+             SGD on the rest, triangle schedule, decay, EMA of the weights, AGC),
+             label smoothing and the accuracy
              metric, the `make_epoch_dataset` pipeline (translate_flip) and the
              validation of each epoch (the recipe's 1,000 images), through
              `training._train` into a fresh run folder;
@@ -81,7 +82,8 @@ SMOKE = dict(preset="tiny_speed", batch_size=16, steps=2, repeats=2, profile_ste
 STEP_VARIANTS = (
     ("bare", "SGD momentum 0.9, sparse cross-entropy", None),
     ("loss_metric", "+ label smoothing (one-hot labels) and the accuracy metric", None),
-    ("nesterov_decay", "+ Nesterov, the triangle schedule, weight decay", dict(agc=0.0, ema=0.0)),
+    ("nesterov_decay", "+ the recipe's optimizer (Muon on the conv kernels, Nesterov SGD), triangle, decay",
+     dict(agc=0.0, ema=0.0)),
     ("ema", "+ the EMA of the weights", dict(agc=0.0)),
     ("recipe", "+ AGC: the recipe's step", {}),
 )
