@@ -328,8 +328,8 @@ def test_speed_ablation_rows_and_summary(tmp_path):
     assert (row["row"], row["test_accuracy_6view_tta"], row["test_accuracy_weighted_tta"]) == ("a1_altflip", 0.8831,
                                                                                                0.8823)
     assert row["seconds"] == 210.5 and row["command"].endswith(
-        "--no-export --optimizer sgd --augment translate_flip --batch-size 512 --lr 0.4 --kernel-lr 0.24 "
-        "--augment translate_altflip")
+        "--no-export --preset cifar_speed --optimizer sgd --augment translate_flip --batch-size 512 --lr 0.4 "
+        "--kernel-lr 0.24 --augment translate_altflip")
 
 
 # === The trainer's overhead and the PyTorch airbench94 comparison ===
