@@ -18,14 +18,12 @@
 #   XLA on and off.
 # candidates: the speed recipe's next candidates over 3 seeds on TensorFlow, XLA on: each row of $ROWS (default:
 #   wide_b128 wider_b128, the recipe at batch 128 on airbench95's widths and on its own network; the rows and
-#   their flags are ROWS
-#   in benchmarks/speed_jax.py), into speed_recipe_gpu_<row>.json.
+#   their flags are ROWS in benchmarks/speed_jax.py), into speed_recipe_gpu_<row>.json.
 # jax: for a GPU machine with JAX and no TensorFlow. The speed recipe's runs trained by benchmarks/speed_jax.py
 #   on the Keras JAX backend (XLA, mixed_bfloat16), 10 epochs, from the shards that
 #   `python -m benchmarks.speed_jax prepare --out .gpudata` wrote, found under $GPU_DATA (default: .gpudata):
 #   3 seeds of each row of $JAX_ROWS (default: wider_b128 recipe, the recipe on its network and on airbench94's;
-#   the rows and their flags are
-#   ROWS in benchmarks/speed_jax.py), into speed_jax_gpu_<row>.json;
+#   the rows and their flags are ROWS in benchmarks/speed_jax.py), into speed_jax_gpu_<row>.json;
 #   no seed starts after $STOP_AT (unix time; default: none); JAX's compilation cache in $JAX_CACHE (default:
 #   /tmp/nfnet_jax_cache). Needs Keras importable (PYTHONPATH) and the repo on it.
 set -uo pipefail

@@ -3,8 +3,8 @@
 No imports: `benchmarks/speed_jax.py` reads it before it picks the Keras backend.
 """
 
-# airbench94's widths (64/256/256): the network the parts were screened on, before `--recipe speed` moved to
-# `cifar_speed_wider`
+# airbench94's widths (64/256/256): the network the parts were screened on (`--recipe speed` trains
+# `cifar_speed_wider`)
 AIRBENCH94_NET = ["--preset", "cifar_speed"]
 ALTFLIP = ["--augment", "translate_altflip"]
 DIRAC = ["--conv-init", "dirac"]

@@ -54,7 +54,7 @@ WIDE = ["--preset", "cifar_speed_wide"]  # airbench95's widths
 WIDER = ["--preset", "cifar_speed_wider"]  # 192/512/512, 8.3 M weights: the recipe's network
 # The rows of `bash benchmarks/gpu_check.sh jax` (`JAX_ROWS`, `run --row`): each the flags added to `--recipe speed`.
 ROWS = {
-    # the recipe on airbench94's widths (cifar_speed), its network until the wider one beat it
+    # the recipe on airbench94's widths (cifar_speed), where its parts were measured
     "recipe": AIRBENCH94_NET,
     # the recipe at batch 512 (twice the lrs) on airbench95's widths (cifar_speed_wide), and variants of it
     "wide": [*WIDE, *BATCH512],
