@@ -6,6 +6,8 @@ No imports: `benchmarks/speed_jax.py` reads it before it picks the Keras backend
 # airbench94's widths (64/256/256): the network the parts were screened on (`--recipe speed` trains
 # `cifar_speed_wider`)
 AIRBENCH94_NET = ["--preset", "cifar_speed"]
+WIDE = ["--preset", "cifar_speed_wide"]  # airbench95's widths, 128/384/384
+WIDER = ["--preset", "cifar_speed_wider"]  # 192/512/512, 8.3 M weights: the recipe's network
 ALTFLIP = ["--augment", "translate_altflip"]
 DIRAC = ["--conv-init", "dirac"]
 # airbench94's Lookahead in place of the EMA

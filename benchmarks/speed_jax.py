@@ -41,7 +41,7 @@ import statistics
 import sys
 import time
 
-from benchmarks.speed_flags import AIRBENCH94_NET, BATCH256, BATCH512, LOOKAHEAD
+from benchmarks.speed_flags import AIRBENCH94_NET, BATCH256, BATCH512, LOOKAHEAD, WIDE, WIDER
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SPLITS = ("train", "val", "test")
@@ -50,8 +50,6 @@ POLICIES = ("translate_altflip", "translate_flip", "none")
 TEST_POLICIES = ("none", "flip", "flip_translate", "flip_translate_weighted")
 
 
-WIDE = ["--preset", "cifar_speed_wide"]  # airbench95's widths
-WIDER = ["--preset", "cifar_speed_wider"]  # 192/512/512, 8.3 M weights: the recipe's network
 # The rows of `bash benchmarks/gpu_check.sh jax` (`JAX_ROWS`, `run --row`): each the flags added to `--recipe speed`.
 ROWS = {
     # the recipe on airbench94's widths (cifar_speed), where its parts were measured
