@@ -24,8 +24,9 @@ import time
 from benchmarks import common
 from benchmarks.speed_flags import AIRBENCH94_NET, BATCH512
 
-# name -> the fit flags added to `--recipe speed` on `cifar_speed` at batch 512 (`speed_flags.AIRBENCH94_NET`,
-# `speed_flags.BATCH512`), where the variants were measured.
+# The flags every variant adds to `--recipe speed`: `cifar_speed` at batch 512, where the variants were measured.
+BASE = [*AIRBENCH94_NET, *BATCH512]
+# name -> the fit flags added to `--recipe speed` and `BASE`.
 VARIANTS = {
     "muon": [],  # the recipe: Muon on the conv kernels (lr 0.24), SGD on the rest
     "sgd": ["--optimizer", "sgd"],  # SGD (lr 0.4) on the conv kernels too
@@ -64,8 +65,8 @@ def main(argv=None):
     load_framework()
     from nfnet_keras import training
 
-    base = ["--recipe", "speed", "--epochs", str(args.epochs), "--seed", str(args.seed), "--no-export",
-            *AIRBENCH94_NET, *BATCH512, *extra]
+    base = ["--recipe", "speed", "--epochs", str(args.epochs), "--seed", str(args.seed), "--no-export", *BASE,
+            *extra]
     train, val, _ = training.load_splits(fit.parse_config(base)[0])  # the same images for every variant
     out, rows = "speed_start" + (f"_{args.tag}" if args.tag else ""), []
     for name in args.variants:  # the JSON is rewritten after each variant: a stopped run keeps those done

@@ -298,7 +298,7 @@ def test_every_speed_screen_row_and_variant_is_a_valid_fit_command():
     # A flag that fit refuses exits 2 here, before hours of a screen are spent on it.
     args = speed_ablation.argparse.Namespace(epochs=5, seed=0, extra=[])
     rows = {name: speed_ablation.fit_command(args, flags)[3:] for name, flags in speed_ablation.ROWS.items()}
-    variants = {name: ["--recipe", "speed", *speed_start.AIRBENCH94_NET, *speed_start.BATCH512, *flags]
+    variants = {name: ["--recipe", "speed", *speed_start.BASE, *flags]
                 for name, flags in speed_start.VARIANTS.items()}
     configs = {name: fit.parse_config(argv)[0] for name, argv in {**rows, **variants}.items()}
     b7 = configs["b7_muon_kpeak0.5"]
